@@ -1,0 +1,86 @@
+"""The `EXECQ_*` settings: read once from the environment, validated, then passed around."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Environment(StrEnum):
+    """Where this deployment runs; policy may differ per environment."""
+
+    DEV = "dev"
+    STAGING = "staging"
+    PROD = "prod"
+
+
+EMBEDDED_BROKER = "embedded"
+
+
+class Settings(BaseSettings):
+    """Process-wide settings; every field maps to `EXECQ_<NAME>`."""
+
+    model_config = SettingsConfigDict(env_prefix="EXECQ_", extra="ignore", frozen=True)
+
+    broker_url: str = Field(
+        default="redis://127.0.0.1:6379/0",
+        description="Celery broker; `embedded` forces an embedded Redis server.",
+    )
+    database_url: str = Field(
+        default="sqlite:///.execq/execq.db",
+        description="Results store, as an SQLAlchemy URL.",
+    )
+    tenants_file: Path = Field(default=Path("config/tenants.yaml"))
+    audit_log: Path = Field(default=Path(".execq/audit.jsonl"))
+    env: Environment = Field(default=Environment.DEV)
+    lease_s: float = Field(default=30.0, gt=0, le=3600)
+    workdir_root: Path = Field(
+        default=Path(".execq/work"), description="Where private command directories are made."
+    )
+    publish_timeout_s: float = Field(default=2.0, gt=0, le=60)
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_scheme(cls, value: str) -> str:
+        allowed = ("redis://", "rediss://", "redis+socket://", "sentinel://")
+        if value != EMBEDDED_BROKER and not value.startswith(allowed):
+            raise ValueError(
+                f"must be `{EMBEDDED_BROKER}` or a Redis URL ({', '.join(allowed)}), got {value!r}"
+            )
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_scheme(cls, value: str) -> str:
+        if not value.startswith(("sqlite://", "postgresql")):
+            raise ValueError(f"must be an sqlite:// or postgresql+psycopg:// URL, got {value!r}")
+        return value
+
+
+def describe_validation_error(exc: ValidationError, *, prefix: str = "EXECQ_") -> str:
+    """One line per bad field, naming the environment variable the user has to fix."""
+    lines = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "?"
+        name = f"{prefix}{field.upper()}" if prefix else field
+        lines.append(f"invalid setting {name}: {err['msg']}")
+    return "\n".join(lines)
+
+
+class ConfigInvalid(ValueError):
+    """Raised when a setting or the tenants file is invalid; the message names what to fix.
+
+    `config` imports nothing from execq, so this is a ValueError; `producer.errors.ConfigError`
+    derives from it and from the execq root, and is what the producer raises.
+    """
+
+
+def load_settings() -> Settings:
+    """Read the settings from the environment; raises ConfigInvalid naming the bad variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise ConfigInvalid(describe_validation_error(exc)) from None

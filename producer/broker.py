@@ -1,0 +1,143 @@
+"""The Celery side shared by producers and workers: app settings, queues, and publishing.
+
+Redis only carries work: a message holds the command id, its tenant and (transiently) the
+secret values, never the spec. Workers read the spec from the store.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from config.settings import EMBEDDED_BROKER, Settings
+from config.tenants import TenantsFile
+from producer.errors import BrokerUnavailable, ConfigError
+
+log = logging.getLogger("execq.broker")
+
+TASK_NAME = "execq.run"
+EXCHANGE = Exchange("execq", type="direct", durable=True)
+EMBEDDED_URL_FILE = Path(".execq/redis.url")
+
+
+def resolve_broker_url(settings: Settings) -> str:
+    """The Redis URL to use; `embedded` means the server `execq up`/`demo` started here."""
+    if settings.broker_url != EMBEDDED_BROKER:
+        return settings.broker_url
+    try:
+        return EMBEDDED_URL_FILE.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise ConfigError(
+            "invalid setting EXECQ_BROKER_URL: `embedded` but no embedded Redis is running "
+            f"here ({EMBEDDED_URL_FILE} is missing): start one with `execq up`"
+        ) from None
+
+
+def tenant_queues(tenants: TenantsFile) -> list[Queue]:
+    """One declared, durable queue per tenant (`execq.<tenant>`); nothing else is consumed."""
+    return [
+        Queue(t.queue, EXCHANGE, routing_key=t.queue, durable=True)
+        for t in tenants.tenants.values()
+    ]
+
+
+def visibility_timeout_s(settings: Settings, tenants: TenantsFile) -> int:
+    """Above the largest command timeout plus a lease, so Redis never redelivers a live run."""
+    return int(tenants.largest_timeout_s + 2 * settings.lease_s + 600)
+
+
+def celery_config(settings: Settings, tenants: TenantsFile, broker_url: str) -> dict[str, Any]:
+    """Celery settings; the reasons are in ARCHITECTURE.md and the Celery issue tracker."""
+    vt = visibility_timeout_s(settings, tenants)
+    transport = {
+        "visibility_timeout": vt,
+        "socket_keepalive": True,
+        "socket_connect_timeout": settings.publish_timeout_s,
+        "max_retries": 0,
+    }
+    return {
+        "broker_url": broker_url,
+        "broker_transport_options": transport,
+        "broker_connection_timeout": settings.publish_timeout_s,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        "visibility_timeout": vt,
+        # JSON only: a pickle in Redis would be code execution for anyone who can write there.
+        "accept_content": ["json"],
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "event_serializer": "json",
+        "result_backend": None,
+        "task_ignore_result": True,
+        "task_queues": tenant_queues(tenants),
+        "task_create_missing_queues": False,
+        "task_default_exchange": EXCHANGE.name,
+        "task_default_exchange_type": "direct",
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "worker_hijack_root_logger": False,
+        "worker_redirect_stdouts": False,
+        "enable_utc": True,
+    }
+
+
+def make_celery(settings: Settings, tenants: TenantsFile, *, broker_url: str | None = None) -> Celery:
+    """A Celery app configured for execq (the producer only publishes with it)."""
+    url = broker_url or resolve_broker_url(settings)
+    app = Celery("execq", set_as_current=False)
+    app.conf.update(celery_config(settings, tenants, url))
+    return app
+
+
+class Publisher:
+    """Publishes `execq.run` messages: task id = command id, queue = the tenant's queue."""
+
+    def __init__(self, app: Celery, tenants: TenantsFile) -> None:
+        self.app = app
+        self.tenants = tenants
+
+    def publish(
+        self,
+        command_id: str,
+        tenant: str,
+        *,
+        secrets: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        """Send one message; raises BrokerUnavailable quickly instead of retrying for long."""
+        queue = self.tenants.tenants[tenant].queue
+        kwargs: dict[str, Any] = {"command_id": command_id, "tenant": tenant}
+        if secrets:
+            kwargs["secrets"] = dict(secrets)
+        try:
+            self.app.send_task(
+                TASK_NAME,
+                kwargs=kwargs,
+                task_id=command_id,
+                queue=queue,
+                routing_key=queue,
+                exchange=EXCHANGE.name,
+                retry=False,
+                headers=dict(headers or {}),
+                # What Flower and task events show: never the secret values.
+                argsrepr="()",
+                kwargsrepr=repr(
+                    {"command_id": command_id, "tenant": tenant, "secrets": sorted(secrets or {})}
+                ),
+            )
+        except Exception as exc:  # kombu/redis raise many types for one cause: unreachable
+            raise BrokerUnavailable(f"could not publish command {command_id}: {exc}") from exc
+
+    def close(self) -> None:
+        """Release broker connections."""
+        self.app.close()

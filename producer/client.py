@@ -1,0 +1,330 @@
+"""Producer: what a web backend uses to submit, inspect, wait for, revoke and retry commands."""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from config.settings import ConfigInvalid, Settings, load_settings
+from config.tenants import TenantsFile, load_tenants
+from producer import policy
+from producer.broker import Publisher, make_celery, resolve_broker_url
+from producer.errors import (
+    BrokerUnavailable,
+    ConfigError,
+    InvalidOperation,
+    PolicyDenied,
+    StaleVersion,
+)
+from producer.record import CommandRecord
+from producer.spec import CommandSpec
+from producer.states import RETRYABLE, State, is_terminal
+from producer.store.db import make_engine, require_schema
+from producer.store.repository import Store, utcnow
+from producer.tracing import current_or_new
+
+log = logging.getLogger("execq.producer")
+
+CANCEL_CHANNEL = "execq.cancel.{tenant}"
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    """What `submit` returns: the command id (= Celery task id) and whether it was a repeat."""
+
+    id: str
+    state: State
+    duplicate: bool
+
+
+class Producer:
+    """Submits commands to the store and the tenant's queue; the store is the source of truth."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        tenants: TenantsFile,
+        store: Store,
+        publisher: Publisher,
+        broker_url: str,
+    ) -> None:
+        self.settings = settings
+        self.tenants = tenants
+        self.store = store
+        self.publisher = publisher
+        self.broker_url = broker_url
+        self._redis: redis.Redis | None = None
+        # Commands whose publish failed: retried here, with their secrets, until Redis is back.
+        self._backlog: dict[str, tuple[str, dict[str, str], dict[str, str]]] = {}
+        self._backlog_lock = threading.Lock()
+        self._backlog_thread: threading.Thread | None = None
+        self._closed = threading.Event()
+
+    @classmethod
+    def from_env(cls) -> Producer:
+        """A producer from the `EXECQ_*` settings; raises ConfigError naming a bad setting."""
+        try:
+            settings = load_settings()
+            tenants = load_tenants(settings.tenants_file)
+        except ConfigInvalid as exc:
+            raise ConfigError(str(exc)) from None
+        return cls.from_settings(settings, tenants)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, tenants: TenantsFile) -> Producer:
+        """A producer for explicit settings (tests, embedding applications)."""
+        engine = make_engine(settings.database_url)
+        require_schema(engine)
+        url = resolve_broker_url(settings)
+        publisher = Publisher(make_celery(settings, tenants, broker_url=url), tenants)
+        return cls(
+            settings=settings, tenants=tenants, store=Store(engine), publisher=publisher,
+            broker_url=url,
+        )
+
+    # --- submit --------------------------------------------------------------------------
+
+    def submit(self, spec: CommandSpec) -> SubmitResult:
+        """Record the command, then queue it; a repeat of a key returns the first command.
+
+        Raises SpecError/UnknownTenant for a malformed spec, PolicyDenied (the refusal is
+        recorded as `rejected`), IdempotencyConflict for a reused key with another spec.
+        Succeeds while Redis is down: the command is published when the broker is back.
+        """
+        if not isinstance(spec, CommandSpec):
+            raise TypeError(f"submit takes a CommandSpec, not {type(spec).__name__}")
+        principal = spec.principal or _default_principal()
+        if spec.principal is None:
+            spec = spec.model_copy(update={"principal": principal})
+        trace = current_or_new()
+        try:
+            policy.check(spec, self.tenants)
+        except PolicyDenied as denied:
+            created = self.store.create(
+                spec, state=State.REJECTED, actor=principal, reason=str(denied),
+                failure_reason=f"policy:{denied.rule}"[:64], trace_id=trace.trace_id,
+            )
+            denied.command_id = created.id
+            raise
+        created = self.store.create(
+            spec, actor=principal, reason="submitted", trace_id=trace.trace_id
+        )
+        if created.duplicate:
+            if created.state is State.REJECTED:
+                rec = self.store.get(created.id)
+                raise PolicyDenied(
+                    rec.error or "rejected by policy", rule=rec.failure_reason or "policy",
+                    command_id=created.id,
+                )
+            return SubmitResult(created.id, created.state, duplicate=True)
+        self._publish(created.id, spec.tenant, dict(spec.secrets), {"traceparent": trace.traceparent})
+        return SubmitResult(created.id, State.PENDING, duplicate=False)
+
+    def _publish(
+        self, command_id: str, tenant: str, secrets: dict[str, str], headers: dict[str, str]
+    ) -> bool:
+        try:
+            self.publisher.publish(command_id, tenant, secrets=secrets, headers=headers)
+        except BrokerUnavailable as exc:
+            log.warning("broker unavailable, command %s kept for publishing: %s", command_id, exc)
+            with self._backlog_lock:
+                self._backlog[command_id] = (tenant, secrets, headers)
+            self._start_backlog_thread()
+            return False
+        self.store.mark_published([command_id])
+        return True
+
+    def _start_backlog_thread(self) -> None:
+        with self._backlog_lock:
+            if self._backlog_thread is not None and self._backlog_thread.is_alive():
+                return
+            self._backlog_thread = threading.Thread(
+                target=self._drain_backlog, name="execq-outbox", daemon=True
+            )
+            self._backlog_thread.start()
+
+    def _drain_backlog(self) -> None:
+        delay = 0.5
+        while not self._closed.is_set():
+            with self._backlog_lock:
+                pending = list(self._backlog.items())
+            if not pending:
+                return
+            for command_id, (tenant, secrets, headers) in pending:
+                try:
+                    self.publisher.publish(command_id, tenant, secrets=secrets, headers=headers)
+                except BrokerUnavailable:
+                    break
+                self.store.mark_published([command_id])
+                with self._backlog_lock:
+                    self._backlog.pop(command_id, None)
+                delay = 0.5
+            else:
+                continue
+            self._closed.wait(delay)
+            delay = min(delay * 2, 5.0)
+
+    def flush(self, timeout: float = 10.0) -> int:
+        """Wait until this producer's unpublished commands are published; returns how many remain."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._backlog_lock:
+                if not self._backlog:
+                    return 0
+            time.sleep(0.05)
+        with self._backlog_lock:
+            return len(self._backlog)
+
+    # --- reads ---------------------------------------------------------------------------
+
+    def get(self, command_id: str, *, with_transitions: bool = False) -> CommandRecord:
+        """The command's record; raises NotFound."""
+        return self.store.get(command_id, with_transitions=with_transitions)
+
+    def list(
+        self, *, tenant: str | None = None, state: State | None = None, limit: int = 50
+    ) -> list[CommandRecord]:
+        """Newest commands first."""
+        return self.store.list(tenant=tenant, state=state, limit=limit)
+
+    def wait(self, command_id: str, timeout: float = 30.0) -> CommandRecord:
+        """Block until the command is in a terminal state; raises TimeoutError after `timeout`."""
+        deadline = time.monotonic() + timeout
+        pause = 0.01
+        while True:
+            rec = self.store.get(command_id)
+            if is_terminal(rec.state):
+                return rec
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(
+                    f"command {command_id} still {rec.state} after {timeout:g} s"
+                )
+            time.sleep(min(pause, remaining))
+            pause = min(pause * 1.5, 0.25)
+
+    # --- operator actions ----------------------------------------------------------------
+
+    def revoke(
+        self, command_id: str, *, terminate: bool = False, operator: str | None = None,
+        reason: str | None = None,
+    ) -> CommandRecord:
+        """Pending: it never runs. Running with terminate=True: its process tree is killed."""
+        actor = operator or _default_principal()
+        for _ in range(5):
+            rec = self.store.get(command_id)
+            if rec.state is State.PENDING:
+                try:
+                    self.store.transition(
+                        command_id, expect_state=State.PENDING, expect_version=rec.version,
+                        to=State.REVOKED, actor=actor, reason=reason or "revoked",
+                        failure_reason="revoked", finished_at=utcnow(),
+                    )
+                except StaleVersion:
+                    continue  # claimed or changed meanwhile: look again
+                return self.store.get(command_id)
+            if rec.state is State.RUNNING:
+                if not terminate:
+                    raise InvalidOperation(
+                        f"command {command_id} is running; revoke it with terminate=True "
+                        "(`--terminate`) to kill its process tree"
+                    )
+                if not self.store.request_cancel(command_id):
+                    continue
+                self._announce_cancel(rec.tenant, command_id)
+                return self.store.get(command_id)
+            raise InvalidOperation(f"command {command_id} is {rec.state}; nothing to revoke")
+        raise InvalidOperation(f"command {command_id} kept changing state; try again")
+
+    def _announce_cancel(self, tenant: str, command_id: str) -> None:
+        # A hint only: the worker checks the store's cancel flag before it kills anything,
+        # and re-reads the flag on every lease renewal if this message is lost.
+        try:
+            self._redis_client().publish(CANCEL_CHANNEL.format(tenant=tenant), command_id)
+        except redis.RedisError as exc:
+            log.warning("could not announce cancel of %s (lease renewal will see it): %s",
+                        command_id, exc)
+
+    def _redis_client(self) -> redis.Redis:
+        if self._redis is None:
+            self._redis = redis.Redis.from_url(
+                self.broker_url, socket_connect_timeout=self.settings.publish_timeout_s,
+                socket_timeout=self.settings.publish_timeout_s,
+            )
+        return self._redis
+
+    def retry(
+        self, command_id: str, *, operator: str | None = None, reason: str | None = None,
+        secrets: dict[str, str] | None = None,
+    ) -> CommandRecord:
+        """failed/revoked/reverted -> pending with attempts + 1, and queue it again.
+
+        Secret values are never stored: a command that had secrets needs them passed again.
+        """
+        actor = operator or _default_principal()
+        rec = self.store.get(command_id)
+        if rec.state not in RETRYABLE:
+            raise InvalidOperation(
+                f"command {command_id} is {rec.state}; only "
+                f"{', '.join(sorted(s.value for s in RETRYABLE))} commands can be retried"
+            )
+        missing = sorted(set(rec.secret_names) - set(secrets or {}))
+        if missing:
+            raise InvalidOperation(
+                f"command {command_id} needs its secrets {missing} again to be retried "
+                "(secret values are never stored)"
+            )
+        try:
+            self.store.transition(
+                command_id, expect_state=rec.state, expect_version=rec.version, to=State.PENDING,
+                actor=actor, reason=reason or "retry", **_reset_fields(rec.attempts + 1),
+            )
+        except StaleVersion:
+            raise InvalidOperation(
+                f"command {command_id} changed while retrying it; look at it again"
+            ) from None
+        trace = current_or_new()
+        self._publish(
+            command_id, rec.tenant, dict(secrets or {}),
+            {"traceparent": f"00-{rec.trace_id}-{trace.span_id}-01"} if rec.trace_id else {},
+        )
+        return self.store.get(command_id)
+
+    def close(self) -> None:
+        """Stop background publishing and release connections."""
+        self._closed.set()
+        self.publisher.close()
+        if self._redis is not None:
+            self._redis.close()
+        self.store.engine.dispose()
+
+    def __enter__(self) -> Producer:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+def _reset_fields(attempts: int) -> dict[str, Any]:
+    """What a re-queued command starts from: no result, no lease, not yet published."""
+    return {
+        "attempts": attempts, "exit_code": None, "signal": None, "stdout": None, "stderr": None,
+        "stdout_bytes": None, "stderr_bytes": None, "output_truncated": False,
+        "failure_reason": None, "error": None, "lease_owner": None, "lease_pid": None,
+        "lease_expires_at": None, "cancel_requested": False, "published_at": None,
+        "started_at": None, "finished_at": None, "worker": None,
+    }
+
+
+def _default_principal() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no passwd entry in some containers
+        return "unknown"

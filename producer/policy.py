@@ -1,0 +1,108 @@
+"""Tenant policy: may this spec run? Checked at submit and again by the worker (authz)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+from config.tenants import Tenant, TenantsFile
+from producer.errors import PolicyDenied, UnknownTenant
+from producer.spec import CommandSpec
+
+
+@dataclass(frozen=True)
+class EffectiveLimits:
+    """The limits one command runs with: its own requests, capped by the tenant's ceilings."""
+
+    timeout_s: float
+    cpu_s: int
+    memory_mb: int
+    processes: int
+    output_kb: int
+    file_mb: int
+    open_files: int
+
+
+@lru_cache(maxsize=4096)
+def _real(path: str) -> str:
+    # Symlinks are resolved on both sides so /bin/echo and /usr/bin/echo are one program;
+    # a path that does not exist here is compared as written (the worker checks again).
+    return os.path.realpath(path)
+
+
+def tenant_for(spec_tenant: str, tenants: TenantsFile) -> Tenant:
+    """The spec's tenant, or UnknownTenant naming the tenants that exist."""
+    tenant = tenants.get(spec_tenant)
+    if tenant is None:
+        known = ", ".join(sorted(tenants.tenants))
+        raise UnknownTenant(f"tenant {spec_tenant!r} is not defined (known: {known})")
+    return tenant
+
+
+def allowed(argv0: str, tenant: Tenant) -> bool:
+    """Whether argv[0] names an allow-listed program once symlinks are resolved."""
+    target = _real(argv0)
+    return any(target == _real(entry) for entry in tenant.executables)
+
+
+def _check_argv(kind: str, argv: tuple[str, ...], tenant: Tenant) -> None:
+    if not allowed(argv[0], tenant):
+        raise PolicyDenied(
+            f"{kind}[0] {argv[0]!r} is not on tenant {tenant.name!r}'s executables allow-list",
+            rule="executables",
+        )
+    pattern = tenant.denied_by(argv)
+    if pattern is not None:
+        raise PolicyDenied(
+            f"{kind} has an argument matching tenant {tenant.name!r}'s deny_args {pattern!r}",
+            rule=f"deny_args:{pattern}",
+        )
+
+
+def check(spec: CommandSpec, tenants: TenantsFile) -> Tenant:
+    """Return the spec's tenant if the spec may run, else raise PolicyDenied naming the rule."""
+    tenant = tenant_for(spec.tenant, tenants)
+    check_tenant(spec, tenant)
+    return tenant
+
+
+def check_tenant(spec: CommandSpec, tenant: Tenant) -> None:
+    """Raise PolicyDenied naming the rule unless `tenant`'s policy lets `spec` run."""
+    _check_argv("argv", spec.argv, tenant)
+    if spec.compensate is not None:
+        _check_argv("compensate", spec.compensate, tenant)
+    ceilings = tenant.limits
+    for name, asked, ceiling in (
+        ("timeout_s", spec.timeout_s, ceilings.timeout_s),
+        ("cpu_s", spec.cpu_s, ceilings.cpu_s),
+        ("memory_mb", spec.memory_mb, ceilings.memory_mb),
+    ):
+        if asked is not None and asked > ceiling:
+            raise PolicyDenied(
+                f"{name}={asked} is above tenant {tenant.name!r}'s ceiling of {ceiling}",
+                rule=f"limits.{name}",
+            )
+    if tenant.allowed_env is not None:
+        extra = sorted(set(spec.env) - set(tenant.allowed_env))
+        if extra:
+            raise PolicyDenied(
+                f"env {extra} not in tenant {tenant.name!r}'s allowed_env",
+                rule="allowed_env",
+            )
+
+
+def effective_limits(
+    tenant: Tenant, *, timeout_s: float | None, cpu_s: int | None, memory_mb: int | None
+) -> EffectiveLimits:
+    """The command's requests where given, the tenant's ceilings otherwise (never above)."""
+    c = tenant.limits
+    return EffectiveLimits(
+        timeout_s=min(timeout_s or c.timeout_s, c.timeout_s),
+        cpu_s=min(cpu_s or c.cpu_s, c.cpu_s),
+        memory_mb=min(memory_mb or c.memory_mb, c.memory_mb),
+        processes=c.processes,
+        output_kb=c.output_kb,
+        file_mb=c.file_mb,
+        open_files=c.open_files,
+    )

@@ -1,0 +1,208 @@
+"""CommandSpec: what a web backend asks execq to run, validated and frozen."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from producer.errors import SpecError
+
+# Byte budgets keep one spec well inside a Redis message, a store row and the kernel's ARG_MAX.
+MAX_ARGS = 1024
+MAX_ARG_BYTES = 32 * 1024
+MAX_ARGV_BYTES = 128 * 1024
+MAX_ENV_VARS = 64
+MAX_ENV_VALUE_BYTES = 8 * 1024
+MAX_ENV_BYTES = 64 * 1024
+MAX_KEY_LENGTH = 200
+
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+KEY_PATTERN = re.compile(r"^[\x21-\x7e]{1,200}$")
+TENANT_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
+
+# Set by execq itself: a spec may not override them.
+RESERVED_ENV = frozenset({"PATH", "HOME", "TMPDIR", "TRACEPARENT", "TRACESTATE", "PWD"})
+# Change how the dynamic loader or common interpreters behave: a way to run other code.
+DANGEROUS_ENV_PREFIXES = ("LD_", "DYLD_", "GCONV_", "MALLOC_")
+DANGEROUS_ENV = frozenset(
+    {"BASH_ENV", "ENV", "IFS", "SHELLOPTS", "PS4", "PYTHONSTARTUP", "PYTHONPATH", "PERL5OPT",
+     "PERL5LIB", "RUBYOPT", "NODE_OPTIONS", "LOCPATH", "NLSPATH", "HOSTALIASES", "RES_OPTIONS"}
+)
+
+
+def _check_env(kind: str, env: Mapping[str, str]) -> None:
+    if len(env) > MAX_ENV_VARS:
+        raise ValueError(f"{kind} has {len(env)} variables, more than {MAX_ENV_VARS}")
+    total = 0
+    for name, value in env.items():
+        if not ENV_NAME.match(name):
+            raise ValueError(f"{kind} name {name!r} is not a valid variable name")
+        if name in RESERVED_ENV:
+            raise ValueError(f"{kind} may not set {name}: execq sets it")
+        if name in DANGEROUS_ENV or name.startswith(DANGEROUS_ENV_PREFIXES):
+            raise ValueError(f"{kind} may not set {name}: it changes which code runs")
+        if "\x00" in value:
+            raise ValueError(f"{kind} {name} contains a NUL byte")
+        size = len(value.encode())
+        if size > MAX_ENV_VALUE_BYTES:
+            raise ValueError(f"{kind} {name} is {size} bytes, more than {MAX_ENV_VALUE_BYTES}")
+        total += size + len(name) + 1
+    if total > MAX_ENV_BYTES:
+        raise ValueError(f"{kind} is {total} bytes in all, more than {MAX_ENV_BYTES}")
+
+
+def _check_argv(kind: str, argv: tuple[str, ...]) -> None:
+    if not argv:
+        raise ValueError(f"{kind} must not be empty")
+    if len(argv) > MAX_ARGS:
+        raise ValueError(f"{kind} has {len(argv)} arguments, more than {MAX_ARGS}")
+    total = 0
+    for i, arg in enumerate(argv):
+        if "\x00" in arg:
+            raise ValueError(f"{kind}[{i}] contains a NUL byte")
+        size = len(arg.encode())
+        if size > MAX_ARG_BYTES:
+            raise ValueError(f"{kind}[{i}] is {size} bytes, more than {MAX_ARG_BYTES}")
+        total += size + 1
+    if total > MAX_ARGV_BYTES:
+        raise ValueError(f"{kind} is {total} bytes in all, more than {MAX_ARGV_BYTES}")
+    if not argv[0].startswith("/"):
+        raise ValueError(f"{kind}[0] must be an absolute path, got {argv[0]!r}")
+
+
+class CommandSpec(BaseModel):
+    """One command to run: argv (never a shell string), limits, env and how to undo it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    tenant: str
+    argv: tuple[str, ...]
+    idempotency_key: str | None = None
+    timeout_s: float | None = Field(default=None, gt=0)
+    cpu_s: int | None = Field(default=None, gt=0)
+    memory_mb: int | None = Field(default=None, gt=0)
+    env: dict[str, str] = Field(default_factory=dict)
+    secrets: dict[str, str] = Field(default_factory=dict, repr=False)
+    compensate: tuple[str, ...] | None = None
+    rollback_on_failure: bool = False
+    retry_safe: bool = False
+    principal: str | None = Field(default=None, max_length=200)
+
+    def __init__(self, **data: Any) -> None:
+        # Callers catch SpecError (an ExecqError and a ValueError), not pydantic's type.
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise SpecError(describe(exc)) from None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lists_to_tuples(cls, data: Any) -> Any:
+        # Callers naturally pass lists; strict mode would refuse them for tuple fields.
+        if isinstance(data, dict):
+            data = dict(data)
+            for key in ("argv", "compensate"):
+                if isinstance(data.get(key), list):
+                    data[key] = tuple(data[key])
+            for key in ("timeout_s",):
+                if isinstance(data.get(key), int) and not isinstance(data.get(key), bool):
+                    data[key] = float(data[key])
+        return data
+
+    @field_validator("tenant")
+    @classmethod
+    def _tenant(cls, value: str) -> str:
+        if not TENANT_PATTERN.match(value):
+            raise ValueError(f"{value!r} is not a tenant name")
+        return value
+
+    @field_validator("argv")
+    @classmethod
+    def _argv(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        _check_argv("argv", value)
+        return value
+
+    @field_validator("compensate")
+    @classmethod
+    def _compensate(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is not None:
+            _check_argv("compensate", value)
+        return value
+
+    @field_validator("idempotency_key")
+    @classmethod
+    def _key(cls, value: str | None) -> str | None:
+        if value is not None and not KEY_PATTERN.match(value):
+            raise ValueError(
+                f"must be 1-{MAX_KEY_LENGTH} printable ASCII characters without spaces"
+            )
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: dict[str, str]) -> dict[str, str]:
+        _check_env("env", value)
+        return value
+
+    @field_validator("secrets")
+    @classmethod
+    def _secrets(cls, value: dict[str, str]) -> dict[str, str]:
+        _check_env("secrets", value)
+        return value
+
+    @model_validator(mode="after")
+    def _no_overlap(self) -> CommandSpec:
+        both = set(self.env) & set(self.secrets)
+        if both:
+            raise ValueError(f"{sorted(both)} given both as env and as secrets")
+        if self.rollback_on_failure and self.compensate is None:
+            raise ValueError("rollback_on_failure needs a compensate command")
+        return self
+
+    def __repr__(self) -> str:
+        return (
+            f"CommandSpec(tenant={self.tenant!r}, argv={self.argv!r}, "
+            f"idempotency_key={self.idempotency_key!r}, secrets={sorted(self.secrets)!r})"
+        )
+
+    __str__ = __repr__
+
+    def canonical(self) -> dict[str, Any]:
+        """What makes two specs "the same command": everything but secret values."""
+        return {
+            "tenant": self.tenant,
+            "argv": list(self.argv),
+            "timeout_s": self.timeout_s,
+            "cpu_s": self.cpu_s,
+            "memory_mb": self.memory_mb,
+            "env": dict(sorted(self.env.items())),
+            "secret_names": sorted(self.secrets),
+            "compensate": list(self.compensate) if self.compensate else None,
+            "rollback_on_failure": self.rollback_on_failure,
+            "retry_safe": self.retry_safe,
+        }
+
+    def spec_hash(self) -> str:
+        """SHA-256 of the canonical spec: an idempotency key reused with another spec differs."""
+        blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def cmd_hash(argv: tuple[str, ...] | list[str]) -> str:
+    """SHA-256 of the canonical argv (JSON array), as audit events carry it."""
+    return hashlib.sha256(json.dumps(list(argv), separators=(",", ":")).encode()).hexdigest()
+
+
+def describe(exc: ValidationError) -> str:
+    """A one-line-per-problem message that names each bad field (never echoes secret values)."""
+    lines = []
+    for err in exc.errors(include_input=False, include_url=False):
+        loc = ".".join(str(p) for p in err["loc"]) or "spec"
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{loc}: {msg}")
+    return "; ".join(lines)

@@ -1,0 +1,67 @@
+"""Engines for the results store: SQLite by default, PostgreSQL in production."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
+
+from producer.errors import StoreError
+
+
+def make_engine(url: str, *, pool_size: int = 5) -> Engine:
+    """An engine tuned per backend: SQLite serialises writers, PostgreSQL pools connections."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return _sqlite_engine(url)
+    return create_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        pool_recycle=1800,
+    )
+
+
+def _sqlite_engine(url: str) -> Engine:
+    parsed = make_url(url)
+    if parsed.database and parsed.database != ":memory:":
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    # Connections are cheap and must not cross fork(): no pool to inherit.
+    engine = create_engine(url, poolclass=NullPool, connect_args={"timeout": 30})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Let SQLAlchemy drive transactions (pysqlite's own BEGIN handling is broken for this).
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        # IMMEDIATE takes the write lock up front, so two processes never deadlock upgrading
+        # a read lock (SQLITE_BUSY without waiting); the busy timeout then queues writers.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def require_schema(engine: Engine) -> None:
+    """Refuse early, with the fix in the message, when `execq db upgrade` was not run."""
+    try:
+        tables = set(inspect(engine).get_table_names())
+    except Exception as exc:
+        raise StoreError(f"cannot reach the results store {engine.url!r}: {exc}") from None
+    missing = {"commands", "transitions"} - tables
+    if missing:
+        raise StoreError(
+            f"the results store {engine.url.render_as_string(hide_password=True)} has no "
+            f"{', '.join(sorted(missing))} table: run `execq db upgrade` first"
+        )

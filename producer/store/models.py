@@ -1,0 +1,99 @@
+"""The results store's tables, as typed SQLAlchemy 2.0 models (the migrations mirror them)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    """Declarative base of the execq schema."""
+
+
+class Command(Base):
+    """One command: its spec (never its secret values), state, result and lease."""
+
+    __tablename__ = "commands"
+    __table_args__ = (
+        UniqueConstraint("tenant", "idempotency_key", name="uq_commands_tenant_key"),
+        Index("ix_commands_tenant_state", "tenant", "state"),
+        Index("ix_commands_state_lease", "state", "lease_expires_at"),
+        Index("ix_commands_outbox", "state", "published_at"),
+        Index("ix_commands_created", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(40))
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    spec_hash: Mapped[str] = mapped_column(String(64))
+    principal: Mapped[str | None] = mapped_column(String(200))
+    argv: Mapped[list[str]] = mapped_column(JSON)
+    env: Mapped[dict[str, str]] = mapped_column(JSON)
+    secret_names: Mapped[list[str]] = mapped_column(JSON)
+    has_secrets: Mapped[bool] = mapped_column(Boolean, default=False)
+    timeout_s: Mapped[float | None] = mapped_column(Float)
+    cpu_s: Mapped[int | None] = mapped_column(Integer)
+    memory_mb: Mapped[int | None] = mapped_column(Integer)
+    compensate: Mapped[list[str] | None] = mapped_column(JSON)
+    rollback_on_failure: Mapped[bool] = mapped_column(Boolean, default=False)
+    retry_safe: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    state: Mapped[str] = mapped_column(String(16))
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    attempts: Mapped[int] = mapped_column(Integer, default=1)
+
+    exit_code: Mapped[int | None] = mapped_column(Integer)
+    signal: Mapped[int | None] = mapped_column(Integer)
+    stdout: Mapped[str | None] = mapped_column(Text)
+    stderr: Mapped[str | None] = mapped_column(Text)
+    stdout_bytes: Mapped[int | None] = mapped_column(Integer)
+    stderr_bytes: Mapped[int | None] = mapped_column(Integer)
+    output_truncated: Mapped[bool] = mapped_column(Boolean, default=False)
+    failure_reason: Mapped[str | None] = mapped_column(String(64))
+    error: Mapped[str | None] = mapped_column(Text)
+    enforced: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+    worker: Mapped[str | None] = mapped_column(String(200))
+    lease_owner: Mapped[str | None] = mapped_column(String(200))
+    lease_pid: Mapped[int | None] = mapped_column(Integer)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    publish_count: Mapped[int] = mapped_column(Integer, default=0)
+
+    trace_id: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Transition(Base):
+    """One change of state: every bump of a command's version writes exactly one row."""
+
+    __tablename__ = "transitions"
+    __table_args__ = (Index("ix_transitions_command", "command_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    command_id: Mapped[str] = mapped_column(String(36), ForeignKey("commands.id"))
+    from_state: Mapped[str | None] = mapped_column(String(16))
+    to_state: Mapped[str] = mapped_column(String(16))
+    version: Mapped[int] = mapped_column(Integer)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    actor: Mapped[str] = mapped_column(String(200))
+    reason: Mapped[str | None] = mapped_column(Text)

@@ -1,0 +1,453 @@
+"""The store's repository: every state change is a conditional UPDATE plus one history row."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, Engine, and_, func, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
+
+from producer.errors import IdempotencyConflict, NotFound, StaleVersion
+from producer.record import CommandRecord, TransitionRecord
+from producer.spec import CommandSpec
+from producer.states import State, check_transition
+from producer.store.models import Command, Transition
+
+commands = Command.__table__
+transitions = Transition.__table__
+
+
+def utcnow() -> datetime:
+    """Timezone-aware now; every timestamp in the store is UTC."""
+    return datetime.now(UTC)
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    # SQLite hands back naive datetimes for timezone-aware columns.
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+@dataclass(frozen=True)
+class Created:
+    """The outcome of `create`: the command's id and whether the key had been seen."""
+
+    id: str
+    state: State
+    duplicate: bool
+    published: bool
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A command this worker now owns (state running): what it needs to run it."""
+
+    id: str
+    tenant: str
+    version: int
+    attempts: int
+    argv: list[str]
+    env: dict[str, str]
+    secret_names: list[str]
+    timeout_s: float | None
+    cpu_s: int | None
+    memory_mb: int | None
+    retry_safe: bool
+    trace_id: str | None
+
+
+class Store:
+    """All reads and writes of commands and transitions; the store is the source of truth."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @contextmanager
+    def _tx(self) -> Iterator[Connection]:
+        with self.engine.begin() as conn:
+            yield conn
+
+    # --- creation ----------------------------------------------------------------------
+
+    def create(
+        self,
+        spec: CommandSpec,
+        *,
+        state: State = State.PENDING,
+        actor: str,
+        reason: str | None = None,
+        failure_reason: str | None = None,
+        trace_id: str | None = None,
+        command_id: str | None = None,
+    ) -> Created:
+        """Insert a command; a known (tenant, key) returns the first one or raises a conflict."""
+        check_transition(None, state)
+        now = utcnow()
+        cid = command_id or str(uuid.uuid4())
+        spec_hash = spec.spec_hash()
+        row = {
+            "id": cid,
+            "tenant": spec.tenant,
+            "idempotency_key": spec.idempotency_key,
+            "spec_hash": spec_hash,
+            "principal": spec.principal,
+            "argv": list(spec.argv),
+            "env": dict(spec.env),
+            "secret_names": sorted(spec.secrets),
+            "has_secrets": bool(spec.secrets),
+            "timeout_s": spec.timeout_s,
+            "cpu_s": spec.cpu_s,
+            "memory_mb": spec.memory_mb,
+            "compensate": list(spec.compensate) if spec.compensate else None,
+            "rollback_on_failure": spec.rollback_on_failure,
+            "retry_safe": spec.retry_safe,
+            "state": state.value,
+            "version": 1,
+            "attempts": 1,
+            "output_truncated": False,
+            "failure_reason": failure_reason,
+            "error": reason if state is State.REJECTED else None,
+            "cancel_requested": False,
+            "publish_count": 0,
+            "trace_id": trace_id,
+            "created_at": now,
+            "updated_at": now,
+            "finished_at": now if state is State.REJECTED else None,
+        }
+        try:
+            with self._tx() as conn:
+                conn.execute(insert(commands), row)
+                conn.execute(
+                    insert(transitions),
+                    {
+                        "command_id": cid,
+                        "from_state": None,
+                        "to_state": state.value,
+                        "version": 1,
+                        "at": now,
+                        "actor": actor,
+                        "reason": reason,
+                    },
+                )
+            return Created(cid, state, duplicate=False, published=False)
+        except IntegrityError:
+            if spec.idempotency_key is None:
+                raise
+        # The key exists: the unique constraint decided the race, now report the winner.
+        with self.engine.connect() as conn:
+            found = conn.execute(
+                select(commands.c.id, commands.c.spec_hash, commands.c.state,
+                       commands.c.published_at).where(
+                    commands.c.tenant == spec.tenant,
+                    commands.c.idempotency_key == spec.idempotency_key,
+                )
+            ).one()
+        if found.spec_hash != spec_hash:
+            raise IdempotencyConflict(
+                f"idempotency key {spec.idempotency_key!r} of tenant {spec.tenant!r} was used for "
+                f"another command ({found.id}) with a different spec",
+                command_id=found.id,
+            )
+        return Created(
+            found.id, State(found.state), duplicate=True, published=found.published_at is not None
+        )
+
+    # --- generic transition ------------------------------------------------------------
+
+    def transition(
+        self,
+        command_id: str,
+        *,
+        expect_state: State,
+        expect_version: int,
+        to: State,
+        actor: str,
+        reason: str | None = None,
+        conn: Connection | None = None,
+        **fields: Any,
+    ) -> int:
+        """Move (id, state, version) to `to`, or raise StaleVersion; returns the new version."""
+        check_transition(expect_state, to)
+        now = utcnow()
+        values = {"state": to.value, "version": expect_version + 1, "updated_at": now, **fields}
+        if conn is None:
+            with self._tx() as own:
+                return self._transition(
+                    own, command_id, expect_state, expect_version, to, actor, reason, now, values
+                )
+        return self._transition(
+            conn, command_id, expect_state, expect_version, to, actor, reason, now, values
+        )
+
+    def _transition(
+        self,
+        conn: Connection,
+        command_id: str,
+        expect_state: State,
+        expect_version: int,
+        to: State,
+        actor: str,
+        reason: str | None,
+        now: datetime,
+        values: dict[str, Any],
+    ) -> int:
+        result = conn.execute(
+            update(commands)
+            .where(
+                commands.c.id == command_id,
+                commands.c.state == expect_state.value,
+                commands.c.version == expect_version,
+            )
+            .values(**values)
+        )
+        if result.rowcount != 1:
+            raise StaleVersion(
+                f"command {command_id} is no longer {expect_state} at version {expect_version}"
+            )
+        conn.execute(
+            insert(transitions),
+            {
+                "command_id": command_id,
+                "from_state": expect_state.value,
+                "to_state": to.value,
+                "version": expect_version + 1,
+                "at": now,
+                "actor": actor,
+                "reason": reason,
+            },
+        )
+        return expect_version + 1
+
+    # --- the worker's path -------------------------------------------------------------
+
+    def claim(self, command_id: str, *, tenant: str, worker: str, lease_s: float) -> Claimed | None:
+        """pending -> running for this worker, or None when another delivery already won."""
+        now = utcnow()
+        with self._tx() as conn:
+            row = conn.execute(
+                select(
+                    commands.c.id, commands.c.tenant, commands.c.state, commands.c.version,
+                    commands.c.attempts, commands.c.argv, commands.c.env,
+                    commands.c.secret_names, commands.c.timeout_s, commands.c.cpu_s,
+                    commands.c.memory_mb, commands.c.retry_safe, commands.c.trace_id,
+                ).where(commands.c.id == command_id)
+            ).one_or_none()
+            if row is None or row.tenant != tenant or row.state != State.PENDING.value:
+                return None
+            try:
+                version = self._transition(
+                    conn, command_id, State.PENDING, row.version, State.RUNNING, worker,
+                    None, now,
+                    {
+                        "state": State.RUNNING.value,
+                        "version": row.version + 1,
+                        "updated_at": now,
+                        "started_at": now,
+                        "worker": worker,
+                        "lease_owner": worker,
+                        "lease_expires_at": now + timedelta(seconds=lease_s),
+                        "cancel_requested": False,
+                        "published_at": func.coalesce(commands.c.published_at, now),
+                    },
+                )
+            except StaleVersion:
+                return None
+        return Claimed(
+            id=row.id, tenant=row.tenant, version=version, attempts=row.attempts,
+            argv=list(row.argv), env=dict(row.env), secret_names=list(row.secret_names),
+            timeout_s=row.timeout_s, cpu_s=row.cpu_s, memory_mb=row.memory_mb,
+            retry_safe=row.retry_safe, trace_id=row.trace_id,
+        )
+
+    def lookup(self, command_id: str) -> tuple[str, str, int] | None:
+        """(tenant, state, version) of a command, or None; a cheap read for logging refusals."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(commands.c.tenant, commands.c.state, commands.c.version).where(
+                    commands.c.id == command_id
+                )
+            ).one_or_none()
+        return None if row is None else (row.tenant, row.state, row.version)
+
+    def renew_lease(
+        self, command_id: str, *, owner: str, lease_s: float, pid: int | None = None
+    ) -> bool | None:
+        """Extend a running command's lease. None: the lease is lost; else cancel_requested."""
+        values: dict[str, Any] = {"lease_expires_at": utcnow() + timedelta(seconds=lease_s)}
+        if pid is not None:
+            values["lease_pid"] = pid
+        with self._tx() as conn:
+            result = conn.execute(
+                update(commands)
+                .where(
+                    commands.c.id == command_id,
+                    commands.c.state == State.RUNNING.value,
+                    commands.c.lease_owner == owner,
+                )
+                .values(**values)
+                .returning(commands.c.cancel_requested)
+            )
+            row = result.one_or_none()
+        return None if row is None else bool(row.cancel_requested)
+
+    def cancel_requested(self, command_id: str) -> bool:
+        """Whether an operator asked to terminate this running command (checked in the store)."""
+        with self.engine.connect() as conn:
+            value = conn.execute(
+                select(commands.c.cancel_requested).where(
+                    commands.c.id == command_id, commands.c.state == State.RUNNING.value
+                )
+            ).scalar_one_or_none()
+        return bool(value)
+
+    def request_cancel(self, command_id: str) -> bool:
+        """Flag a running command for termination; False when it is not running."""
+        with self._tx() as conn:
+            result = conn.execute(
+                update(commands)
+                .where(commands.c.id == command_id, commands.c.state == State.RUNNING.value)
+                .values(cancel_requested=True)
+            )
+        return result.rowcount == 1
+
+    # --- the outbox and the reaper -----------------------------------------------------
+
+    def mark_published(self, command_ids: Sequence[str]) -> None:
+        """Record that the broker accepted these commands' messages."""
+        if not command_ids:
+            return
+        now = utcnow()
+        with self._tx() as conn:
+            conn.execute(
+                update(commands)
+                .where(commands.c.id.in_(list(command_ids)))
+                .values(published_at=now, publish_count=commands.c.publish_count + 1)
+            )
+
+    def unpublished(
+        self,
+        *,
+        tenant: str | None,
+        older_than_s: float,
+        republish_after_s: float,
+        secret_grace_s: float,
+        limit: int,
+    ) -> list[tuple[str, str]]:
+        """(id, tenant) of pending commands never published, or published long ago and unclaimed.
+
+        The second kind is how a message Redis lost (restart without persistence) is recovered.
+        """
+        now = utcnow()
+        # Only the producer holds secret values: give it longer to publish such a command.
+        never_published = and_(
+            commands.c.published_at.is_(None),
+            commands.c.updated_at < now - timedelta(seconds=older_than_s),
+            or_(
+                commands.c.has_secrets.is_(False),
+                commands.c.updated_at < now - timedelta(seconds=secret_grace_s),
+            ),
+        )
+        cond = and_(
+            commands.c.state == State.PENDING.value,
+            or_(
+                never_published,
+                commands.c.published_at < now - timedelta(seconds=republish_after_s),
+            ),
+        )
+        if tenant is not None:
+            cond = and_(cond, commands.c.tenant == tenant)
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(commands.c.id, commands.c.tenant)
+                .where(cond)
+                .order_by(commands.c.created_at)
+                .limit(limit)
+            ).all()
+        return [(r.id, r.tenant) for r in rows]
+
+    def expired_leases(self, *, tenant: str | None, limit: int) -> list[tuple[str, int, bool, int]]:
+        """(id, version, retry_safe, attempts) of running commands whose lease ran out."""
+        cond = and_(
+            commands.c.state == State.RUNNING.value, commands.c.lease_expires_at < utcnow()
+        )
+        if tenant is not None:
+            cond = and_(cond, commands.c.tenant == tenant)
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(
+                    commands.c.id, commands.c.version, commands.c.retry_safe, commands.c.attempts
+                )
+                .where(cond)
+                .limit(limit)
+            ).all()
+        return [(r.id, r.version, r.retry_safe, r.attempts) for r in rows]
+
+    # --- reads ---------------------------------------------------------------------------
+
+    def get(self, command_id: str, *, with_transitions: bool = False) -> CommandRecord:
+        """The record of one command, or NotFound."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(commands).where(commands.c.id == command_id)).one_or_none()
+            if row is None:
+                raise NotFound(f"no command with id {command_id!r}")
+            history: list[TransitionRecord] = []
+            if with_transitions:
+                for t in conn.execute(
+                    select(transitions)
+                    .where(transitions.c.command_id == command_id)
+                    .order_by(transitions.c.id)
+                ):
+                    history.append(
+                        TransitionRecord(
+                            from_state=State(t.from_state) if t.from_state else None,
+                            to_state=State(t.to_state),
+                            version=t.version,
+                            at=_utc(t.at) or t.at,
+                            actor=t.actor,
+                            reason=t.reason,
+                        )
+                    )
+        return _record(row._mapping, history)
+
+    def list(
+        self, *, tenant: str | None = None, state: State | None = None, limit: int = 50
+    ) -> list[CommandRecord]:
+        """Newest first, optionally filtered by tenant and state."""
+        query = select(commands).order_by(commands.c.created_at.desc()).limit(limit)
+        if tenant is not None:
+            query = query.where(commands.c.tenant == tenant)
+        if state is not None:
+            query = query.where(commands.c.state == state.value)
+        with self.engine.connect() as conn:
+            return [_record(r._mapping, []) for r in conn.execute(query)]
+
+    def count(self) -> int:
+        """How many commands the store holds."""
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(commands)).scalar_one())
+
+
+def _record(m: Any, history: list[TransitionRecord]) -> CommandRecord:
+    return CommandRecord(
+        id=m["id"], tenant=m["tenant"], state=State(m["state"]), version=m["version"],
+        attempts=m["attempts"], argv=list(m["argv"]), idempotency_key=m["idempotency_key"],
+        exit_code=m["exit_code"], signal=m["signal"], stdout=m["stdout"], stderr=m["stderr"],
+        stdout_bytes=m["stdout_bytes"], stderr_bytes=m["stderr_bytes"],
+        output_truncated=bool(m["output_truncated"]), failure_reason=m["failure_reason"],
+        error=m["error"], enforced=m["enforced"], trace_id=m["trace_id"],
+        principal=m["principal"], worker=m["worker"], retry_safe=bool(m["retry_safe"]),
+        rollback_on_failure=bool(m["rollback_on_failure"]), compensate=m["compensate"],
+        secret_names=list(m["secret_names"] or []), env=dict(m["env"] or {}),
+        timeout_s=m["timeout_s"], cpu_s=m["cpu_s"], memory_mb=m["memory_mb"],
+        created_at=_utc(m["created_at"]) or m["created_at"],
+        updated_at=_utc(m["updated_at"]) or m["updated_at"],
+        started_at=_utc(m["started_at"]), finished_at=_utc(m["finished_at"]),
+        published_at=_utc(m["published_at"]), lease_expires_at=_utc(m["lease_expires_at"]),
+        cancel_requested=bool(m["cancel_requested"]), transitions=history,
+    )

@@ -1,0 +1,44 @@
+"""The execq worker: a Celery worker consuming exactly one tenant's queue with its pool size."""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery
+
+from producer.broker import make_celery
+from workers import signals, tasks
+from workers.runtime import Runtime, WorkerConfig
+from workers.sandbox import detect_capabilities
+
+log = logging.getLogger("execq.worker")
+
+
+def build(config: WorkerConfig) -> tuple[Celery, Runtime]:
+    """The Celery app with `execq.run` registered, and the runtime its processes share."""
+    app = make_celery(config.settings, config.tenants, broker_url=config.broker_url)
+    runtime = Runtime(config)
+    tasks.register(app, lambda: runtime)
+    return app, runtime
+
+
+def run_worker(config: WorkerConfig, *, loglevel: str = "INFO") -> int:
+    """Run the worker in this process until SIGTERM (warm shutdown) or SIGINT; its exit code."""
+    capabilities = detect_capabilities()
+    line = capabilities.summary()
+    log.info("sandbox on this host: %s", line)
+    app, runtime = build(config)
+    signals.connect(runtime, capabilities_line=line)
+    worker = app.Worker(
+        hostname=config.hostname,
+        queues=[config.tenant.queue],
+        concurrency=config.concurrency,
+        pool="prefork",
+        loglevel=loglevel,
+        # Mingle and gossip sync in-memory state between workers; the store is our state.
+        without_mingle=True,
+        without_gossip=True,
+        optimization="fair",
+    )
+    worker.start()
+    return int(worker.exitcode or 0)

@@ -1,0 +1,405 @@
+"""`execq`: the command line for operators, scripts and the worker process itself.
+
+Exit status: 0 success, 1 the thing asked failed (the command failed, not found, refused),
+2 bad usage or invalid settings. Every command takes `--json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import signal
+import sys
+import time
+from collections.abc import Callable
+from functools import wraps
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from config.settings import ConfigInvalid, Settings, load_settings
+from config.tenants import TenantsFile, load_tenants
+from producer.errors import (
+    ExecqError,
+    IdempotencyConflict,
+    PolicyDenied,
+    SpecError,
+    StoreError,
+)
+from producer.record import CommandRecord
+from producer.spec import CommandSpec
+from producer.states import State
+
+app = typer.Typer(
+    name="execq",
+    help=(
+        "Run OS commands for many tenants on Celery and Redis: auditable, traceable, "
+        "reversible.\n\nSettings come from EXECQ_* variables (see README); "
+        "every command takes --json."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+db_app = typer.Typer(help="The results store.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+out = Console()
+err = Console(stderr=True)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _fail(message: str, code: int, *, as_json: bool = False, **extra: Any) -> NoReturn:
+    if as_json:
+        print(json.dumps({"error": message, **extra}))
+    else:
+        err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    raise typer.Exit(code)
+
+
+def handled(func: F) -> F:
+    """Map execq errors to the exit statuses the contract promises."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        as_json = bool(kwargs.get("as_json"))
+        try:
+            return func(*args, **kwargs)
+        except ConfigInvalid as exc:
+            _fail(str(exc), 2, as_json=as_json)
+        except SpecError as exc:
+            _fail(f"invalid command: {exc}", 2, as_json=as_json)
+        except PolicyDenied as exc:
+            _fail(f"refused by policy: {exc}", 1, as_json=as_json,
+                  id=exc.command_id, state="rejected", rule=exc.rule)
+        except IdempotencyConflict as exc:
+            _fail(str(exc), 1, as_json=as_json, id=exc.command_id)
+        except TimeoutError as exc:
+            _fail(str(exc), 1, as_json=as_json)
+        except ExecqError as exc:
+            _fail(str(exc), 1, as_json=as_json)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _load() -> tuple[Settings, TenantsFile]:
+    settings = load_settings()
+    return settings, load_tenants(settings.tenants_file)
+
+
+def _producer() -> Any:
+    from producer.client import Producer  # noqa: PLC0415  (keeps `--help` fast)
+
+    settings, tenants = _load()
+    return Producer.from_settings(settings, tenants)
+
+
+def _setup_logging(level: str = "WARNING") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.WARNING),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+# --- printing ----------------------------------------------------------------------------
+
+STATE_STYLE = {
+    State.SUCCEEDED: "green", State.FAILED: "red", State.REJECTED: "magenta",
+    State.REVOKED: "yellow", State.RUNNING: "cyan", State.PENDING: "blue",
+    State.REVERTED: "green", State.REVERT_FAILED: "bold red", State.REVERTING: "cyan",
+}
+
+
+def _print_record(rec: CommandRecord, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(rec.to_json(), default=str))
+        return
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    style = STATE_STYLE.get(rec.state, "")
+    table.add_row("id", rec.id)
+    table.add_row("tenant", rec.tenant)
+    table.add_row("argv", shlex.join(rec.argv))
+    table.add_row("state", f"[{style}]{rec.state}[/]")
+    for name in ("exit_code", "failure_reason", "error", "attempts", "version", "trace_id",
+                 "worker", "created_at", "started_at", "finished_at"):
+        value = getattr(rec, name)
+        if value is not None:
+            table.add_row(name, str(value))
+    if rec.enforced:
+        table.add_row("enforced", ", ".join(f"{k}={v}" for k, v in rec.enforced.items()))
+    out.print(table)
+    for label, text, size in (("stdout", rec.stdout, rec.stdout_bytes),
+                              ("stderr", rec.stderr, rec.stderr_bytes)):
+        if text:
+            out.print(f"[bold]{label}[/] ({size} bytes):")
+            out.print(text.rstrip("\n"), markup=False, highlight=False)
+    for t in rec.transitions:
+        out.print(f"  {t.at:%H:%M:%S.%f} {t.from_state or '-'} → {t.to_state} by {t.actor}"
+                  + (f" ({t.reason})" if t.reason else ""), markup=False, highlight=False)
+
+
+# --- commands ----------------------------------------------------------------------------
+
+
+@app.command()
+@handled
+def submit(
+    argv: Annotated[list[str], typer.Argument(help="The command, after `--`: ARGV[0] absolute.")],
+    tenant: Annotated[str, typer.Option(help="Tenant whose pool runs it.")],
+    key: Annotated[str | None, typer.Option(help="Idempotency key: same key, same command.")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Wall-clock seconds (<= ceiling).")] = None,
+    env: Annotated[list[str] | None, typer.Option(help="NAME=VALUE for the child; repeat.")] = None,
+    secret_env: Annotated[
+        list[str] | None,
+        typer.Option(help="NAME: pass $NAME from this shell as a secret (never in argv); repeat."),
+    ] = None,
+    compensate: Annotated[str | None, typer.Option(help="Undo command line (split like a shell, run without one).")] = None,
+    rollback_on_failure: Annotated[bool, typer.Option(help="Run --compensate if it fails.")] = False,
+    retry_safe: Annotated[bool, typer.Option(help="May be re-run after a lost worker.")] = False,
+    wait: Annotated[bool, typer.Option(help="Wait for the end; exit 1 unless it succeeded.")] = False,
+    wait_timeout: Annotated[float, typer.Option(help="Seconds to --wait.")] = 300.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Submit a command: [bold]execq submit --tenant acme -- /bin/echo hello[/]."""
+    env_map: dict[str, str] = {}
+    for item in env or []:
+        name, sep, value = item.partition("=")
+        if not sep:
+            _fail(f"--env takes NAME=VALUE, got {item!r}", 2, as_json=as_json)
+        env_map[name] = value
+    secrets: dict[str, str] = {}
+    for name in secret_env or []:
+        if name not in os.environ:
+            _fail(f"--secret-env {name}: ${name} is not set in this shell", 2, as_json=as_json)
+        secrets[name] = os.environ[name]
+    spec = CommandSpec(
+        tenant=tenant, argv=tuple(argv), idempotency_key=key, timeout_s=timeout, env=env_map,
+        secrets=secrets, compensate=tuple(shlex.split(compensate)) if compensate else None,
+        rollback_on_failure=rollback_on_failure, retry_safe=retry_safe,
+    )
+    with _producer() as producer:
+        result = producer.submit(spec)
+        if not wait:
+            if as_json:
+                print(json.dumps({"id": result.id, "state": str(result.state),
+                                  "duplicate": result.duplicate}))
+            else:
+                dup = " (duplicate: this key was seen before, nothing new queued)" if result.duplicate else ""
+                out.print(f"{result.id} {result.state}{dup}", highlight=False)
+            if producer.flush(timeout=2.0):
+                err.print("note: Redis is unreachable; the command is stored and will be "
+                          "published by a worker's outbox as soon as Redis is back")
+            return
+        rec = producer.wait(result.id, timeout=wait_timeout)
+        if as_json:
+            print(json.dumps({**rec.to_json(), "duplicate": result.duplicate}, default=str))
+        else:
+            _print_record(rec, False)
+        if rec.state is not State.SUCCEEDED:
+            raise typer.Exit(1)
+
+
+@app.command()
+@handled
+def status(
+    command_id: Annotated[str, typer.Argument(metavar="ID")],
+    history: Annotated[bool, typer.Option(help="Show every state change.")] = True,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show one command: state, exit code, output, enforced limits, history."""
+    with _producer() as producer:
+        _print_record(producer.get(command_id, with_transitions=history), as_json)
+
+
+@app.command("wait")
+@handled
+def wait_cmd(
+    command_id: Annotated[str, typer.Argument(metavar="ID")],
+    timeout: Annotated[float, typer.Option(help="Give up after this many seconds (exit 1).")] = 300.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Wait until a command ends; exit 0 only if it succeeded."""
+    with _producer() as producer:
+        rec = producer.wait(command_id, timeout=timeout)
+        _print_record(rec, as_json)
+        if rec.state is not State.SUCCEEDED:
+            raise typer.Exit(1)
+
+
+@app.command("list")
+@handled
+def list_cmd(
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant.")] = None,
+    state: Annotated[State | None, typer.Option(help="Only this state.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50,
+    as_json: JsonOpt = False,
+) -> None:
+    """List commands, newest first."""
+    with _producer() as producer:
+        records = producer.list(tenant=tenant, state=state, limit=limit)
+    if as_json:
+        print(json.dumps([r.to_json() for r in records], default=str))
+        return
+    table = Table("id", "tenant", "state", "exit", "reason", "argv", "created")
+    for r in records:
+        style = STATE_STYLE.get(r.state, "")
+        table.add_row(r.id, r.tenant, f"[{style}]{r.state}[/]", _s(r.exit_code),
+                      r.failure_reason or "", shlex.join(r.argv)[:60], f"{r.created_at:%Y-%m-%d %H:%M:%S}")
+    out.print(table)
+    out.print(f"{len(records)} command(s)")
+
+
+def _s(value: object) -> str:
+    return "" if value is None else str(value)
+
+
+@app.command()
+@handled
+def retry(
+    command_id: Annotated[str, typer.Argument(metavar="ID")],
+    operator: Annotated[str | None, typer.Option(help="Who retries (default: OS user).")] = None,
+    reason: Annotated[str | None, typer.Option(help="Why, for the history.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Queue a failed, revoked or reverted command again (attempts + 1)."""
+    with _producer() as producer:
+        _print_record(producer.retry(command_id, operator=operator, reason=reason), as_json)
+
+
+@app.command()
+@handled
+def revoke(
+    command_id: Annotated[str, typer.Argument(metavar="ID")],
+    terminate: Annotated[bool, typer.Option(help="Kill it (whole process tree) if it runs.")] = False,
+    operator: Annotated[str | None, typer.Option(help="Who revokes (default: OS user).")] = None,
+    reason: Annotated[str | None, typer.Option(help="Why, for the history.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Revoke a command: pending never runs; running is killed with --terminate."""
+    with _producer() as producer:
+        rec = producer.revoke(command_id, terminate=terminate, operator=operator, reason=reason)
+        if rec.state is State.RUNNING:
+            rec = producer.wait(command_id, timeout=30)
+        _print_record(rec, as_json)
+
+
+@db_app.command("upgrade")
+@handled
+def db_upgrade(as_json: JsonOpt = False) -> None:
+    """Create or migrate the results store to the newest schema (safe to repeat)."""
+    from producer.store.db import make_engine  # noqa: PLC0415
+    from producer.store.migrate import upgrade  # noqa: PLC0415
+
+    settings = load_settings()
+    engine = make_engine(settings.database_url)
+    try:
+        before, after = upgrade(engine)
+    except Exception as exc:
+        raise StoreError(f"migration failed: {exc}") from exc
+    finally:
+        engine.dispose()
+    url = engine.url.render_as_string(hide_password=True)
+    if as_json:
+        print(json.dumps({"database": url, "from": before, "to": after}))
+    elif before == after:
+        out.print(f"{url}: already at revision {after}")
+    else:
+        out.print(f"{url}: migrated {before or 'empty'} → {after}")
+
+
+@app.command()
+@handled
+def worker(
+    tenant: Annotated[str, typer.Option(help="The tenant whose queue this worker consumes.")],
+    concurrency: Annotated[int | None, typer.Option(min=1, max=256, help="Pool processes (default: the tenant's).")] = None,
+    loglevel: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING…")] = "INFO",
+    as_json: JsonOpt = False,
+) -> None:
+    """The worker process itself (SIGTERM = warm shutdown; prints a line with "ready")."""
+    from producer.broker import resolve_broker_url  # noqa: PLC0415
+    from workers.app import run_worker  # noqa: PLC0415
+    from workers.runtime import WorkerConfig  # noqa: PLC0415
+
+    settings, tenants = _load()
+    found = tenants.get(tenant)
+    if found is None:
+        _fail(f"tenant {tenant!r} is not in {settings.tenants_file} "
+              f"(known: {', '.join(sorted(tenants.tenants))})", 2, as_json=as_json)
+    _setup_logging(loglevel)
+    config = WorkerConfig(
+        settings=settings, tenants=tenants, tenant=found, broker_url=resolve_broker_url(settings),
+        concurrency=concurrency or found.concurrency,
+    )
+    raise typer.Exit(run_worker(config, loglevel=loglevel))
+
+
+@app.command()
+@handled
+def up(as_json: JsonOpt = False) -> None:
+    """The whole local stack (Redis if none, store, a worker per tenant) until Ctrl-C."""
+    from workers.stack import Stack  # noqa: PLC0415
+
+    settings, tenants = _load()
+    stack = Stack(settings, tenants)
+    stack.start()
+    info = {"broker": stack.broker_url, "database": settings.database_url,
+            "workers": {n: p.pid for n, p in stack.workers.items()},
+            "logs": str(stack.log_dir)}
+    if as_json:
+        print(json.dumps(info), flush=True)
+    else:
+        out.print(f"execq is up: broker {stack.broker_url}, store {settings.database_url}")
+        for name, proc in stack.workers.items():
+            out.print(f"  worker {name}: pid {proc.pid}, log {stack.log_dir}/worker-{name}.log")
+        if stack.embedded is not None:
+            out.print("  (embedded Redis: other shells use EXECQ_BROKER_URL=embedded)")
+        out.print("Ctrl-C stops everything started here.")
+    stopping = False
+
+    def _stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        while not stopping and all(p.poll() is None for p in stack.workers.values()):
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stack.stop()
+    if not as_json:
+        out.print("stopped")
+
+
+@app.command()
+@handled
+def demo(as_json: JsonOpt = False) -> None:
+    """The main job: success, failure, a killed process tree, a refusal, a duplicate key."""
+    from workers.demo import run_demo  # noqa: PLC0415
+
+    settings, tenants = _load()
+    _setup_logging("WARNING")
+    raise typer.Exit(run_demo(settings, tenants, as_json=as_json, console=out))
+
+
+def main() -> None:
+    """Console-script entry: settings errors exit 2 with the setting named."""
+    try:
+        app()
+    except ConfigInvalid as exc:
+        err.print(f"error: {exc}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

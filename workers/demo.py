@@ -1,0 +1,144 @@
+"""`execq demo` (`make run`): every guarantee of the foundation, shown on a live local stack."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from config.settings import Settings
+from config.tenants import TenantsFile
+from producer.client import Producer
+from producer.errors import ExecqError, PolicyDenied
+from producer.spec import CommandSpec
+from producer.states import State
+from workers.stack import Stack
+
+
+@dataclass
+class Row:
+    """One demo case and what came of it."""
+
+    title: str
+    tenant: str
+    argv: tuple[str, ...]
+    expect: State
+    command_id: str | None = None
+    state: State | None = None
+    exit_code: int | None = None
+    reason: str = ""
+    note: str = ""
+
+
+def _alive_with_marker(marker: str) -> int:
+    """How many live processes carry `marker` in their command line (the tree after a kill)."""
+    count = 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker.encode() in cmdline and state != "Z":
+            count += 1
+    return count
+
+
+def run_demo(settings: Settings, tenants: TenantsFile, *, as_json: bool, console: Console) -> int:
+    """Start a stack, submit the sample commands, print their final states, stop. 0 if as expected."""
+    run = uuid.uuid4().hex[:8]
+    say = (lambda *_a, **_k: None) if as_json else console.print
+    stack = Stack(settings, tenants)
+    say("[bold]execq demo[/]: starting a broker, the results store and one worker per tenant…")
+    t0 = time.monotonic()
+    stack.start()
+    say(f"  broker {stack.broker_url}{' (embedded)' if stack.embedded else ''}, "
+        f"store {settings.database_url}, {len(stack.workers)} workers ready "
+        f"in {time.monotonic() - t0:.1f} s")
+    marker = f"execq-demo-{run}"
+    rows = [
+        Row("success", "acme", ("/bin/echo", "hello from execq"), State.SUCCEEDED),
+        Row("failure (exit code)", "acme", ("/bin/ls", f"/nonexistent-{run}"), State.FAILED),
+        Row("timeout kills the process tree", "acme",
+            ("/bin/sh", "-c", f"sleep 300 {marker} & sleep 300 {marker} & wait; : {marker}"),
+            State.FAILED),
+        Row("policy rejection (deny_args)", "prod", ("/bin/rm", "-rf", "/tmp/important"),
+            State.REJECTED),
+        Row("duplicate idempotency key", "acme", ("/bin/echo", "run once"), State.SUCCEEDED),
+    ]
+    code = 0
+    enforced: str | None = None
+    try:
+        with Producer.from_settings(
+            settings.model_copy(update={"broker_url": stack.broker_url}), tenants
+        ) as producer:
+            for row in rows:
+                kwargs: dict[str, object] = {}
+                if row.title.startswith("timeout"):
+                    kwargs["timeout_s"] = 2.0
+                if row.title.startswith("duplicate"):
+                    kwargs["idempotency_key"] = f"demo-{run}-restart"
+                spec = CommandSpec(tenant=row.tenant, argv=row.argv, **kwargs)  # type: ignore[arg-type]
+                try:
+                    first = producer.submit(spec)
+                    row.command_id = first.id
+                    if row.title.startswith("duplicate"):
+                        again = producer.submit(spec)
+                        row.note = (f"2nd submit: duplicate={again.duplicate}, "
+                                    f"same id={again.id == first.id}")
+                except PolicyDenied as denied:
+                    row.command_id = denied.command_id
+                    row.note = f"rule {denied.rule}"
+            for row in rows:
+                assert row.command_id is not None
+                rec = producer.wait(row.command_id, timeout=60)
+                row.state, row.exit_code = rec.state, rec.exit_code
+                row.reason = rec.failure_reason or ""
+                if row.title.startswith("timeout"):
+                    left = _alive_with_marker(marker)
+                    row.note = f"{left} process(es) of its tree left"
+                    if left:
+                        code = 1
+                if row.title.startswith("success") and rec.enforced:
+                    enforced = ", ".join(f"{k}={v}" for k, v in rec.enforced.items())
+                if row.state is not row.expect:
+                    code = 1
+    except ExecqError as exc:
+        console.print(f"[red]demo failed:[/] {exc}")
+        code = 1
+    finally:
+        say("stopping everything the demo started…")
+        stack.stop()
+    if as_json:
+        print(json.dumps([{"case": r.title, "id": r.command_id, "state": r.state,
+                           "expected": r.expect, "exit_code": r.exit_code,
+                           "failure_reason": r.reason, "note": r.note} for r in rows]))
+        return code
+    table = Table(title="execq demo: final states", show_lines=False)
+    for col in ("case", "tenant", "argv", "state", "exit", "reason", "note"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        ok = r.state is r.expect
+        table.add_row(r.title, r.tenant, shlex.join(r.argv)[:48],
+                      f"[{'green' if ok else 'red'}]{r.state}[/]",
+                      "" if r.exit_code is None else str(r.exit_code), r.reason, r.note)
+    console.print(table)
+    if enforced:
+        console.print(f"limits enforced on this host: {enforced}")
+    first_id = rows[0].command_id
+    console.print(
+        "Next: [bold]execq status " f"{first_id}[/] (one record and its history), "
+        "[bold]execq list[/], [bold]execq up[/] to keep the stack running, "
+        f"worker logs in {stack.log_dir}/."
+    )
+    console.print("[green]all cases ended as expected[/]" if code == 0
+                  else "[red]some cases did not end as expected[/]")
+    return code

@@ -1,0 +1,235 @@
+"""One delivery of `execq.run`: claim → authz → bind → execute → archive.
+
+Everything here treats the message as untrusted: it only names a command; the spec that runs
+is the one in the store, re-checked against the tenant's policy before anything starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from config.settings import Settings
+from config.tenants import Tenant
+from producer import policy
+from producer.errors import ExecutableRefused, PolicyDenied, SandboxError, StaleVersion
+from producer.spec import CommandSpec
+from producer.states import State
+from producer.store.repository import Claimed, Store, utcnow
+from producer.tracing import TraceContext, new_span_id, parse_traceparent
+from workers.lease import LeaseKeeper
+from workers.sandbox import ExecRequest, ExecResult, Limits, Sandbox
+
+log = logging.getLogger("execq.pipeline")
+
+COMMAND_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A message's content after validation; still only a claim to be checked in the store."""
+
+    command_id: str
+    tenant: str
+    secrets: Mapping[str, str]
+    traceparent: str | None
+
+
+class BadMessage(ValueError):
+    """Raised when a message's body is not what a producer sends (forged or corrupted)."""
+
+
+def decode(task_id: str | None, kwargs: Mapping[str, Any], headers: Mapping[str, Any]) -> Delivery:
+    """Validate a message's fields; raises BadMessage naming what is wrong."""
+    command_id = kwargs.get("command_id")
+    tenant = kwargs.get("tenant")
+    secrets = kwargs.get("secrets") or {}
+    if not isinstance(command_id, str) or not COMMAND_ID.match(command_id):
+        raise BadMessage("command_id is not a command id")
+    if task_id != command_id:
+        raise BadMessage(f"task id {task_id!r} is not the command id")
+    if not isinstance(tenant, str):
+        raise BadMessage("tenant is not a string")
+    if not isinstance(secrets, dict) or not all(
+        isinstance(k, str) and ENV_NAME.match(k) and isinstance(v, str) and "\x00" not in v
+        for k, v in secrets.items()
+    ):
+        raise BadMessage("secrets is not a mapping of variable names to strings")
+    extra = set(kwargs) - {"command_id", "tenant", "secrets"}
+    if extra:
+        raise BadMessage(f"unexpected fields {sorted(extra)}")
+    tp = headers.get("traceparent")
+    return Delivery(command_id, tenant, secrets, tp if isinstance(tp, str) else None)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one delivery did, for logs and tests."""
+
+    command_id: str
+    action: str  # "ran", "ignored", "refused"
+    state: State | None = None
+    detail: str = ""
+
+
+class Pipeline:
+    """Runs deliveries for one tenant's pool process."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        tenant: Tenant,
+        store: Store,
+        sandbox: Sandbox,
+        lease: LeaseKeeper,
+        worker_id: str,
+    ) -> None:
+        self.settings = settings
+        self.tenant = tenant
+        self.store = store
+        self.sandbox = sandbox
+        self.lease = lease
+        self.worker_id = worker_id
+
+    def handle(self, delivery: Delivery) -> Outcome:
+        """Claim the command and run it, or acknowledge a delivery that must do nothing."""
+        if delivery.tenant != self.tenant.name:
+            log.warning(
+                "ignored message for command %s: addressed to tenant %r, this pool serves %r",
+                delivery.command_id, delivery.tenant, self.tenant.name,
+            )
+            return Outcome(delivery.command_id, "ignored", detail="wrong tenant")
+        claimed = self.store.claim(
+            delivery.command_id, tenant=self.tenant.name, worker=self.worker_id,
+            lease_s=self.settings.lease_s,
+        )
+        if claimed is None:
+            detail = self._why_not_claimed(delivery.command_id)
+            log.info("ignored delivery of command %s: %s", delivery.command_id, detail)
+            return Outcome(delivery.command_id, "ignored", detail=detail)
+        return self._run_claimed(claimed, delivery)
+
+    def _why_not_claimed(self, command_id: str) -> str:
+        found = self.store.lookup(command_id)
+        if found is None:
+            return "unknown command id"
+        tenant, state, _ = found
+        if tenant != self.tenant.name:
+            return f"command belongs to tenant {tenant!r}"
+        return f"duplicate or stale delivery (command is {state})"
+
+    def _finish(self, claimed: Claimed, to: State, **fields: Any) -> Outcome:
+        try:
+            self.store.transition(
+                claimed.id, expect_state=State.RUNNING, expect_version=claimed.version, to=to,
+                actor=self.worker_id, reason=fields.get("failure_reason"),
+                finished_at=utcnow(), lease_expires_at=None, **fields,
+            )
+        except StaleVersion:
+            # The reaper presumed this worker dead and moved on; its decision stands.
+            log.error("result of command %s discarded: its lease was taken over", claimed.id)
+            return Outcome(claimed.id, "ran", None, "lease lost")
+        return Outcome(claimed.id, "ran", to, fields.get("failure_reason") or "")
+
+    def _run_claimed(self, claimed: Claimed, delivery: Delivery) -> Outcome:
+        # authz: the stored spec against the policy this worker holds now.
+        try:
+            spec = CommandSpec(
+                tenant=claimed.tenant, argv=tuple(claimed.argv), env=dict(claimed.env),
+                timeout_s=claimed.timeout_s, cpu_s=claimed.cpu_s, memory_mb=claimed.memory_mb,
+            )
+            policy.check_tenant(spec, self.tenant)
+        except PolicyDenied as denied:
+            log.warning("command %s refused at authz: %s", claimed.id, denied)
+            return self._finish(
+                claimed, State.FAILED, failure_reason=f"policy:{denied.rule}"[:64],
+                error=str(denied),
+            )
+        except ValueError as exc:  # a stored spec that no longer validates
+            return self._finish(claimed, State.FAILED, failure_reason="invalid_spec",
+                                error=str(exc))
+        # bind: secrets named in the store, values from the message; nothing else.
+        missing = sorted(set(claimed.secret_names) - set(delivery.secrets))
+        if missing:
+            return self._finish(
+                claimed, State.FAILED, failure_reason="secrets_unavailable",
+                error=f"secret values {missing} did not arrive with the message "
+                "(they are never stored; submit or retry with them again)",
+            )
+        request = self._bind(claimed, delivery)
+        # execute
+        with self.lease.hold(claimed.id) as cancel:
+            try:
+                result = self.sandbox.run(request, cancel=cancel, on_spawn=self.lease.set_pid)
+            except ExecutableRefused as exc:
+                return self._finish(claimed, State.FAILED, failure_reason="executable_refused",
+                                    error=str(exc))
+            except SandboxError as exc:
+                return self._finish(claimed, State.FAILED, failure_reason="sandbox_error",
+                                    error=str(exc))
+            lost = self.lease.lost(claimed.id)
+        # archive
+        if lost:
+            log.error("command %s stopped: its lease was taken over", claimed.id)
+        return self._archive(claimed, result)
+
+    def _bind(self, claimed: Claimed, delivery: Delivery) -> ExecRequest:
+        limits = policy.effective_limits(
+            self.tenant, timeout_s=claimed.timeout_s, cpu_s=claimed.cpu_s,
+            memory_mb=claimed.memory_mb,
+        )
+        env: dict[str, str] = dict(self.tenant.env)
+        env.update(claimed.env)
+        env.update({k: delivery.secrets[k] for k in claimed.secret_names})
+        parent = parse_traceparent(delivery.traceparent)
+        trace_id = claimed.trace_id or (parent.trace_id if parent else None)
+        if trace_id:
+            env["TRACEPARENT"] = TraceContext(trace_id, new_span_id()).traceparent
+        lang = env.pop("LANG", "C.UTF-8")
+        return ExecRequest(
+            command_id=claimed.id,
+            argv=tuple(claimed.argv),
+            allowed_executables=self.tenant.executables,
+            limits=Limits(
+                timeout_s=limits.timeout_s, cpu_s=limits.cpu_s, memory_mb=limits.memory_mb,
+                processes=limits.processes, output_kb=limits.output_kb, file_mb=limits.file_mb,
+                open_files=limits.open_files,
+            ),
+            env=env,
+            lang=lang,
+        )
+
+    def _archive(self, claimed: Claimed, result: ExecResult) -> Outcome:
+        fields: dict[str, Any] = {
+            "exit_code": result.exit_code,
+            "signal": result.signal,
+            "stdout": result.stdout,
+            "stderr": result.stderr,
+            "stdout_bytes": result.stdout_bytes,
+            "stderr_bytes": result.stderr_bytes,
+            "output_truncated": result.stdout_truncated or result.stderr_truncated,
+            "enforced": dict(result.enforced),
+            "lease_pid": result.pid,
+        }
+        if result.killed == "cancelled":
+            return self._finish(claimed, State.REVOKED, failure_reason="revoked", **fields)
+        if result.killed is not None:
+            reason = "timeout" if result.killed == "timeout" else f"{result.killed}_limit"
+            return self._finish(claimed, State.FAILED, failure_reason=reason, **fields)
+        if result.exit_code == 0:
+            return self._finish(claimed, State.SUCCEEDED, **fields)
+        reason = "signal" if result.signal else "exit_code"
+        return self._finish(claimed, State.FAILED, failure_reason=reason, **fields)
+
+
+def workdir_root(settings: Settings) -> Path:
+    """Where this worker makes private command directories (created 0700 if missing)."""
+    root = settings.workdir_root.resolve()
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return root

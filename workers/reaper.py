@@ -1,0 +1,167 @@
+"""The reaper: lost workers and the outbox, run inside every `execq worker` (no extra process).
+
+Each worker's main process runs one reaper thread for its tenant. Every third of a lease it
+(1) turns expired leases into `failed/worker_lost`, or re-queues retry-safe commands, and
+(2) publishes commands the store holds as pending but Redis never got (or lost). Several
+workers of one tenant take turns through a short Redis lock; without Redis they still do (1),
+and a duplicate publish is harmless because only one delivery can claim a command.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from dataclasses import dataclass
+
+import redis
+
+from config.settings import Settings
+from config.tenants import Tenant
+from producer.broker import Publisher
+from producer.errors import BrokerUnavailable, StaleVersion
+from producer.states import State
+from producer.store.repository import Store, utcnow
+
+log = logging.getLogger("execq.reaper")
+
+# A command with secrets waits this long for its own producer to publish it (only the
+# producer holds the values) before the reaper publishes it without them.
+SECRET_GRACE_S = 300.0
+
+
+@dataclass(frozen=True)
+class ReapReport:
+    """What one pass did."""
+
+    lost: int = 0
+    requeued: int = 0
+    published: int = 0
+
+
+class Reaper:
+    """Periodic lease and outbox sweep for one tenant."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        tenant: Tenant,
+        store: Store,
+        publisher: Publisher,
+        redis_url: str,
+        actor: str,
+    ) -> None:
+        self.settings = settings
+        self.tenant = tenant
+        self.store = store
+        self.publisher = publisher
+        self.redis_url = redis_url
+        self.actor = actor
+        self.interval_s = max(settings.lease_s / 3, 0.2)
+        self.outbox_grace_s = max(2.0, min(settings.lease_s / 3, 10.0))
+        self.republish_after_s = max(30.0, 2 * settings.lease_s)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._redis: redis.Redis | None = None
+
+    def start(self) -> None:
+        """Run passes in a daemon thread until stop()."""
+        self._thread = threading.Thread(target=self._loop, name="execq-reaper", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop after the current pass."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s * random.uniform(0.8, 1.2)):  # noqa: S311
+            try:
+                report = self.run_once()
+            except Exception:
+                log.exception("reaper pass failed; trying again next interval")
+                continue
+            if report.lost or report.requeued or report.published:
+                log.info("reaper: %s", report)
+
+    def run_once(self) -> ReapReport:
+        """One pass: expired leases, then the outbox."""
+        lost, requeued = self._expired_leases()
+        published = self._outbox() if self._take_turn() else 0
+        return ReapReport(lost=lost, requeued=requeued, published=published)
+
+    def _expired_leases(self) -> tuple[int, int]:
+        lost = requeued = 0
+        for command_id, version, retry_safe, attempts in self.store.expired_leases(
+            tenant=self.tenant.name, limit=100
+        ):
+            try:
+                if retry_safe and attempts < self.tenant.max_attempts:
+                    self.store.transition(
+                        command_id, expect_state=State.RUNNING, expect_version=version,
+                        to=State.PENDING, actor=self.actor,
+                        reason="worker lost; retry-safe command re-queued",
+                        attempts=attempts + 1, lease_owner=None, lease_pid=None,
+                        lease_expires_at=None, published_at=None, started_at=None,
+                        cancel_requested=False,
+                    )
+                    requeued += 1
+                    self._publish(command_id)
+                else:
+                    self.store.transition(
+                        command_id, expect_state=State.RUNNING, expect_version=version,
+                        to=State.FAILED, actor=self.actor, reason="worker_lost",
+                        failure_reason="worker_lost",
+                        error="the worker running this command stopped renewing its lease",
+                        lease_expires_at=None, finished_at=utcnow(),
+                    )
+                    lost += 1
+                    log.warning("command %s failed: worker lost", command_id)
+            except StaleVersion:
+                continue  # the worker renewed or finished just now, or another reaper won
+        return lost, requeued
+
+    def _take_turn(self) -> bool:
+        try:
+            if self._redis is None:
+                self._redis = redis.Redis.from_url(self.redis_url, socket_connect_timeout=2,
+                                                   socket_timeout=2)
+            key = f"execq.reaper.{self.tenant.name}"
+            return bool(self._redis.set(key, self.actor, nx=True, px=int(self.interval_s * 900)))
+        except (redis.RedisError, OSError):
+            return False  # no broker, nothing to publish to anyway
+
+    def _queue_empty(self) -> bool:
+        try:
+            assert self._redis is not None
+            return int(self._redis.llen(self.tenant.queue)) == 0
+        except (redis.RedisError, OSError, AssertionError):
+            return False
+
+    def _outbox(self) -> int:
+        # Commands published long ago but still pending while their queue is empty were lost
+        # by Redis (e.g. a restart without persistence): publish them again.
+        republish_after = (
+            self.republish_after_s if self._queue_empty() else 10 * self.republish_after_s
+        )
+        rows = self.store.unpublished(
+            tenant=self.tenant.name, older_than_s=self.outbox_grace_s,
+            republish_after_s=republish_after, secret_grace_s=SECRET_GRACE_S, limit=500,
+        )
+        sent = 0
+        for command_id, _tenant in rows:
+            if not self._publish(command_id):
+                break
+            sent += 1
+        return sent
+
+    def _publish(self, command_id: str) -> bool:
+        try:
+            self.publisher.publish(command_id, self.tenant.name)
+        except BrokerUnavailable as exc:
+            log.warning("outbox: broker unavailable: %s", exc)
+            return False
+        self.store.mark_published([command_id])
+        return True

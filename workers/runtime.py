@@ -1,0 +1,118 @@
+"""What a worker holds: its configuration (main process) and per-process resources (pool).
+
+Resources that must not cross fork() — database connections, the sandbox's cgroups, the
+lease thread — are made lazily in the process that uses them, and reset after fork.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+from config.settings import Settings
+from config.tenants import Tenant, TenantsFile
+from producer.broker import Publisher, make_celery
+from producer.store.db import make_engine
+from producer.store.repository import Store
+from workers.lease import LeaseKeeper
+from workers.pipeline import Pipeline, workdir_root
+from workers.sandbox import Sandbox
+
+log = logging.getLogger("execq.worker")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Validated once at start, passed to everything the worker builds."""
+
+    settings: Settings
+    tenants: TenantsFile
+    tenant: Tenant
+    broker_url: str
+    concurrency: int
+
+    @property
+    def hostname(self) -> str:
+        """The Celery node name: one per tenant per host (and per process, for tests)."""
+        return f"{self.tenant.name}.{os.getpid()}@{socket.gethostname()}"
+
+
+class Runtime:
+    """Per-process resources, created on first use in the process that uses them."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self._pid = os.getpid()
+        self._store: Store | None = None
+        self._pipeline: Pipeline | None = None
+        self._sandbox: Sandbox | None = None
+        self._lease: LeaseKeeper | None = None
+        self._publisher: Publisher | None = None
+
+    @property
+    def worker_id(self) -> str:
+        """Who holds a lease: this process on this host."""
+        return f"{self.config.tenant.name}@{socket.gethostname()}:{os.getpid()}"
+
+    @property
+    def store(self) -> Store:
+        """This process's store (its own connection pool)."""
+        self._check_fork()
+        if self._store is None:
+            self._store = Store(make_engine(self.config.settings.database_url, pool_size=2))
+        return self._store
+
+    @property
+    def publisher(self) -> Publisher:
+        """A publisher for the reaper (main process only)."""
+        self._check_fork()
+        if self._publisher is None:
+            app = make_celery(self.config.settings, self.config.tenants,
+                              broker_url=self.config.broker_url)
+            self._publisher = Publisher(app, self.config.tenants)
+        return self._publisher
+
+    @property
+    def pipeline(self) -> Pipeline:
+        """The command pipeline of this pool process."""
+        self._check_fork()
+        if self._pipeline is None:
+            cfg = self.config
+            self._sandbox = Sandbox(workdir_root=workdir_root(cfg.settings))
+            self._lease = LeaseKeeper(
+                store=self.store, redis_url=cfg.broker_url, tenant=cfg.tenant.name,
+                owner=self.worker_id, lease_s=cfg.settings.lease_s,
+            )
+            self._pipeline = Pipeline(
+                settings=cfg.settings, tenant=cfg.tenant, store=self.store,
+                sandbox=self._sandbox, lease=self._lease, worker_id=self.worker_id,
+            )
+        return self._pipeline
+
+    def _check_fork(self) -> None:
+        if os.getpid() != self._pid:
+            self.after_fork()
+
+    def after_fork(self) -> None:
+        """Forget everything inherited from the parent (without closing the parent's sockets)."""
+        if self._store is not None:
+            self._store.engine.dispose(close=False)
+        self._pid = os.getpid()
+        self._store = None
+        self._pipeline = None
+        self._sandbox = None
+        self._lease = None
+        self._publisher = None
+
+    def close(self) -> None:
+        """Release this process's resources (at pool-process or worker shutdown)."""
+        if self._lease is not None:
+            self._lease.stop()
+        if self._sandbox is not None:
+            self._sandbox.close()
+        if self._publisher is not None:
+            self._publisher.close()
+        if self._store is not None:
+            self._store.engine.dispose()

@@ -1,0 +1,50 @@
+"""What the sandbox is asked to run and what it reports back: plain frozen values."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Ceilings for one run; units are in the names."""
+
+    timeout_s: float
+    cpu_s: int
+    memory_mb: int
+    processes: int
+    output_kb: int
+    file_mb: int
+    open_files: int = 256
+
+
+@dataclass(frozen=True)
+class ExecRequest:
+    """One run: argv[0] is an absolute path the caller already checked against policy."""
+
+    command_id: str
+    argv: tuple[str, ...]
+    allowed_executables: tuple[str, ...]
+    limits: Limits
+    env: Mapping[str, str] = field(default_factory=dict)
+    lang: str = "C.UTF-8"
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """How a run ended. `killed` says why execq (or a limit) stopped it, None if it exited."""
+
+    exit_code: int | None
+    signal: int | None
+    stdout: str
+    stderr: str
+    stdout_bytes: int
+    stderr_bytes: int
+    stdout_truncated: bool
+    stderr_truncated: bool
+    killed: str | None
+    duration_s: float
+    enforced: Mapping[str, str]
+    pid: int
+    executable: str

@@ -1,0 +1,53 @@
+"""The only module that touches Celery signals: per-process setup, readiness, the reaper."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+from celery import signals
+
+from workers.reaper import Reaper
+from workers.runtime import Runtime
+
+log = logging.getLogger("execq.worker")
+
+
+def connect(runtime: Runtime, *, capabilities_line: str) -> None:
+    """Wire a worker's lifecycle to `runtime` (call once, before the worker starts)."""
+    state: dict[str, Reaper] = {}
+
+    @signals.worker_process_init.connect(weak=False)
+    def _process_init(**_: Any) -> None:
+        runtime.after_fork()
+
+    @signals.worker_process_shutdown.connect(weak=False)
+    def _process_shutdown(**_: Any) -> None:
+        runtime.close()
+
+    @signals.worker_ready.connect(weak=False)
+    def _ready(**_: Any) -> None:
+        cfg = runtime.config
+        reaper = Reaper(
+            settings=cfg.settings, tenant=cfg.tenant, store=runtime.store,
+            publisher=runtime.publisher, redis_url=cfg.broker_url,
+            actor=f"reaper:{runtime.worker_id}",
+        )
+        reaper.start()
+        state["reaper"] = reaper
+        # Scripts (and `execq up`) wait for this line.
+        print(
+            f"execq worker for tenant {cfg.tenant.name!r} ready: queue {cfg.tenant.queue}, "
+            f"concurrency {cfg.concurrency}; enforced: {capabilities_line}",
+            flush=True,
+        )
+        sys.stdout.flush()
+
+    @signals.worker_shutdown.connect(weak=False)
+    def _shutdown(**_: Any) -> None:
+        reaper = state.pop("reaper", None)
+        if reaper is not None:
+            reaper.stop()
+        runtime.close()
+        log.info("execq worker for tenant %r stopped", runtime.config.tenant.name)
