@@ -47,7 +47,8 @@ TERMINAL: frozenset[State] = frozenset(
     }
 )
 
-RETRYABLE: frozenset[State] = frozenset(s for s in State if State.PENDING in TRANSITIONS[s])
+# What an operator may retry. RUNNING -> PENDING exists too, but only the reaper takes it.
+RETRYABLE: frozenset[State] = frozenset({State.FAILED, State.REVOKED, State.REVERTED})
 
 
 def can_transition(src: State | None, dst: State) -> bool:

@@ -1,0 +1,281 @@
+"""Shared fixtures: a real Redis (or embedded), real PostgreSQL, real worker processes.
+
+With CI=true, Redis and PostgreSQL must be reachable: tests that need them fail, never skip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+import sqlalchemy as sa
+
+from config.settings import Settings
+from config.tenants import TenantsFile, load_tenants
+from producer.client import Producer
+from producer.store.db import make_engine
+from producer.store.migrate import upgrade
+from producer.store.repository import Store
+from workers.embedded import EmbeddedRedis, reachable
+
+CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+REDIS_URL = os.environ.get("EXECQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+PG_ADMIN_URL = os.environ.get(
+    "EXECQ_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+
+TENANTS_YAML = """
+tenants:
+  alpha:
+    concurrency: 2
+    executables: [/bin/echo, /bin/sh, /bin/sleep, /bin/true, /bin/false, /usr/bin/env,
+                  /bin/cat, /bin/ls, /bin/pwd, {python}]
+    limits: {{timeout_s: 20, cpu_s: 10, memory_mb: 256, processes: 64, output_kb: 64,
+              file_mb: 16}}
+    env: {{TENANT_GREETING: hello-alpha}}
+  beta:
+    concurrency: 1
+    executables: [/bin/echo, /bin/sh, /bin/sleep, /bin/true]
+    limits: {{timeout_s: 10, cpu_s: 5, memory_mb: 128, processes: 16, output_kb: 16,
+              file_mb: 4}}
+    deny_args: ['^-rf$']
+""".format(python=PYTHON)
+
+
+def _need(what: str, detail: str) -> None:
+    if CI:
+        pytest.fail(f"{what} is required in CI but unreachable: {detail}")
+    pytest.skip(f"{what} unreachable: {detail}")
+
+
+# --- Redis -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[str]:
+    """A Redis URL: the configured server, or an embedded one (never embedded in CI)."""
+    if reachable(REDIS_URL):
+        yield REDIS_URL
+        return
+    if CI:
+        pytest.fail(f"Redis is required in CI but {REDIS_URL} does not answer")
+    with EmbeddedRedis(record=False) as server:
+        yield server.url
+
+
+@pytest.fixture
+def redis_url(redis_server: str) -> Iterator[str]:
+    """The test Redis database, emptied before and after each test."""
+    client = redis.Redis.from_url(redis_server)
+    client.flushdb()
+    yield redis_server
+    client.flushdb()
+    client.close()
+
+
+# --- PostgreSQL and SQLite -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session, dropped at the end."""
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    except Exception as exc:
+        admin.dispose()
+        _need("PostgreSQL", f"{PG_ADMIN_URL}: {exc}")
+    name = f"execq_test_{uuid.uuid4().hex[:10]}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = sa.engine.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    try:
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"
+            ), {"n": name})
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
+        admin.dispose()
+
+
+def _reset_pg(url: str) -> None:
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("DROP TABLE IF EXISTS transitions, commands, alembic_version"))
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Each store test runs on SQLite and on PostgreSQL, migrated to head."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path}/execq.db"
+    else:
+        url = request.getfixturevalue("pg_server")
+        _reset_pg(url)
+    engine = make_engine(url)
+    upgrade(engine)
+    engine.dispose()
+    yield url
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[Store]:
+    """A repository on a migrated, empty store."""
+    s = Store(make_engine(database_url))
+    yield s
+    s.engine.dispose()
+
+
+# --- settings, tenants, producer ------------------------------------------------------------
+
+
+@pytest.fixture
+def tenants_path(tmp_path: Path) -> Path:
+    """A tenants file with two tenants: alpha (roomy) and beta (tight, deny -rf)."""
+    path = tmp_path / "tenants.yaml"
+    path.write_text(TENANTS_YAML)
+    return path
+
+
+@pytest.fixture
+def tenants(tenants_path: Path) -> TenantsFile:
+    return load_tenants(tenants_path)
+
+
+@dataclass
+class Env:
+    """Everything a test stack shares: settings as environment variables and as objects."""
+
+    vars: dict[str, str]
+    settings: Settings
+    tenants: TenantsFile
+    root: Path
+
+    def producer(self) -> Producer:
+        return Producer.from_settings(self.settings, self.tenants)
+
+
+@pytest.fixture
+def make_env(tmp_path: Path, tenants_path: Path, tenants: TenantsFile) -> Callable[..., Env]:
+    """Build settings for a store URL and a broker URL (lease short, so tests are quick)."""
+
+    def build(database_url: str, broker_url: str, **extra: str) -> Env:
+        values = {
+            "EXECQ_DATABASE_URL": database_url,
+            "EXECQ_BROKER_URL": broker_url,
+            "EXECQ_TENANTS_FILE": str(tenants_path),
+            "EXECQ_AUDIT_LOG": str(tmp_path / "audit.jsonl"),
+            "EXECQ_WORKDIR_ROOT": str(tmp_path / "work"),
+            "EXECQ_LEASE_S": "2",
+            "EXECQ_PUBLISH_TIMEOUT_S": "1",
+            **extra,
+        }
+        settings = Settings(
+            database_url=values["EXECQ_DATABASE_URL"],
+            broker_url=values["EXECQ_BROKER_URL"],
+            tenants_file=Path(values["EXECQ_TENANTS_FILE"]),
+            audit_log=Path(values["EXECQ_AUDIT_LOG"]),
+            workdir_root=Path(values["EXECQ_WORKDIR_ROOT"]),
+            lease_s=float(values["EXECQ_LEASE_S"]),
+            publish_timeout_s=float(values["EXECQ_PUBLISH_TIMEOUT_S"]),
+        )
+        return Env(values, settings, tenants, tmp_path)
+
+    return build
+
+
+@pytest.fixture
+def env(make_env: Callable[..., Env], database_url: str, redis_url: str) -> Env:
+    """Settings on both store backends with the test Redis."""
+    return make_env(database_url, redis_url)
+
+
+@pytest.fixture
+def producer(env: Env) -> Iterator[Producer]:
+    p = env.producer()
+    yield p
+    p.close()
+
+
+# --- worker processes -------------------------------------------------------------------
+
+
+@dataclass
+class WorkerProc:
+    """A real `execq worker` process and its log."""
+
+    proc: subprocess.Popen[bytes]
+    log: Path
+    tenant: str
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            return self.proc.wait()
+
+    def pool_pids(self) -> list[int]:
+        """The prefork pool processes (children of the worker's main process)."""
+        import psutil
+
+        return [c.pid for c in psutil.Process(self.proc.pid).children()]
+
+
+def start_worker(env: Env, tenant: str = "alpha", *, concurrency: int | None = None,
+                 ready_timeout: float = 60, extra_env: dict[str, str] | None = None) -> WorkerProc:
+    log = env.root / f"worker-{tenant}-{uuid.uuid4().hex[:6]}.log"
+    argv = [sys.executable, "-m", "workers.cli", "worker", "--tenant", tenant]
+    if concurrency:
+        argv += ["--concurrency", str(concurrency)]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, **env.vars, **(extra_env or {})}, start_new_session=True,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+    worker = WorkerProc(proc, log, tenant)
+    deadline = time.monotonic() + ready_timeout
+    while " ready" not in worker.output():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            worker.stop(signal.SIGKILL)
+            raise AssertionError(f"worker did not become ready:\n{worker.output()[-3000:]}")
+        time.sleep(0.05)
+    return worker
+
+
+@pytest.fixture
+def workers(env: Env) -> Iterator[Callable[..., WorkerProc]]:
+    """Start real worker processes; all are stopped (and checked for tracebacks) afterwards."""
+    started: list[WorkerProc] = []
+
+    def start(tenant: str = "alpha", **kwargs: object) -> WorkerProc:
+        w = start_worker(env, tenant, **kwargs)  # type: ignore[arg-type]
+        started.append(w)
+        return w
+
+    yield start
+    for w in started:
+        w.stop(signal.SIGKILL if w.proc.poll() is None else signal.SIGTERM, timeout=10)
