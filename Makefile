@@ -14,7 +14,7 @@ $(VENV)/bootstrap/bin/uv:
 	$(VENV)/bootstrap/bin/pip install --quiet uv
 
 $(VENV)/.installed: pyproject.toml uv.lock | $(UV)
-	$(UV) sync --frozen --python $(PYTHON)
+	$(UV) sync --frozen --compile-bytecode --python $(PYTHON)
 	@touch $@
 
 install: $(VENV)/.installed  ## install everything into .venv from uv.lock
