@@ -63,16 +63,15 @@ def run_demo(settings: Settings, tenants: TenantsFile, *, as_json: bool, console
     say(f"  broker {stack.broker_url}{' (embedded)' if stack.embedded else ''}, "
         f"store {settings.database_url}, {len(stack.workers)} workers ready "
         f"in {time.monotonic() - t0:.1f} s")
-    marker = f"execq-demo-{run}"
+    # A sleep duration no other process on the host uses: how we find the tree afterwards.
+    marker = f"300.{int(run, 16) % 1_000_000:06d}"
     rows = [
         Row("success", "acme", ("/bin/echo", "hello from execq"), State.SUCCEEDED),
-        Row("failure (exit code)", "acme", ("/bin/ls", f"/nonexistent-{run}"), State.FAILED),
-        Row("timeout kills the process tree", "acme",
-            ("/bin/sh", "-c", f"sleep 300 {marker} & sleep 300 {marker} & wait; : {marker}"),
-            State.FAILED),
-        Row("policy rejection (deny_args)", "prod", ("/bin/rm", "-rf", "/tmp/important"),
-            State.REJECTED),
-        Row("duplicate idempotency key", "acme", ("/bin/echo", "run once"), State.SUCCEEDED),
+        Row("failure", "acme", ("/bin/ls", f"/nonexistent-{run}"), State.FAILED),
+        Row("timeout", "acme",
+            ("/bin/sh", "-c", f"sleep {marker} & sleep {marker} & wait"), State.FAILED),
+        Row("policy", "prod", ("/bin/rm", "-rf", "/tmp/important"), State.REJECTED),
+        Row("duplicate", "acme", ("/bin/echo", "run once"), State.SUCCEEDED),
     ]
     code = 0
     enforced: str | None = None
@@ -82,32 +81,33 @@ def run_demo(settings: Settings, tenants: TenantsFile, *, as_json: bool, console
         ) as producer:
             for row in rows:
                 kwargs: dict[str, object] = {}
-                if row.title.startswith("timeout"):
+                if row.title == "timeout":
                     kwargs["timeout_s"] = 2.0
-                if row.title.startswith("duplicate"):
+                if row.title == "duplicate":
                     kwargs["idempotency_key"] = f"demo-{run}-restart"
                 spec = CommandSpec(tenant=row.tenant, argv=row.argv, **kwargs)  # type: ignore[arg-type]
                 try:
                     first = producer.submit(spec)
                     row.command_id = first.id
-                    if row.title.startswith("duplicate"):
+                    if row.title == "duplicate":
                         again = producer.submit(spec)
-                        row.note = (f"2nd submit: duplicate={again.duplicate}, "
-                                    f"same id={again.id == first.id}")
+                        row.note = ("2nd submit: same id, nothing queued"
+                                    if again.duplicate and again.id == first.id
+                                    else "2nd submit was NOT a duplicate")
                 except PolicyDenied as denied:
                     row.command_id = denied.command_id
-                    row.note = f"rule {denied.rule}"
+                    row.note = "refused at submit, recorded"
             for row in rows:
                 assert row.command_id is not None
                 rec = producer.wait(row.command_id, timeout=60)
                 row.state, row.exit_code = rec.state, rec.exit_code
                 row.reason = rec.failure_reason or ""
-                if row.title.startswith("timeout"):
+                if row.title == "timeout":
                     left = _alive_with_marker(marker)
-                    row.note = f"{left} process(es) of its tree left"
+                    row.note = f"tree killed, {left} process(es) left"
                     if left:
                         code = 1
-                if row.title.startswith("success") and rec.enforced:
+                if row.title == "success" and rec.enforced:
                     enforced = ", ".join(f"{k}={v}" for k, v in rec.enforced.items())
                 if row.state is not row.expect:
                     code = 1
@@ -122,13 +122,15 @@ def run_demo(settings: Settings, tenants: TenantsFile, *, as_json: bool, console
                            "expected": r.expect, "exit_code": r.exit_code,
                            "failure_reason": r.reason, "note": r.note} for r in rows]))
         return code
-    table = Table(title="execq demo: final states", show_lines=False)
-    for col in ("case", "tenant", "argv", "state", "exit", "reason", "note"):
+    for r in rows:
+        console.print(f"  {r.title:<9} {r.tenant:<5} {shlex.join(r.argv)}", markup=False,
+                      highlight=False)
+    table = Table(title="execq demo: final states")
+    for col in ("case", "state", "exit", "reason", "note"):
         table.add_column(col, overflow="fold")
     for r in rows:
         ok = r.state is r.expect
-        table.add_row(r.title, r.tenant, shlex.join(r.argv)[:48],
-                      f"[{'green' if ok else 'red'}]{r.state}[/]",
+        table.add_row(r.title, f"[{'green' if ok else 'red'}]{r.state}[/]",
                       "" if r.exit_code is None else str(r.exit_code), r.reason, r.note)
     console.print(table)
     if enforced:

@@ -1,0 +1,41 @@
+"""`execq demo` (what `make run` runs) ends every case as expected and stops what it started."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.slow
+
+
+def test_the_demo_shows_every_case_and_cleans_up(tmp_path: Path, redis_url: str) -> None:
+    before = {p.pid for p in psutil.process_iter()}
+    env = {
+        **os.environ,
+        "EXECQ_BROKER_URL": redis_url,
+        "EXECQ_DATABASE_URL": f"sqlite:///{tmp_path}/demo.db",
+        "EXECQ_TENANTS_FILE": str(ROOT / "config" / "tenants.yaml"),
+        "EXECQ_WORKDIR_ROOT": str(tmp_path / "work"),
+    }
+    done = subprocess.run([sys.executable, "-m", "workers.cli", "demo", "--json"], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    cases = {c["case"]: c for c in json.loads(done.stdout)}
+    assert {c: cases[c]["state"] for c in cases} == {
+        "success": "succeeded", "failure": "failed", "timeout": "failed",
+        "policy": "rejected", "duplicate": "succeeded",
+    }
+    assert cases["timeout"]["failure_reason"] == "timeout"
+    assert cases["timeout"]["note"] == "tree killed, 0 process(es) left"
+    assert cases["duplicate"]["note"] == "2nd submit: same id, nothing queued"
+    leftovers = [p for p in psutil.process_iter(["pid", "cmdline"])
+                 if p.pid not in before and "workers.cli" in " ".join(p.info["cmdline"] or [])]
+    assert leftovers == []
