@@ -1,0 +1,51 @@
+"""docker-compose.yml stays in step with the CLI and the tenants file (checked statically)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from config.tenants import load_tenants
+from workers.cli import app
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def compose() -> dict[str, object]:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def test_every_tenant_has_a_worker_service() -> None:
+    tenants = load_tenants(ROOT / "config" / "tenants.yaml")
+    services = compose()["services"]
+    assert isinstance(services, dict)
+    for name in tenants.tenants:
+        svc = services[f"worker-{name}"]
+        assert svc["command"] == ["worker", "--tenant", name]
+
+
+def test_every_service_command_is_a_real_cli_command() -> None:
+    import typer.main
+
+    click_app = typer.main.get_command(app)
+    services = compose()["services"]
+    assert isinstance(services, dict)
+    for name, svc in services.items():
+        if svc.get("image", "").startswith("execq") and "command" in svc:
+            words = [w for w in svc["command"] if not w.startswith("-")]
+            group = click_app
+            for word in words[:2]:
+                sub = getattr(group, "commands", {}).get(word)
+                if sub is None:
+                    break
+                group = sub
+            assert group is not click_app, f"{name}: {svc['command']} is not an execq command"
+
+
+def test_workers_stop_grace_is_longer_than_the_largest_timeout() -> None:
+    tenants = load_tenants(ROOT / "config" / "tenants.yaml")
+    services = compose()["services"]
+    assert isinstance(services, dict)
+    grace = services["worker-acme"]["stop_grace_period"]
+    assert int(str(grace).rstrip("s")) > tenants.largest_timeout_s
