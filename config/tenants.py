@@ -125,11 +125,11 @@ def load_tenants(path: Path) -> TenantsFile:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigInvalid(
-            f"invalid setting EXECQ_TENANTS_FILE: {path} does not exist"
-        ) from None
+        raise ConfigInvalid(f"invalid setting EXECQ_TENANTS_FILE: {path} does not exist") from None
     except (OSError, yaml.YAMLError) as exc:
-        raise ConfigInvalid(f"invalid setting EXECQ_TENANTS_FILE: cannot read {path}: {exc}") from None
+        raise ConfigInvalid(
+            f"invalid setting EXECQ_TENANTS_FILE: cannot read {path}: {exc}"
+        ) from None
     if not isinstance(raw, dict):
         raise ConfigInvalid(f"invalid tenants file {path}: expected a mapping with `tenants:`")
     try:

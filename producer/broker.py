@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery
-from kombu import Exchange, Queue
+from kombu import Exchange, Queue  # type: ignore[attr-defined]
 
 from config.settings import EMBEDDED_BROKER, Settings
 from config.tenants import TenantsFile
@@ -21,7 +21,7 @@ from producer.errors import BrokerUnavailable, ConfigError
 log = logging.getLogger("execq.broker")
 
 TASK_NAME = "execq.run"
-EXCHANGE = Exchange("execq", type="direct", durable=True)
+EXCHANGE = Exchange("execq", type="direct", durable=True)  # type: ignore[no-untyped-call]
 EMBEDDED_URL_FILE = Path(".execq/redis.url")
 
 
@@ -41,7 +41,7 @@ def resolve_broker_url(settings: Settings) -> str:
 def tenant_queues(tenants: TenantsFile) -> list[Queue]:
     """One declared, durable queue per tenant (`execq.<tenant>`); nothing else is consumed."""
     return [
-        Queue(t.queue, EXCHANGE, routing_key=t.queue, durable=True)
+        Queue(t.queue, EXCHANGE, routing_key=t.queue, durable=True)  # type: ignore[no-untyped-call]
         for t in tenants.tenants.values()
     ]
 
@@ -91,7 +91,9 @@ def celery_config(settings: Settings, tenants: TenantsFile, broker_url: str) -> 
     }
 
 
-def make_celery(settings: Settings, tenants: TenantsFile, *, broker_url: str | None = None) -> Celery:
+def make_celery(
+    settings: Settings, tenants: TenantsFile, *, broker_url: str | None = None
+) -> Celery:
     """A Celery app configured for execq (the producer only publishes with it)."""
     url = broker_url or resolve_broker_url(settings)
     app = Celery("execq", set_as_current=False)

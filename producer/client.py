@@ -85,7 +85,10 @@ class Producer:
         url = resolve_broker_url(settings)
         publisher = Publisher(make_celery(settings, tenants, broker_url=url), tenants)
         return cls(
-            settings=settings, tenants=tenants, store=Store(engine), publisher=publisher,
+            settings=settings,
+            tenants=tenants,
+            store=Store(engine),
+            publisher=publisher,
             broker_url=url,
         )
 
@@ -108,8 +111,12 @@ class Producer:
             policy.check(spec, self.tenants)
         except PolicyDenied as denied:
             created = self.store.create(
-                spec, state=State.REJECTED, actor=principal, reason=str(denied),
-                failure_reason=f"policy:{denied.rule}"[:64], trace_id=trace.trace_id,
+                spec,
+                state=State.REJECTED,
+                actor=principal,
+                reason=str(denied),
+                failure_reason=f"policy:{denied.rule}"[:64],
+                trace_id=trace.trace_id,
             )
             denied.command_id = created.id
             raise
@@ -120,11 +127,14 @@ class Producer:
             if created.state is State.REJECTED:
                 rec = self.store.get(created.id)
                 raise PolicyDenied(
-                    rec.error or "rejected by policy", rule=rec.failure_reason or "policy",
+                    rec.error or "rejected by policy",
+                    rule=rec.failure_reason or "policy",
                     command_id=created.id,
                 )
             return SubmitResult(created.id, created.state, duplicate=True)
-        self._publish(created.id, spec.tenant, dict(spec.secrets), {"traceparent": trace.traceparent})
+        self._publish(
+            created.id, spec.tenant, dict(spec.secrets), {"traceparent": trace.traceparent}
+        )
         return SubmitResult(created.id, State.PENDING, duplicate=False)
 
     def _publish(
@@ -172,7 +182,7 @@ class Producer:
             delay = min(delay * 2, 5.0)
 
     def flush(self, timeout: float = 10.0) -> int:
-        """Wait until this producer's unpublished commands are published; returns how many remain."""
+        """Wait until this producer's unpublished commands are published; how many are left."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._backlog_lock:
@@ -204,16 +214,18 @@ class Producer:
                 return rec
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TimeoutError(
-                    f"command {command_id} still {rec.state} after {timeout:g} s"
-                )
+                raise TimeoutError(f"command {command_id} still {rec.state} after {timeout:g} s")
             time.sleep(min(pause, remaining))
             pause = min(pause * 1.5, 0.25)
 
     # --- operator actions ----------------------------------------------------------------
 
     def revoke(
-        self, command_id: str, *, terminate: bool = False, operator: str | None = None,
+        self,
+        command_id: str,
+        *,
+        terminate: bool = False,
+        operator: str | None = None,
         reason: str | None = None,
     ) -> CommandRecord:
         """Pending: it never runs. Running with terminate=True: its process tree is killed."""
@@ -223,9 +235,14 @@ class Producer:
             if rec.state is State.PENDING:
                 try:
                     self.store.transition(
-                        command_id, expect_state=State.PENDING, expect_version=rec.version,
-                        to=State.REVOKED, actor=actor, reason=reason or "revoked",
-                        failure_reason="revoked", finished_at=utcnow(),
+                        command_id,
+                        expect_state=State.PENDING,
+                        expect_version=rec.version,
+                        to=State.REVOKED,
+                        actor=actor,
+                        reason=reason or "revoked",
+                        failure_reason="revoked",
+                        finished_at=utcnow(),
                     )
                 except StaleVersion:
                     continue  # claimed or changed meanwhile: look again
@@ -249,19 +266,25 @@ class Producer:
         try:
             self._redis_client().publish(CANCEL_CHANNEL.format(tenant=tenant), command_id)
         except redis.RedisError as exc:
-            log.warning("could not announce cancel of %s (lease renewal will see it): %s",
-                        command_id, exc)
+            log.warning(
+                "could not announce cancel of %s (lease renewal will see it): %s", command_id, exc
+            )
 
     def _redis_client(self) -> redis.Redis:
         if self._redis is None:
             self._redis = redis.Redis.from_url(
-                self.broker_url, socket_connect_timeout=self.settings.publish_timeout_s,
+                self.broker_url,
+                socket_connect_timeout=self.settings.publish_timeout_s,
                 socket_timeout=self.settings.publish_timeout_s,
             )
         return self._redis
 
     def retry(
-        self, command_id: str, *, operator: str | None = None, reason: str | None = None,
+        self,
+        command_id: str,
+        *,
+        operator: str | None = None,
+        reason: str | None = None,
         secrets: dict[str, str] | None = None,
     ) -> CommandRecord:
         """failed/revoked/reverted -> pending with attempts + 1, and queue it again.
@@ -283,8 +306,13 @@ class Producer:
             )
         try:
             self.store.transition(
-                command_id, expect_state=rec.state, expect_version=rec.version, to=State.PENDING,
-                actor=actor, reason=reason or "retry", **_reset_fields(rec.attempts + 1),
+                command_id,
+                expect_state=rec.state,
+                expect_version=rec.version,
+                to=State.PENDING,
+                actor=actor,
+                reason=reason or "retry",
+                **_reset_fields(rec.attempts + 1),
             )
         except StaleVersion:
             raise InvalidOperation(
@@ -292,7 +320,9 @@ class Producer:
             ) from None
         trace = current_or_new()
         self._publish(
-            command_id, rec.tenant, dict(secrets or {}),
+            command_id,
+            rec.tenant,
+            dict(secrets or {}),
             {"traceparent": f"00-{rec.trace_id}-{trace.span_id}-01"} if rec.trace_id else {},
         )
         return self.store.get(command_id)
@@ -315,11 +345,24 @@ class Producer:
 def _reset_fields(attempts: int) -> dict[str, Any]:
     """What a re-queued command starts from: no result, no lease, not yet published."""
     return {
-        "attempts": attempts, "exit_code": None, "signal": None, "stdout": None, "stderr": None,
-        "stdout_bytes": None, "stderr_bytes": None, "output_truncated": False,
-        "failure_reason": None, "error": None, "lease_owner": None, "lease_pid": None,
-        "lease_expires_at": None, "cancel_requested": False, "published_at": None,
-        "started_at": None, "finished_at": None, "worker": None,
+        "attempts": attempts,
+        "exit_code": None,
+        "signal": None,
+        "stdout": None,
+        "stderr": None,
+        "stdout_bytes": None,
+        "stderr_bytes": None,
+        "output_truncated": False,
+        "failure_reason": None,
+        "error": None,
+        "lease_owner": None,
+        "lease_pid": None,
+        "lease_expires_at": None,
+        "cancel_requested": False,
+        "published_at": None,
+        "started_at": None,
+        "finished_at": None,
+        "worker": None,
     }
 
 

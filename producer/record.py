@@ -68,7 +68,5 @@ class CommandRecord:
         for key, value in out.items():
             if isinstance(value, datetime):
                 out[key] = value.isoformat()
-        out["transitions"] = [
-            {**t, "at": t["at"].isoformat()} for t in out["transitions"]
-        ]
+        out["transitions"] = [{**t, "at": t["at"].isoformat()} for t in out["transitions"]]
         return out

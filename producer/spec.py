@@ -30,8 +30,23 @@ RESERVED_ENV = frozenset({"PATH", "HOME", "TMPDIR", "TRACEPARENT", "TRACESTATE",
 # Change how the dynamic loader or common interpreters behave: a way to run other code.
 DANGEROUS_ENV_PREFIXES = ("LD_", "DYLD_", "GCONV_", "MALLOC_")
 DANGEROUS_ENV = frozenset(
-    {"BASH_ENV", "ENV", "IFS", "SHELLOPTS", "PS4", "PYTHONSTARTUP", "PYTHONPATH", "PERL5OPT",
-     "PERL5LIB", "RUBYOPT", "NODE_OPTIONS", "LOCPATH", "NLSPATH", "HOSTALIASES", "RES_OPTIONS"}
+    {
+        "BASH_ENV",
+        "ENV",
+        "IFS",
+        "SHELLOPTS",
+        "PS4",
+        "PYTHONSTARTUP",
+        "PYTHONPATH",
+        "PERL5OPT",
+        "PERL5LIB",
+        "RUBYOPT",
+        "NODE_OPTIONS",
+        "LOCPATH",
+        "NLSPATH",
+        "HOSTALIASES",
+        "RES_OPTIONS",
+    }
 )
 
 

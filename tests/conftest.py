@@ -35,12 +35,12 @@ PG_ADMIN_URL = os.environ.get(
 )
 PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 
-TENANTS_YAML = """
+TENANTS_YAML = f"""
 tenants:
   alpha:
     concurrency: 2
     executables: [/bin/echo, /bin/sh, /bin/sleep, /bin/true, /bin/false, /usr/bin/env,
-                  /bin/cat, /bin/ls, /bin/pwd, {python}]
+                  /bin/cat, /bin/ls, /bin/pwd, {PYTHON}]
     limits: {{timeout_s: 20, cpu_s: 10, memory_mb: 256, processes: 64, output_kb: 64,
               file_mb: 16}}
     env: {{TENANT_GREETING: hello-alpha}}
@@ -50,7 +50,7 @@ tenants:
     limits: {{timeout_s: 10, cpu_s: 5, memory_mb: 128, processes: 16, output_kb: 16,
               file_mb: 4}}
     deny_args: ['^-rf$']
-""".format(python=PYTHON)
+"""
 
 
 def _need(what: str, detail: str) -> None:
@@ -105,9 +105,12 @@ def pg_server() -> Iterator[str]:
         yield url
     finally:
         with admin.connect() as conn:
-            conn.execute(sa.text(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"
-            ), {"n": name})
+            conn.execute(
+                sa.text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"
+                ),
+                {"n": name},
+            )
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
         admin.dispose()
 
@@ -244,16 +247,26 @@ class WorkerProc:
         return [c.pid for c in psutil.Process(self.proc.pid).children()]
 
 
-def start_worker(env: Env, tenant: str = "alpha", *, concurrency: int | None = None,
-                 ready_timeout: float = 60, extra_env: dict[str, str] | None = None) -> WorkerProc:
+def start_worker(
+    env: Env,
+    tenant: str = "alpha",
+    *,
+    concurrency: int | None = None,
+    ready_timeout: float = 60,
+    extra_env: dict[str, str] | None = None,
+) -> WorkerProc:
     log = env.root / f"worker-{tenant}-{uuid.uuid4().hex[:6]}.log"
     argv = [sys.executable, "-m", "workers.cli", "worker", "--tenant", tenant]
     if concurrency:
         argv += ["--concurrency", str(concurrency)]
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, **env.vars, **(extra_env or {})}, start_new_session=True,
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **env.vars, **(extra_env or {})},
+            start_new_session=True,
             cwd=Path(__file__).resolve().parent.parent,
         )
     worker = WorkerProc(proc, log, tenant)

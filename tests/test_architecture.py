@@ -27,6 +27,9 @@ def test_producer_never_imports_workers() -> None:
 
 
 def test_config_imports_nothing_from_execq() -> None:
-    bad = {f: n & {"producer", "workers"} for f, n in imports_of("config").items()
-           if n & {"producer", "workers"}}
+    bad = {
+        f: n & {"producer", "workers"}
+        for f, n in imports_of("config").items()
+        if n & {"producer", "workers"}
+    }
     assert bad == {}

@@ -25,17 +25,29 @@ def test_the_demo_shows_every_case_and_cleans_up(tmp_path: Path, redis_url: str)
         "EXECQ_TENANTS_FILE": str(ROOT / "config" / "tenants.yaml"),
         "EXECQ_WORKDIR_ROOT": str(tmp_path / "work"),
     }
-    done = subprocess.run([sys.executable, "-m", "workers.cli", "demo", "--json"], env=env,
-                          cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    done = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "demo", "--json"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     cases = {c["case"]: c for c in json.loads(done.stdout)}
     assert {c: cases[c]["state"] for c in cases} == {
-        "success": "succeeded", "failure": "failed", "timeout": "failed",
-        "policy": "rejected", "duplicate": "succeeded",
+        "success": "succeeded",
+        "failure": "failed",
+        "timeout": "failed",
+        "policy": "rejected",
+        "duplicate": "succeeded",
     }
     assert cases["timeout"]["failure_reason"] == "timeout"
     assert cases["timeout"]["note"] == "tree killed, 0 process(es) left"
     assert cases["duplicate"]["note"] == "2nd submit: same id, nothing queued"
-    leftovers = [p for p in psutil.process_iter(["pid", "cmdline"])
-                 if p.pid not in before and "workers.cli" in " ".join(p.info["cmdline"] or [])]
+    leftovers = [
+        p
+        for p in psutil.process_iter(["pid", "cmdline"])
+        if p.pid not in before and "workers.cli" in " ".join(p.info["cmdline"] or [])
+    ]
     assert leftovers == []

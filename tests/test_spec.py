@@ -19,7 +19,7 @@ def spec(**kw: object) -> CommandSpec:
 def test_a_valid_spec_is_frozen_and_lists_become_tuples() -> None:
     s = spec(env={"LANG": "C.UTF-8"})
     assert s.argv == ("/bin/echo", "hi")
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="frozen"):
         s.tenant = "beta"  # type: ignore[misc]
 
 

@@ -44,15 +44,22 @@ def test_the_same_key_with_another_spec_is_a_conflict(store: Store) -> None:
 
 def test_keys_are_per_tenant(store: Store) -> None:
     a = store.create(spec("k1"), actor="t")
-    b = store.create(CommandSpec(tenant="beta", argv=("/bin/echo", "hi"), idempotency_key="k1"),
-                     actor="t")
+    b = store.create(
+        CommandSpec(tenant="beta", argv=("/bin/echo", "hi"), idempotency_key="k1"), actor="t"
+    )
     assert a.id != b.id and not b.duplicate
 
 
 def test_a_transition_bumps_the_version_and_writes_history(store: Store) -> None:
     cid = store.create(spec(), actor="t").id
-    v = store.transition(cid, expect_state=State.PENDING, expect_version=1, to=State.REVOKED,
-                         actor="op", reason="not needed")
+    v = store.transition(
+        cid,
+        expect_state=State.PENDING,
+        expect_version=1,
+        to=State.REVOKED,
+        actor="op",
+        reason="not needed",
+    )
     rec = store.get(cid, with_transitions=True)
     assert v == 2 and rec.version == 2 and rec.state is State.REVOKED
     assert rec.transitions[-1].reason == "not needed" and rec.transitions[-1].version == 2
@@ -62,16 +69,18 @@ def test_a_stale_version_or_state_loses(store: Store) -> None:
     cid = store.create(spec(), actor="t").id
     store.transition(cid, expect_state=State.PENDING, expect_version=1, to=State.REVOKED, actor="a")
     with pytest.raises(StaleVersion):
-        store.transition(cid, expect_state=State.PENDING, expect_version=1, to=State.REVOKED,
-                         actor="b")
+        store.transition(
+            cid, expect_state=State.PENDING, expect_version=1, to=State.REVOKED, actor="b"
+        )
     assert len(store.get(cid, with_transitions=True).transitions) == 2
 
 
 def test_illegal_transitions_never_reach_the_database(store: Store) -> None:
     cid = store.create(spec(), actor="t").id
     with pytest.raises(IllegalTransition):
-        store.transition(cid, expect_state=State.PENDING, expect_version=1, to=State.SUCCEEDED,
-                         actor="x")
+        store.transition(
+            cid, expect_state=State.PENDING, expect_version=1, to=State.SUCCEEDED, actor="x"
+        )
     assert store.get(cid).version == 1
 
 
@@ -88,8 +97,13 @@ def test_only_one_of_many_racing_actors_wins_a_transition(store: Store) -> None:
     def act(i: int) -> None:
         barrier.wait()
         try:
-            store.transition(cid, expect_state=State.PENDING, expect_version=1,
-                             to=State.REVOKED if i % 2 else State.RUNNING, actor=f"a{i}")
+            store.transition(
+                cid,
+                expect_state=State.PENDING,
+                expect_version=1,
+                to=State.REVOKED if i % 2 else State.RUNNING,
+                actor=f"a{i}",
+            )
             wins.append(f"a{i}")
         except StaleVersion:
             pass
@@ -134,8 +148,11 @@ def test_an_idempotency_storm_from_threads_makes_one_command(store: Store) -> No
     assert store.count() == 1
 
 
-def _storm_process(url: str, barrier: multiprocessing.synchronize.Barrier,
-                   out: multiprocessing.Queue[tuple[str, bool]]) -> None:
+def _storm_process(
+    url: str,
+    barrier: multiprocessing.synchronize.Barrier,
+    out: multiprocessing.Queue[tuple[str, bool]],
+) -> None:
     s = Store(make_engine(url))
     barrier.wait()
     for _ in range(5):
@@ -150,8 +167,9 @@ def test_an_idempotency_storm_from_processes_makes_one_command(
     ctx = multiprocessing.get_context("fork")
     barrier = ctx.Barrier(6)
     out: multiprocessing.Queue[tuple[str, bool]] = ctx.Queue()
-    procs = [ctx.Process(target=_storm_process, args=(database_url, barrier, out))
-             for _ in range(6)]
+    procs = [
+        ctx.Process(target=_storm_process, args=(database_url, barrier, out)) for _ in range(6)
+    ]
     for p in procs:
         p.start()
     results = [out.get(timeout=60) for _ in range(30)]

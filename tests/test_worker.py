@@ -63,8 +63,9 @@ def test_a_command_runs_and_its_output_and_limits_are_recorded(
 
 def test_a_failing_command_keeps_exit_code_and_stderr(producer: Producer, workers: Start) -> None:
     workers("alpha")
-    r = producer.submit(CommandSpec(
-        tenant="alpha", argv=["/bin/sh", "-c", "echo oops >&2; exit 3"]))
+    r = producer.submit(
+        CommandSpec(tenant="alpha", argv=["/bin/sh", "-c", "echo oops >&2; exit 3"])
+    )
     rec = producer.wait(r.id, timeout=30)
     assert (rec.state, rec.exit_code, rec.failure_reason) == (State.FAILED, 3, "exit_code")
     assert rec.stderr == "oops\n"
@@ -74,9 +75,14 @@ def test_the_child_sees_only_its_whitelisted_environment(
     producer: Producer, workers: Start, env: Env
 ) -> None:
     workers("alpha", extra_env={"WORKER_SECRET_CANARY": "must-not-leak"})
-    r = producer.submit(CommandSpec(
-        tenant="alpha", argv=["/usr/bin/env"], env={"LANG": "C.UTF-8", "COLOR": "blue"},
-        secrets={"API_TOKEN": "tok-123"}))
+    r = producer.submit(
+        CommandSpec(
+            tenant="alpha",
+            argv=["/usr/bin/env"],
+            env={"LANG": "C.UTF-8", "COLOR": "blue"},
+            secrets={"API_TOKEN": "tok-123"},
+        )
+    )
     rec = producer.wait(r.id, timeout=30)
     seen = dict(line.split("=", 1) for line in (rec.stdout or "").splitlines())
     assert "WORKER_SECRET_CANARY" not in seen
@@ -85,8 +91,20 @@ def test_the_child_sees_only_its_whitelisted_environment(
     assert seen["COLOR"] == "blue" and seen["API_TOKEN"] == "tok-123"
     assert seen["TENANT_GREETING"] == "hello-alpha" and seen["LANG"] == "C.UTF-8"
     assert seen["TRACEPARENT"].startswith(f"00-{rec.trace_id}-")
-    assert set(seen) <= {"PATH", "HOME", "TMPDIR", "LANG", "COLOR", "API_TOKEN",
-                         "TENANT_GREETING", "TRACEPARENT", "TRACESTATE", "PWD", "SHLVL", "_"}
+    assert set(seen) <= {
+        "PATH",
+        "HOME",
+        "TMPDIR",
+        "LANG",
+        "COLOR",
+        "API_TOKEN",
+        "TENANT_GREETING",
+        "TRACEPARENT",
+        "TRACESTATE",
+        "PWD",
+        "SHLVL",
+        "_",
+    }
     assert not Path(seen["HOME"]).exists(), "private directory must be removed afterwards"
 
 
@@ -95,8 +113,15 @@ def test_injection_strings_in_argv_are_inert(
 ) -> None:
     workers("alpha")
     target = tmp_path / "pwned"
-    payloads = [f"$(touch {target})", f"`touch {target}`", f"; touch {target}",
-                f"&& touch {target}", f"| touch {target}", "${PATH}", "*"]
+    payloads = [
+        f"$(touch {target})",
+        f"`touch {target}`",
+        f"; touch {target}",
+        f"&& touch {target}",
+        f"| touch {target}",
+        "${PATH}",
+        "*",
+    ]
     r = producer.submit(CommandSpec(tenant="alpha", argv=["/bin/echo", *payloads]))
     rec = producer.wait(r.id, timeout=30)
     assert rec.stdout == " ".join(payloads) + "\n"
@@ -143,9 +168,17 @@ def test_revoke_terminate_kills_a_running_tree_and_records_revoked(
 ) -> None:
     workers("alpha")
     pidfile = tmp_path / "tree"
-    r = producer.submit(CommandSpec(tenant="alpha", argv=[
-        "/bin/sh", "-c", f"sleep 300 & echo $! >> {pidfile}; setsid sleep 301 & "
-        f"echo $! >> {pidfile}; echo $$ >> {pidfile}; wait"]))
+    r = producer.submit(
+        CommandSpec(
+            tenant="alpha",
+            argv=[
+                "/bin/sh",
+                "-c",
+                f"sleep 300 & echo $! >> {pidfile}; setsid sleep 301 & "
+                f"echo $! >> {pidfile}; echo $$ >> {pidfile}; wait",
+            ],
+        )
+    )
     wait_for(lambda: pidfile.exists() and len(pidfile.read_text().split()) == 3, 15, "start")
     with pytest.raises(InvalidOperation):
         producer.revoke(r.id)  # running needs terminate=True
@@ -198,10 +231,23 @@ def _publish_raw(url: str, queue: str, task_id: str, kwargs: dict[str, object]) 
         producer = conn.Producer(serializer="json")
         producer.publish(
             [[], kwargs, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}],
-            exchange="execq", routing_key=queue, declare=[],
-            headers={"lang": "py", "task": TASK_NAME, "id": task_id, "root_id": task_id,
-                     "parent_id": None, "group": None, "argsrepr": "()", "kwargsrepr": "{}",
-                     "retries": 0, "eta": None, "expires": None, "origin": "forger"},
+            exchange="execq",
+            routing_key=queue,
+            declare=[],
+            headers={
+                "lang": "py",
+                "task": TASK_NAME,
+                "id": task_id,
+                "root_id": task_id,
+                "parent_id": None,
+                "group": None,
+                "argsrepr": "()",
+                "kwargsrepr": "{}",
+                "retries": 0,
+                "eta": None,
+                "expires": None,
+                "origin": "forger",
+            },
         )
 
 
@@ -222,9 +268,13 @@ def test_duplicate_forged_and_misrouted_deliveries_do_nothing(
     _publish_raw(url, "execq.alpha", b.id, {"command_id": b.id, "tenant": "beta"})
     garbage = str(uuid.uuid4())
     _publish_raw(url, "execq.alpha", garbage, {"command_id": "../../etc", "tenant": "alpha"})
+
     def refusals() -> int:
-        return sum(1 for line in w.output().splitlines()
-                   if " execq.pipeline ignored " in line or " execq.task refused " in line)
+        return sum(
+            1
+            for line in w.output().splitlines()
+            if " execq.pipeline ignored " in line or " execq.task refused " in line
+        )
 
     wait_for(lambda: refusals() >= 5, 20, "the worker to log five refusals")
     assert marker.read_text() == "x\n"
@@ -240,8 +290,9 @@ def test_a_killed_worker_gives_worker_lost_within_a_lease(
 ) -> None:
     w = workers("alpha", concurrency=1)
     pidfile = tmp_path / "payload"
-    r = producer.submit(CommandSpec(
-        tenant="alpha", argv=["/bin/sh", "-c", f"echo $$ > {pidfile}; exec sleep 300"]))
+    r = producer.submit(
+        CommandSpec(tenant="alpha", argv=["/bin/sh", "-c", f"echo $$ > {pidfile}; exec sleep 300"])
+    )
     wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 15, "the payload")
     payload = int(pidfile.read_text())
     os.killpg(w.proc.pid, signal.SIGKILL)  # the whole worker: main and pool processes
@@ -258,9 +309,13 @@ def test_a_retry_safe_command_is_rerun_after_its_worker_is_lost(
 ) -> None:
     w = workers("alpha", concurrency=1)
     runs = tmp_path / "runs"
-    r = producer.submit(CommandSpec(
-        tenant="alpha", retry_safe=True,
-        argv=["/bin/sh", "-c", f"echo run >> {runs}; [ $(wc -l < {runs}) -ge 2 ] || sleep 300"]))
+    r = producer.submit(
+        CommandSpec(
+            tenant="alpha",
+            retry_safe=True,
+            argv=["/bin/sh", "-c", f"echo run >> {runs}; [ $(wc -l < {runs}) -ge 2 ] || sleep 300"],
+        )
+    )
     wait_for(lambda: runs.exists(), 15, "the first run")
     os.killpg(w.proc.pid, signal.SIGKILL)
     w.proc.wait()
@@ -279,16 +334,18 @@ def test_sigterm_is_a_warm_shutdown(producer: Producer, workers: Start) -> None:
     assert rec.state is State.SUCCEEDED and rec.stdout == "done\n"
 
 
-def test_submit_while_redis_is_down_loses_nothing(make_env: Callable[..., Env],
-                                                   database_url: str) -> None:
+def test_submit_while_redis_is_down_loses_nothing(
+    make_env: Callable[..., Env], database_url: str
+) -> None:
     from workers.embedded import EmbeddedRedis
 
     server = EmbeddedRedis(record=False)
     env = make_env(database_url, server.url)
     producer = env.producer()
     try:
-        r = producer.submit(CommandSpec(tenant="alpha", argv=["/bin/echo", "survived"],
-                                        secrets={"TOKEN": "t"}))
+        r = producer.submit(
+            CommandSpec(tenant="alpha", argv=["/bin/echo", "survived"], secrets={"TOKEN": "t"})
+        )
         assert producer.get(r.id).state is State.PENDING
         assert producer.get(r.id).published_at is None
         server.start()  # Redis comes back on the same address
@@ -309,16 +366,15 @@ def test_a_worker_publishes_commands_a_crashed_producer_left_unpublished(
     producer: Producer, workers: Start, env: Env
 ) -> None:
     # A producer that died between commit and publish leaves exactly this row behind.
-    created = producer.store.create(CommandSpec(tenant="alpha", argv=["/bin/echo", "outbox"]),
-                                    actor="crashed-producer")
+    created = producer.store.create(
+        CommandSpec(tenant="alpha", argv=["/bin/echo", "outbox"]), actor="crashed-producer"
+    )
     workers("alpha")
     rec = producer.wait(created.id, timeout=30)
     assert rec.state is State.SUCCEEDED and rec.stdout == "outbox\n"
 
 
-def test_the_cli_speaks_json_and_uses_the_contracts_exit_codes(
-    env: Env, workers: Start
-) -> None:
+def test_the_cli_speaks_json_and_uses_the_contracts_exit_codes(env: Env, workers: Start) -> None:
     import subprocess
     import sys
 
@@ -326,16 +382,31 @@ def test_the_cli_speaks_json_and_uses_the_contracts_exit_codes(
     run_env = {**os.environ, **env.vars}
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "workers.cli", *args], env=run_env,
-                              capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "workers.cli", *args],
+            env=run_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     ok = cli("submit", "--json", "--tenant", "alpha", "--wait", "--", "/bin/echo", "hi")
     assert ok.returncode == 0, ok.stderr
     body = json.loads(ok.stdout)
     assert body["state"] == "succeeded" and body["stdout"] == "hi\n"
     st = json.loads(cli("status", "--json", body["id"]).stdout)
-    for field in ("id", "tenant", "state", "exit_code", "stdout", "stderr", "failure_reason",
-                  "attempts", "version", "trace_id"):
+    for field in (
+        "id",
+        "tenant",
+        "state",
+        "exit_code",
+        "stdout",
+        "stderr",
+        "failure_reason",
+        "attempts",
+        "version",
+        "trace_id",
+    ):
         assert field in st
     sub = json.loads(cli("submit", "--json", "--tenant", "alpha", "--", "/bin/true").stdout)
     assert set(sub) == {"id", "state", "duplicate"}
@@ -343,8 +414,13 @@ def test_the_cli_speaks_json_and_uses_the_contracts_exit_codes(
     assert cli("submit", "--tenant", "beta", "--", "/bin/sh", "-rf").returncode == 1
     assert cli("submit", "--tenant", "alpha", "--", "relative/path").returncode == 2
     assert cli("status", str(uuid.uuid4())).returncode == 1
-    bad = subprocess.run([sys.executable, "-m", "workers.cli", "list"], capture_output=True,
-                         text=True, env={**run_env, "EXECQ_LEASE_S": "-1"}, timeout=60)
+    bad = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "list"],
+        capture_output=True,
+        text=True,
+        env={**run_env, "EXECQ_LEASE_S": "-1"},
+        timeout=60,
+    )
     assert bad.returncode == 2 and "EXECQ_LEASE_S" in bad.stderr
     listed = json.loads(cli("list", "--json", "--tenant", "alpha").stdout)
     assert len(listed) >= 3

@@ -76,8 +76,14 @@ def handled(func: F) -> F:
         except SpecError as exc:
             _fail(f"invalid command: {exc}", 2, as_json=as_json)
         except PolicyDenied as exc:
-            _fail(f"refused by policy: {exc}", 1, as_json=as_json,
-                  id=exc.command_id, state="rejected", rule=exc.rule)
+            _fail(
+                f"refused by policy: {exc}",
+                1,
+                as_json=as_json,
+                id=exc.command_id,
+                state="rejected",
+                rule=exc.rule,
+            )
         except IdempotencyConflict as exc:
             _fail(str(exc), 1, as_json=as_json, id=exc.command_id)
         except TimeoutError as exc:
@@ -111,9 +117,15 @@ def _setup_logging(level: str = "WARNING") -> None:
 # --- printing ----------------------------------------------------------------------------
 
 STATE_STYLE = {
-    State.SUCCEEDED: "green", State.FAILED: "red", State.REJECTED: "magenta",
-    State.REVOKED: "yellow", State.RUNNING: "cyan", State.PENDING: "blue",
-    State.REVERTED: "green", State.REVERT_FAILED: "bold red", State.REVERTING: "cyan",
+    State.SUCCEEDED: "green",
+    State.FAILED: "red",
+    State.REJECTED: "magenta",
+    State.REVOKED: "yellow",
+    State.RUNNING: "cyan",
+    State.PENDING: "blue",
+    State.REVERTED: "green",
+    State.REVERT_FAILED: "bold red",
+    State.REVERTING: "cyan",
 }
 
 
@@ -129,22 +141,38 @@ def _print_record(rec: CommandRecord, as_json: bool) -> None:
     table.add_row("tenant", rec.tenant)
     table.add_row("argv", shlex.join(rec.argv))
     table.add_row("state", f"[{style}]{rec.state}[/]")
-    for name in ("exit_code", "failure_reason", "error", "attempts", "version", "trace_id",
-                 "worker", "created_at", "started_at", "finished_at"):
+    for name in (
+        "exit_code",
+        "failure_reason",
+        "error",
+        "attempts",
+        "version",
+        "trace_id",
+        "worker",
+        "created_at",
+        "started_at",
+        "finished_at",
+    ):
         value = getattr(rec, name)
         if value is not None:
             table.add_row(name, str(value))
     if rec.enforced:
         table.add_row("enforced", ", ".join(f"{k}={v}" for k, v in rec.enforced.items()))
     out.print(table)
-    for label, text, size in (("stdout", rec.stdout, rec.stdout_bytes),
-                              ("stderr", rec.stderr, rec.stderr_bytes)):
+    for label, text, size in (
+        ("stdout", rec.stdout, rec.stdout_bytes),
+        ("stderr", rec.stderr, rec.stderr_bytes),
+    ):
         if text:
             out.print(f"[bold]{label}[/] ({size} bytes):")
             out.print(text.rstrip("\n"), markup=False, highlight=False)
     for t in rec.transitions:
-        out.print(f"  {t.at:%H:%M:%S.%f} {t.from_state or '-'} → {t.to_state} by {t.actor}"
-                  + (f" ({t.reason})" if t.reason else ""), markup=False, highlight=False)
+        out.print(
+            f"  {t.at:%H:%M:%S.%f} {t.from_state or '-'} → {t.to_state} by {t.actor}"
+            + (f" ({t.reason})" if t.reason else ""),
+            markup=False,
+            highlight=False,
+        )
 
 
 # --- commands ----------------------------------------------------------------------------
@@ -155,17 +183,25 @@ def _print_record(rec: CommandRecord, as_json: bool) -> None:
 def submit(
     argv: Annotated[list[str], typer.Argument(help="The command, after `--`: ARGV[0] absolute.")],
     tenant: Annotated[str, typer.Option(help="Tenant whose pool runs it.")],
-    key: Annotated[str | None, typer.Option(help="Idempotency key: same key, same command.")] = None,
+    key: Annotated[
+        str | None, typer.Option(help="Idempotency key: same key, same command.")
+    ] = None,
     timeout: Annotated[float | None, typer.Option(help="Wall-clock seconds (<= ceiling).")] = None,
     env: Annotated[list[str] | None, typer.Option(help="NAME=VALUE for the child; repeat.")] = None,
     secret_env: Annotated[
         list[str] | None,
         typer.Option(help="NAME: pass $NAME from this shell as a secret (never in argv); repeat."),
     ] = None,
-    compensate: Annotated[str | None, typer.Option(help="Undo command line (split like a shell, run without one).")] = None,
-    rollback_on_failure: Annotated[bool, typer.Option(help="Run --compensate if it fails.")] = False,
+    compensate: Annotated[
+        str | None, typer.Option(help="Undo command line (split like a shell, run without one).")
+    ] = None,
+    rollback_on_failure: Annotated[
+        bool, typer.Option(help="Run --compensate if it fails.")
+    ] = False,
     retry_safe: Annotated[bool, typer.Option(help="May be re-run after a lost worker.")] = False,
-    wait: Annotated[bool, typer.Option(help="Wait for the end; exit 1 unless it succeeded.")] = False,
+    wait: Annotated[
+        bool, typer.Option(help="Wait for the end; exit 1 unless it succeeded.")
+    ] = False,
     wait_timeout: Annotated[float, typer.Option(help="Seconds to --wait.")] = 300.0,
     as_json: JsonOpt = False,
 ) -> None:
@@ -182,22 +218,37 @@ def submit(
             _fail(f"--secret-env {name}: ${name} is not set in this shell", 2, as_json=as_json)
         secrets[name] = os.environ[name]
     spec = CommandSpec(
-        tenant=tenant, argv=tuple(argv), idempotency_key=key, timeout_s=timeout, env=env_map,
-        secrets=secrets, compensate=tuple(shlex.split(compensate)) if compensate else None,
-        rollback_on_failure=rollback_on_failure, retry_safe=retry_safe,
+        tenant=tenant,
+        argv=tuple(argv),
+        idempotency_key=key,
+        timeout_s=timeout,
+        env=env_map,
+        secrets=secrets,
+        compensate=tuple(shlex.split(compensate)) if compensate else None,
+        rollback_on_failure=rollback_on_failure,
+        retry_safe=retry_safe,
     )
     with _producer() as producer:
         result = producer.submit(spec)
         if not wait:
             if as_json:
-                print(json.dumps({"id": result.id, "state": str(result.state),
-                                  "duplicate": result.duplicate}))
+                print(
+                    json.dumps(
+                        {"id": result.id, "state": str(result.state), "duplicate": result.duplicate}
+                    )
+                )
             else:
-                dup = " (duplicate: this key was seen before, nothing new queued)" if result.duplicate else ""
+                dup = (
+                    " (duplicate: this key was seen before, nothing new queued)"
+                    if result.duplicate
+                    else ""
+                )
                 out.print(f"{result.id} {result.state}{dup}", highlight=False)
             if producer.flush(timeout=2.0):
-                err.print("note: Redis is unreachable; the command is stored and will be "
-                          "published by a worker's outbox as soon as Redis is back")
+                err.print(
+                    "note: Redis is unreachable; the command is stored and will be "
+                    "published by a worker's outbox as soon as Redis is back"
+                )
             return
         rec = producer.wait(result.id, timeout=wait_timeout)
         if as_json:
@@ -224,7 +275,9 @@ def status(
 @handled
 def wait_cmd(
     command_id: Annotated[str, typer.Argument(metavar="ID")],
-    timeout: Annotated[float, typer.Option(help="Give up after this many seconds (exit 1).")] = 300.0,
+    timeout: Annotated[
+        float, typer.Option(help="Give up after this many seconds (exit 1).")
+    ] = 300.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Wait until a command ends; exit 0 only if it succeeded."""
@@ -252,8 +305,15 @@ def list_cmd(
     table = Table("id", "tenant", "state", "exit", "reason", "argv", "created")
     for r in records:
         style = STATE_STYLE.get(r.state, "")
-        table.add_row(r.id, r.tenant, f"[{style}]{r.state}[/]", _s(r.exit_code),
-                      r.failure_reason or "", shlex.join(r.argv)[:60], f"{r.created_at:%Y-%m-%d %H:%M:%S}")
+        table.add_row(
+            r.id,
+            r.tenant,
+            f"[{style}]{r.state}[/]",
+            _s(r.exit_code),
+            r.failure_reason or "",
+            shlex.join(r.argv)[:60],
+            f"{r.created_at:%Y-%m-%d %H:%M:%S}",
+        )
     out.print(table)
     out.print(f"{len(records)} command(s)")
 
@@ -279,7 +339,9 @@ def retry(
 @handled
 def revoke(
     command_id: Annotated[str, typer.Argument(metavar="ID")],
-    terminate: Annotated[bool, typer.Option(help="Kill it (whole process tree) if it runs.")] = False,
+    terminate: Annotated[
+        bool, typer.Option(help="Kill it (whole process tree) if it runs.")
+    ] = False,
     operator: Annotated[str | None, typer.Option(help="Who revokes (default: OS user).")] = None,
     reason: Annotated[str | None, typer.Option(help="Why, for the history.")] = None,
     as_json: JsonOpt = False,
@@ -320,7 +382,9 @@ def db_upgrade(as_json: JsonOpt = False) -> None:
 @handled
 def worker(
     tenant: Annotated[str, typer.Option(help="The tenant whose queue this worker consumes.")],
-    concurrency: Annotated[int | None, typer.Option(min=1, max=256, help="Pool processes (default: the tenant's).")] = None,
+    concurrency: Annotated[
+        int | None, typer.Option(min=1, max=256, help="Pool processes (default: the tenant's).")
+    ] = None,
     loglevel: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING…")] = "INFO",
     as_json: JsonOpt = False,
 ) -> None:
@@ -332,11 +396,18 @@ def worker(
     settings, tenants = _load()
     found = tenants.get(tenant)
     if found is None:
-        _fail(f"tenant {tenant!r} is not in {settings.tenants_file} "
-              f"(known: {', '.join(sorted(tenants.tenants))})", 2, as_json=as_json)
+        _fail(
+            f"tenant {tenant!r} is not in {settings.tenants_file} "
+            f"(known: {', '.join(sorted(tenants.tenants))})",
+            2,
+            as_json=as_json,
+        )
     _setup_logging(loglevel)
     config = WorkerConfig(
-        settings=settings, tenants=tenants, tenant=found, broker_url=resolve_broker_url(settings),
+        settings=settings,
+        tenants=tenants,
+        tenant=found,
+        broker_url=resolve_broker_url(settings),
         concurrency=concurrency or found.concurrency,
     )
     raise typer.Exit(run_worker(config, loglevel=loglevel))
@@ -351,9 +422,12 @@ def up(as_json: JsonOpt = False) -> None:
     settings, tenants = _load()
     stack = Stack(settings, tenants)
     stack.start()
-    info = {"broker": stack.broker_url, "database": settings.database_url,
-            "workers": {n: p.pid for n, p in stack.workers.items()},
-            "logs": str(stack.log_dir)}
+    info = {
+        "broker": stack.broker_url,
+        "database": settings.database_url,
+        "workers": {n: p.pid for n, p in stack.workers.items()},
+        "logs": str(stack.log_dir),
+    }
     if as_json:
         print(json.dumps(info), flush=True)
     else:

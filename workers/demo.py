@@ -53,24 +53,30 @@ def _alive_with_marker(marker: str) -> int:
 
 
 def run_demo(settings: Settings, tenants: TenantsFile, *, as_json: bool, console: Console) -> int:
-    """Start a stack, submit the sample commands, print their final states, stop. 0 if as expected."""
+    """Start a stack, run the sample commands, print their final states, stop; 0 if as expected."""
     run = uuid.uuid4().hex[:8]
     say = (lambda *_a, **_k: None) if as_json else console.print
     stack = Stack(settings, tenants)
     say("[bold]execq demo[/]: starting a broker, the results store and one worker per tenant…")
     t0 = time.monotonic()
     stack.start()
-    say(f"  broker {stack.broker_url}{' (embedded)' if stack.embedded else ''}, "
+    say(
+        f"  broker {stack.broker_url}{' (embedded)' if stack.embedded else ''}, "
         f"store {settings.database_url}, {len(stack.workers)} workers ready "
-        f"in {time.monotonic() - t0:.1f} s")
+        f"in {time.monotonic() - t0:.1f} s"
+    )
     # A sleep duration no other process on the host uses: how we find the tree afterwards.
     marker = f"300.{int(run, 16) % 1_000_000:06d}"
     rows = [
         Row("success", "acme", ("/bin/echo", "hello from execq"), State.SUCCEEDED),
         Row("failure", "acme", ("/bin/ls", f"/nonexistent-{run}"), State.FAILED),
-        Row("timeout", "acme",
-            ("/bin/sh", "-c", f"sleep {marker} & sleep {marker} & wait"), State.FAILED),
-        Row("policy", "prod", ("/bin/rm", "-rf", "/tmp/important"), State.REJECTED),
+        Row(
+            "timeout",
+            "acme",
+            ("/bin/sh", "-c", f"sleep {marker} & sleep {marker} & wait"),
+            State.FAILED,
+        ),
+        Row("policy", "prod", ("/bin/rm", "-rf", "/srv/important"), State.REJECTED),
         Row("duplicate", "acme", ("/bin/echo", "run once"), State.SUCCEEDED),
     ]
     code = 0
@@ -85,15 +91,17 @@ def run_demo(settings: Settings, tenants: TenantsFile, *, as_json: bool, console
                     kwargs["timeout_s"] = 2.0
                 if row.title == "duplicate":
                     kwargs["idempotency_key"] = f"demo-{run}-restart"
-                spec = CommandSpec(tenant=row.tenant, argv=row.argv, **kwargs)  # type: ignore[arg-type]
+                spec = CommandSpec(tenant=row.tenant, argv=row.argv, **kwargs)
                 try:
                     first = producer.submit(spec)
                     row.command_id = first.id
                     if row.title == "duplicate":
                         again = producer.submit(spec)
-                        row.note = ("2nd submit: same id, nothing queued"
-                                    if again.duplicate and again.id == first.id
-                                    else "2nd submit was NOT a duplicate")
+                        row.note = (
+                            "2nd submit: same id, nothing queued"
+                            if again.duplicate and again.id == first.id
+                            else "2nd submit was NOT a duplicate"
+                        )
                 except PolicyDenied as denied:
                     row.command_id = denied.command_id
                     row.note = "refused at submit, recorded"
@@ -118,29 +126,52 @@ def run_demo(settings: Settings, tenants: TenantsFile, *, as_json: bool, console
         say("stopping everything the demo started…")
         stack.stop()
     if as_json:
-        print(json.dumps([{"case": r.title, "id": r.command_id, "state": r.state,
-                           "expected": r.expect, "exit_code": r.exit_code,
-                           "failure_reason": r.reason, "note": r.note} for r in rows]))
+        print(
+            json.dumps(
+                [
+                    {
+                        "case": r.title,
+                        "id": r.command_id,
+                        "state": r.state,
+                        "expected": r.expect,
+                        "exit_code": r.exit_code,
+                        "failure_reason": r.reason,
+                        "note": r.note,
+                    }
+                    for r in rows
+                ]
+            )
+        )
         return code
     for r in rows:
-        console.print(f"  {r.title:<9} {r.tenant:<5} {shlex.join(r.argv)}", markup=False,
-                      highlight=False)
+        console.print(
+            f"  {r.title:<9} {r.tenant:<5} {shlex.join(r.argv)}", markup=False, highlight=False
+        )
     table = Table(title="execq demo: final states")
     for col in ("case", "state", "exit", "reason", "note"):
         table.add_column(col, overflow="fold")
     for r in rows:
         ok = r.state is r.expect
-        table.add_row(r.title, f"[{'green' if ok else 'red'}]{r.state}[/]",
-                      "" if r.exit_code is None else str(r.exit_code), r.reason, r.note)
+        table.add_row(
+            r.title,
+            f"[{'green' if ok else 'red'}]{r.state}[/]",
+            "" if r.exit_code is None else str(r.exit_code),
+            r.reason,
+            r.note,
+        )
     console.print(table)
     if enforced:
         console.print(f"limits enforced on this host: {enforced}")
     first_id = rows[0].command_id
     console.print(
-        "Next: [bold]execq status " f"{first_id}[/] (one record and its history), "
+        "Next: [bold]execq status "
+        f"{first_id}[/] (one record and its history), "
         "[bold]execq list[/], [bold]execq up[/] to keep the stack running, "
         f"worker logs in {stack.log_dir}/."
     )
-    console.print("[green]all cases ended as expected[/]" if code == 0
-                  else "[red]some cases did not end as expected[/]")
+    console.print(
+        "[green]all cases ended as expected[/]"
+        if code == 0
+        else "[red]some cases did not end as expected[/]"
+    )
     return code

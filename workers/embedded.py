@@ -23,8 +23,9 @@ from producer.broker import EMBEDDED_URL_FILE
 def reachable(url: str, timeout_s: float = 0.5) -> bool:
     """Whether a Redis server answers PING at `url`."""
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s,
-                                      socket_timeout=timeout_s)
+        client = redis.Redis.from_url(
+            url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
+        )
         try:
             return bool(client.ping())
         finally:
@@ -66,13 +67,27 @@ class EmbeddedRedis:
 
     def start(self, timeout_s: float = 10.0) -> EmbeddedRedis:
         """Start the server and wait until it answers."""
-        self._proc = subprocess.Popen(  # noqa: S603  (fixed argv, our own binary)
+        self._proc = subprocess.Popen(
             [
-                _binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-                "--save", "", "--appendonly", "no", "--dir", self._dir,
-                "--protected-mode", "yes", "--loglevel", "warning",
+                _binary(),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self._dir,
+                "--protected-mode",
+                "yes",
+                "--loglevel",
+                "warning",
             ],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
             start_new_session=True,
         )
         deadline = time.monotonic() + timeout_s

@@ -78,7 +78,9 @@ class LeaseKeeper:
     def lost(self, command_id: str) -> bool:
         """Whether the lease of `command_id` was found taken away (the reaper presumed us dead)."""
         with self._lock:
-            return self._held is not None and self._held.command_id == command_id and self._held.lost
+            return (
+                self._held is not None and self._held.command_id == command_id and self._held.lost
+            )
 
     def set_pid(self, pid: int) -> None:
         """Record the child's pid (= its process group) with the next renewal.
@@ -114,9 +116,9 @@ class LeaseKeeper:
             if held is None:
                 last_renew = time.monotonic()
                 continue
-            if message is not None and _text(message.get("data")) == held.command_id:
-                if self._check_cancel(held):
-                    continue
+            heard = message is not None and _text(message.get("data")) == held.command_id
+            if heard and self._check_cancel(held):
+                continue
             if time.monotonic() - last_renew >= self.renew_every_s:
                 self._renew(held)
                 last_renew = time.monotonic()
@@ -151,7 +153,7 @@ class LeaseKeeper:
     def _subscribe(self) -> redis.client.PubSub | None:
         try:
             client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=2)
-            pubsub = client.pubsub()
+            pubsub: redis.client.PubSub = client.pubsub()  # type: ignore[no-untyped-call]
             pubsub.subscribe(self.channel)
             return pubsub
         except (redis.RedisError, OSError) as exc:

@@ -102,11 +102,15 @@ class Pipeline:
         if delivery.tenant != self.tenant.name:
             log.warning(
                 "ignored message for command %s: addressed to tenant %r, this pool serves %r",
-                delivery.command_id, delivery.tenant, self.tenant.name,
+                delivery.command_id,
+                delivery.tenant,
+                self.tenant.name,
             )
             return Outcome(delivery.command_id, "ignored", detail="wrong tenant")
         claimed = self.store.claim(
-            delivery.command_id, tenant=self.tenant.name, worker=self.worker_id,
+            delivery.command_id,
+            tenant=self.tenant.name,
+            worker=self.worker_id,
             lease_s=self.settings.lease_s,
         )
         if claimed is None:
@@ -127,9 +131,15 @@ class Pipeline:
     def _finish(self, claimed: Claimed, to: State, **fields: Any) -> Outcome:
         try:
             self.store.transition(
-                claimed.id, expect_state=State.RUNNING, expect_version=claimed.version, to=to,
-                actor=self.worker_id, reason=fields.get("failure_reason"),
-                finished_at=utcnow(), lease_expires_at=None, **fields,
+                claimed.id,
+                expect_state=State.RUNNING,
+                expect_version=claimed.version,
+                to=to,
+                actor=self.worker_id,
+                reason=fields.get("failure_reason"),
+                finished_at=utcnow(),
+                lease_expires_at=None,
+                **fields,
             )
         except StaleVersion:
             # The reaper presumed this worker dead and moved on; its decision stands.
@@ -141,24 +151,33 @@ class Pipeline:
         # authz: the stored spec against the policy this worker holds now.
         try:
             spec = CommandSpec(
-                tenant=claimed.tenant, argv=tuple(claimed.argv), env=dict(claimed.env),
-                timeout_s=claimed.timeout_s, cpu_s=claimed.cpu_s, memory_mb=claimed.memory_mb,
+                tenant=claimed.tenant,
+                argv=tuple(claimed.argv),
+                env=dict(claimed.env),
+                timeout_s=claimed.timeout_s,
+                cpu_s=claimed.cpu_s,
+                memory_mb=claimed.memory_mb,
             )
             policy.check_tenant(spec, self.tenant)
         except PolicyDenied as denied:
             log.warning("command %s refused at authz: %s", claimed.id, denied)
             return self._finish(
-                claimed, State.FAILED, failure_reason=f"policy:{denied.rule}"[:64],
+                claimed,
+                State.FAILED,
+                failure_reason=f"policy:{denied.rule}"[:64],
                 error=str(denied),
             )
         except ValueError as exc:  # a stored spec that no longer validates
-            return self._finish(claimed, State.FAILED, failure_reason="invalid_spec",
-                                error=str(exc))
+            return self._finish(
+                claimed, State.FAILED, failure_reason="invalid_spec", error=str(exc)
+            )
         # bind: secrets named in the store, values from the message; nothing else.
         missing = sorted(set(claimed.secret_names) - set(delivery.secrets))
         if missing:
             return self._finish(
-                claimed, State.FAILED, failure_reason="secrets_unavailable",
+                claimed,
+                State.FAILED,
+                failure_reason="secrets_unavailable",
                 error=f"secret values {missing} did not arrive with the message "
                 "(they are never stored; submit or retry with them again)",
             )
@@ -168,11 +187,13 @@ class Pipeline:
             try:
                 result = self.sandbox.run(request, cancel=cancel, on_spawn=self.lease.set_pid)
             except ExecutableRefused as exc:
-                return self._finish(claimed, State.FAILED, failure_reason="executable_refused",
-                                    error=str(exc))
+                return self._finish(
+                    claimed, State.FAILED, failure_reason="executable_refused", error=str(exc)
+                )
             except SandboxError as exc:
-                return self._finish(claimed, State.FAILED, failure_reason="sandbox_error",
-                                    error=str(exc))
+                return self._finish(
+                    claimed, State.FAILED, failure_reason="sandbox_error", error=str(exc)
+                )
             lost = self.lease.lost(claimed.id)
         # archive
         if lost:
@@ -181,7 +202,9 @@ class Pipeline:
 
     def _bind(self, claimed: Claimed, delivery: Delivery) -> ExecRequest:
         limits = policy.effective_limits(
-            self.tenant, timeout_s=claimed.timeout_s, cpu_s=claimed.cpu_s,
+            self.tenant,
+            timeout_s=claimed.timeout_s,
+            cpu_s=claimed.cpu_s,
             memory_mb=claimed.memory_mb,
         )
         env: dict[str, str] = dict(self.tenant.env)
@@ -197,8 +220,12 @@ class Pipeline:
             argv=tuple(claimed.argv),
             allowed_executables=self.tenant.executables,
             limits=Limits(
-                timeout_s=limits.timeout_s, cpu_s=limits.cpu_s, memory_mb=limits.memory_mb,
-                processes=limits.processes, output_kb=limits.output_kb, file_mb=limits.file_mb,
+                timeout_s=limits.timeout_s,
+                cpu_s=limits.cpu_s,
+                memory_mb=limits.memory_mb,
+                processes=limits.processes,
+                output_kb=limits.output_kb,
+                file_mb=limits.file_mb,
                 open_files=limits.open_files,
             ),
             env=env,

@@ -100,22 +100,34 @@ class Reaper:
             try:
                 if retry_safe and attempts < self.tenant.max_attempts:
                     self.store.transition(
-                        command_id, expect_state=State.RUNNING, expect_version=version,
-                        to=State.PENDING, actor=self.actor,
+                        command_id,
+                        expect_state=State.RUNNING,
+                        expect_version=version,
+                        to=State.PENDING,
+                        actor=self.actor,
                         reason="worker lost; retry-safe command re-queued",
-                        attempts=attempts + 1, lease_owner=None, lease_pid=None,
-                        lease_expires_at=None, published_at=None, started_at=None,
+                        attempts=attempts + 1,
+                        lease_owner=None,
+                        lease_pid=None,
+                        lease_expires_at=None,
+                        published_at=None,
+                        started_at=None,
                         cancel_requested=False,
                     )
                     requeued += 1
                     self._publish(command_id)
                 else:
                     self.store.transition(
-                        command_id, expect_state=State.RUNNING, expect_version=version,
-                        to=State.FAILED, actor=self.actor, reason="worker_lost",
+                        command_id,
+                        expect_state=State.RUNNING,
+                        expect_version=version,
+                        to=State.FAILED,
+                        actor=self.actor,
+                        reason="worker_lost",
                         failure_reason="worker_lost",
                         error="the worker running this command stopped renewing its lease",
-                        lease_expires_at=None, finished_at=utcnow(),
+                        lease_expires_at=None,
+                        finished_at=utcnow(),
                     )
                     lost += 1
                     log.warning("command %s failed: worker lost", command_id)
@@ -126,8 +138,9 @@ class Reaper:
     def _take_turn(self) -> bool:
         try:
             if self._redis is None:
-                self._redis = redis.Redis.from_url(self.redis_url, socket_connect_timeout=2,
-                                                   socket_timeout=2)
+                self._redis = redis.Redis.from_url(
+                    self.redis_url, socket_connect_timeout=2, socket_timeout=2
+                )
             key = f"execq.reaper.{self.tenant.name}"
             return bool(self._redis.set(key, self.actor, nx=True, px=int(self.interval_s * 900)))
         except (redis.RedisError, OSError):
@@ -147,8 +160,11 @@ class Reaper:
             self.republish_after_s if self._queue_empty() else 10 * self.republish_after_s
         )
         rows = self.store.unpublished(
-            tenant=self.tenant.name, older_than_s=self.outbox_grace_s,
-            republish_after_s=republish_after, secret_grace_s=SECRET_GRACE_S, limit=500,
+            tenant=self.tenant.name,
+            older_than_s=self.outbox_grace_s,
+            republish_after_s=republish_after,
+            secret_grace_s=SECRET_GRACE_S,
+            limit=500,
         )
         sent = 0
         for command_id, _tenant in rows:

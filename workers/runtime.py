@@ -69,8 +69,9 @@ class Runtime:
         """A publisher for the reaper (main process only)."""
         self._check_fork()
         if self._publisher is None:
-            app = make_celery(self.config.settings, self.config.tenants,
-                              broker_url=self.config.broker_url)
+            app = make_celery(
+                self.config.settings, self.config.tenants, broker_url=self.config.broker_url
+            )
             self._publisher = Publisher(app, self.config.tenants)
         return self._publisher
 
@@ -82,12 +83,19 @@ class Runtime:
             cfg = self.config
             self._sandbox = Sandbox(workdir_root=workdir_root(cfg.settings))
             self._lease = LeaseKeeper(
-                store=self.store, redis_url=cfg.broker_url, tenant=cfg.tenant.name,
-                owner=self.worker_id, lease_s=cfg.settings.lease_s,
+                store=self.store,
+                redis_url=cfg.broker_url,
+                tenant=cfg.tenant.name,
+                owner=self.worker_id,
+                lease_s=cfg.settings.lease_s,
             )
             self._pipeline = Pipeline(
-                settings=cfg.settings, tenant=cfg.tenant, store=self.store,
-                sandbox=self._sandbox, lease=self._lease, worker_id=self.worker_id,
+                settings=cfg.settings,
+                tenant=cfg.tenant,
+                store=self.store,
+                sandbox=self._sandbox,
+                lease=self._lease,
+                worker_id=self.worker_id,
             )
         return self._pipeline
 

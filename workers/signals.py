@@ -18,20 +18,23 @@ def connect(runtime: Runtime, *, capabilities_line: str) -> None:
     """Wire a worker's lifecycle to `runtime` (call once, before the worker starts)."""
     state: dict[str, Reaper] = {}
 
-    @signals.worker_process_init.connect(weak=False)
+    @signals.worker_process_init.connect(weak=False)  # type: ignore[untyped-decorator]
     def _process_init(**_: Any) -> None:
         runtime.after_fork()
 
-    @signals.worker_process_shutdown.connect(weak=False)
+    @signals.worker_process_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]
     def _process_shutdown(**_: Any) -> None:
         runtime.close()
 
-    @signals.worker_ready.connect(weak=False)
+    @signals.worker_ready.connect(weak=False)  # type: ignore[untyped-decorator]
     def _ready(**_: Any) -> None:
         cfg = runtime.config
         reaper = Reaper(
-            settings=cfg.settings, tenant=cfg.tenant, store=runtime.store,
-            publisher=runtime.publisher, redis_url=cfg.broker_url,
+            settings=cfg.settings,
+            tenant=cfg.tenant,
+            store=runtime.store,
+            publisher=runtime.publisher,
+            redis_url=cfg.broker_url,
             actor=f"reaper:{runtime.worker_id}",
         )
         reaper.start()
@@ -44,7 +47,7 @@ def connect(runtime: Runtime, *, capabilities_line: str) -> None:
         )
         sys.stdout.flush()
 
-    @signals.worker_shutdown.connect(weak=False)
+    @signals.worker_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]
     def _shutdown(**_: Any) -> None:
         reaper = state.pop("reaper", None)
         if reaper is not None:

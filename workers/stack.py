@@ -44,9 +44,12 @@ class Stack:
             log_path = self.log_dir / f"worker-{name}.log"
             log_path.write_bytes(b"")
             with log_path.open("ab") as out:
-                self.workers[name] = subprocess.Popen(  # noqa: S603  (our own CLI)
+                self.workers[name] = subprocess.Popen(
                     [sys.executable, "-m", "workers.cli", "worker", "--tenant", name],
-                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env=env,
                     start_new_session=True,
                 )
         for name, proc in self.workers.items():

@@ -22,8 +22,12 @@ def register(app: Celery, runtime: Callable[[], Runtime]) -> Task:
     """Register `execq.run` on `app`; `runtime` gives the calling process's Runtime."""
 
     @app.task(  # type: ignore[untyped-decorator]
-        name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True,
-        ignore_result=True, track_started=False,
+        name=TASK_NAME,
+        bind=True,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        ignore_result=True,
+        track_started=False,
     )
     def run(self: Task, *args: Any, **kwargs: Any) -> str:
         request = self.request

@@ -7,9 +7,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Connection, Engine, and_, func, insert, or_, select, update
+from sqlalchemy import Connection, Engine, Table, and_, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from producer.errors import IdempotencyConflict, NotFound, StaleVersion
@@ -18,8 +18,8 @@ from producer.spec import CommandSpec
 from producer.states import State, check_transition
 from producer.store.models import Command, Transition
 
-commands = Command.__table__
-transitions = Transition.__table__
+commands = cast(Table, Command.__table__)
+transitions = cast(Table, Transition.__table__)
 
 
 def utcnow() -> datetime:
@@ -142,8 +142,9 @@ class Store:
         # The key exists: the unique constraint decided the race, now report the winner.
         with self.engine.connect() as conn:
             found = conn.execute(
-                select(commands.c.id, commands.c.spec_hash, commands.c.state,
-                       commands.c.published_at).where(
+                select(
+                    commands.c.id, commands.c.spec_hash, commands.c.state, commands.c.published_at
+                ).where(
                     commands.c.tenant == spec.tenant,
                     commands.c.idempotency_key == spec.idempotency_key,
                 )
@@ -179,16 +180,33 @@ class Store:
         if conn is None:
             with self._tx() as own:
                 return self._transition(
-                    own, command_id, expect_state, expect_version, to, actor, reason, now, values
+                    own,
+                    command_id,
+                    expect_state=expect_state,
+                    expect_version=expect_version,
+                    to=to,
+                    actor=actor,
+                    reason=reason,
+                    now=now,
+                    values=values,
                 )
         return self._transition(
-            conn, command_id, expect_state, expect_version, to, actor, reason, now, values
+            conn,
+            command_id,
+            expect_state=expect_state,
+            expect_version=expect_version,
+            to=to,
+            actor=actor,
+            reason=reason,
+            now=now,
+            values=values,
         )
 
     def _transition(
         self,
         conn: Connection,
         command_id: str,
+        *,
         expect_state: State,
         expect_version: int,
         to: State,
@@ -232,19 +250,34 @@ class Store:
         with self._tx() as conn:
             row = conn.execute(
                 select(
-                    commands.c.id, commands.c.tenant, commands.c.state, commands.c.version,
-                    commands.c.attempts, commands.c.argv, commands.c.env,
-                    commands.c.secret_names, commands.c.timeout_s, commands.c.cpu_s,
-                    commands.c.memory_mb, commands.c.retry_safe, commands.c.trace_id,
+                    commands.c.id,
+                    commands.c.tenant,
+                    commands.c.state,
+                    commands.c.version,
+                    commands.c.attempts,
+                    commands.c.argv,
+                    commands.c.env,
+                    commands.c.secret_names,
+                    commands.c.timeout_s,
+                    commands.c.cpu_s,
+                    commands.c.memory_mb,
+                    commands.c.retry_safe,
+                    commands.c.trace_id,
                 ).where(commands.c.id == command_id)
             ).one_or_none()
             if row is None or row.tenant != tenant or row.state != State.PENDING.value:
                 return None
             try:
                 version = self._transition(
-                    conn, command_id, State.PENDING, row.version, State.RUNNING, worker,
-                    None, now,
-                    {
+                    conn,
+                    command_id,
+                    expect_state=State.PENDING,
+                    expect_version=row.version,
+                    to=State.RUNNING,
+                    actor=worker,
+                    reason=None,
+                    now=now,
+                    values={
                         "state": State.RUNNING.value,
                         "version": row.version + 1,
                         "updated_at": now,
@@ -259,10 +292,18 @@ class Store:
             except StaleVersion:
                 return None
         return Claimed(
-            id=row.id, tenant=row.tenant, version=version, attempts=row.attempts,
-            argv=list(row.argv), env=dict(row.env), secret_names=list(row.secret_names),
-            timeout_s=row.timeout_s, cpu_s=row.cpu_s, memory_mb=row.memory_mb,
-            retry_safe=row.retry_safe, trace_id=row.trace_id,
+            id=row.id,
+            tenant=row.tenant,
+            version=version,
+            attempts=row.attempts,
+            argv=list(row.argv),
+            env=dict(row.env),
+            secret_names=list(row.secret_names),
+            timeout_s=row.timeout_s,
+            cpu_s=row.cpu_s,
+            memory_mb=row.memory_mb,
+            retry_safe=row.retry_safe,
+            trace_id=row.trace_id,
         )
 
     def lookup(self, command_id: str) -> tuple[str, str, int] | None:
@@ -373,9 +414,7 @@ class Store:
 
     def expired_leases(self, *, tenant: str | None, limit: int) -> list[tuple[str, int, bool, int]]:
         """(id, version, retry_safe, attempts) of running commands whose lease ran out."""
-        cond = and_(
-            commands.c.state == State.RUNNING.value, commands.c.lease_expires_at < utcnow()
-        )
+        cond = and_(commands.c.state == State.RUNNING.value, commands.c.lease_expires_at < utcnow())
         if tenant is not None:
             cond = and_(cond, commands.c.tenant == tenant)
         with self.engine.connect() as conn:
@@ -435,19 +474,40 @@ class Store:
 
 def _record(m: Any, history: list[TransitionRecord]) -> CommandRecord:
     return CommandRecord(
-        id=m["id"], tenant=m["tenant"], state=State(m["state"]), version=m["version"],
-        attempts=m["attempts"], argv=list(m["argv"]), idempotency_key=m["idempotency_key"],
-        exit_code=m["exit_code"], signal=m["signal"], stdout=m["stdout"], stderr=m["stderr"],
-        stdout_bytes=m["stdout_bytes"], stderr_bytes=m["stderr_bytes"],
-        output_truncated=bool(m["output_truncated"]), failure_reason=m["failure_reason"],
-        error=m["error"], enforced=m["enforced"], trace_id=m["trace_id"],
-        principal=m["principal"], worker=m["worker"], retry_safe=bool(m["retry_safe"]),
-        rollback_on_failure=bool(m["rollback_on_failure"]), compensate=m["compensate"],
-        secret_names=list(m["secret_names"] or []), env=dict(m["env"] or {}),
-        timeout_s=m["timeout_s"], cpu_s=m["cpu_s"], memory_mb=m["memory_mb"],
+        id=m["id"],
+        tenant=m["tenant"],
+        state=State(m["state"]),
+        version=m["version"],
+        attempts=m["attempts"],
+        argv=list(m["argv"]),
+        idempotency_key=m["idempotency_key"],
+        exit_code=m["exit_code"],
+        signal=m["signal"],
+        stdout=m["stdout"],
+        stderr=m["stderr"],
+        stdout_bytes=m["stdout_bytes"],
+        stderr_bytes=m["stderr_bytes"],
+        output_truncated=bool(m["output_truncated"]),
+        failure_reason=m["failure_reason"],
+        error=m["error"],
+        enforced=m["enforced"],
+        trace_id=m["trace_id"],
+        principal=m["principal"],
+        worker=m["worker"],
+        retry_safe=bool(m["retry_safe"]),
+        rollback_on_failure=bool(m["rollback_on_failure"]),
+        compensate=m["compensate"],
+        secret_names=list(m["secret_names"] or []),
+        env=dict(m["env"] or {}),
+        timeout_s=m["timeout_s"],
+        cpu_s=m["cpu_s"],
+        memory_mb=m["memory_mb"],
         created_at=_utc(m["created_at"]) or m["created_at"],
         updated_at=_utc(m["updated_at"]) or m["updated_at"],
-        started_at=_utc(m["started_at"]), finished_at=_utc(m["finished_at"]),
-        published_at=_utc(m["published_at"]), lease_expires_at=_utc(m["lease_expires_at"]),
-        cancel_requested=bool(m["cancel_requested"]), transitions=history,
+        started_at=_utc(m["started_at"]),
+        finished_at=_utc(m["finished_at"]),
+        published_at=_utc(m["published_at"]),
+        lease_expires_at=_utc(m["lease_expires_at"]),
+        cancel_requested=bool(m["cancel_requested"]),
+        transitions=history,
     )
