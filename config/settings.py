@@ -65,8 +65,11 @@ def describe_validation_error(exc: ValidationError, *, prefix: str = "EXECQ_") -
     lines = []
     for err in exc.errors():
         field = ".".join(str(p) for p in err["loc"]) or "?"
-        name = f"{prefix}{field.upper()}" if prefix else field
-        lines.append(f"invalid setting {name}: {err['msg']}")
+        if prefix:
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"invalid setting {prefix}{field.upper()}: {msg}")
+        else:
+            lines.append(f"  {field}: {err['msg'].removeprefix('Value error, ')}")
     return "\n".join(lines)
 
 

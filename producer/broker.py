@@ -82,7 +82,10 @@ def celery_config(settings: Settings, tenants: TenantsFile, broker_url: str) -> 
         "task_reject_on_worker_lost": True,
         "task_acks_on_failure_or_timeout": True,
         "worker_prefetch_multiplier": 1,
-        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # Celery cancels late-ack tasks on a broker connection loss because their message will
+        # be redelivered; here a redelivery is a no-op (the store's claim), so a Redis blip
+        # must not kill a running migration or backup.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         "worker_send_task_events": True,
         "task_send_sent_event": True,
         "worker_hijack_root_logger": False,
