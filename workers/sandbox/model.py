@@ -48,3 +48,5 @@ class ExecResult:
     enforced: Mapping[str, str]
     pid: int
     executable: str
+    cpu_s: float | None = None  # user+system CPU of the command (rusage), None if unknown
+    peak_memory_bytes: int | None = None  # the memory cgroup's high-water mark, if any

@@ -1,0 +1,1 @@
+"""Tests of workers.sandbox: real child processes, real cgroups, no mocks."""

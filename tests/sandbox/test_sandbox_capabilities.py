@@ -1,0 +1,64 @@
+"""Host detection: cheap, cached, and honest about what each limit relies on."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from workers.sandbox import Capabilities, detect_capabilities
+
+from .helpers import execq_cgroups
+
+LIMIT_NAMES = {"time", "cpu", "memory", "processes", "file_size", "open_files", "core", "kill"}
+
+
+def test_detection_is_cached_per_process() -> None:
+    assert detect_capabilities() is detect_capabilities()
+
+
+def test_detection_is_cheap_and_leaves_no_probe_behind() -> None:
+    detect_capabilities.cache_clear()
+    t0 = time.perf_counter()
+    caps = detect_capabilities()
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 0.1, f"detection took {elapsed * 1000:.1f} ms"
+    assert f"execq-probe-{os.getpid()}" not in execq_cgroups()
+    assert caps.euid == os.geteuid()
+
+
+def test_the_summary_names_every_limit_and_its_mechanism() -> None:
+    line = detect_capabilities().summary()
+    fields = dict(item.split("=", 1) for item in line.split())
+    assert set(fields) >= LIMIT_NAMES
+    assert fields["time"] == "wall-clock" and fields["kill"].startswith("killpg")
+    assert "\n" not in line
+
+
+def test_a_host_without_anything_still_gets_a_summary_of_fallbacks() -> None:
+    bare = Capabilities(
+        euid=1000,
+        prlimit=None,
+        setpriv=None,
+        pdeathsig=False,
+        subreaper=False,
+        memory_v1=None,
+        memsw=False,
+        pids_v1=None,
+        cgroup_v2=None,
+        cgroup_kill=False,
+    )
+    m = bare.mechanisms()
+    assert m["kill"] == "killpg"
+    assert m["memory"].startswith("rlimit-after-spawn-as")
+    assert m["processes"] == "rlimit-after-spawn-nproc (per-uid)"
+    assert m["parent_death"] == "none"
+
+
+def test_this_root_host_enforces_everything_with_cgroups() -> None:
+    caps = detect_capabilities()
+    if os.geteuid() != 0 or caps.memory_v1 is None:
+        return  # documented by the summary instead; nothing more to assert off such hosts
+    m = caps.mechanisms()
+    assert m["memory"] == "cgroup-v1"
+    assert m["processes"] == "cgroup-v1-pids"
+    assert m["cpu"] == m["file_size"] == m["open_files"] == m["core"] == "rlimit"

@@ -1,0 +1,281 @@
+"""What this host can enforce, detected once per process (a few ms) and cached.
+
+Nothing here runs at import time; a host without cgroups, wrappers or root still gets an answer
+(with the reasons in `notes`), never an exception.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import subprocess
+from dataclasses import dataclass
+
+from producer.errors import ExecutableRefused
+
+from .resolve import resolve_executable
+
+PR_SET_CHILD_SUBREAPER = 36
+PR_GET_CHILD_SUBREAPER = 37
+_WRAPPER_DIRS = ("/usr/bin", "/bin", "/usr/sbin", "/sbin")
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """Mechanisms available here; cgroup fields are the directories we create children in."""
+
+    euid: int
+    prlimit: str | None
+    setpriv: str | None
+    pdeathsig: bool
+    subreaper: bool
+    memory_v1: str | None
+    memsw: bool
+    pids_v1: str | None
+    cgroup_v2: str | None
+    cgroup_kill: bool
+    notes: tuple[str, ...] = ()
+
+    @property
+    def is_root(self) -> bool:
+        """Root ignores RLIMIT_NPROC, so processes need the pids cgroup there."""
+        return self.euid == 0
+
+    def mechanisms(self) -> dict[str, str]:
+        """Limit name -> how a run on this host enforces it (the per-run `enforced` default)."""
+        return {
+            "time": "wall-clock loop",
+            "cpu": self.rlimit_label,
+            "memory": "cgroup-v1" if self.memory_v1 else f"{self.rlimit_label}-as (virtual, 4x)",
+            "processes": self.processes_label,
+            "file_size": self.rlimit_label,
+            "open_files": self.rlimit_label,
+            "core": self.rlimit_label,
+            "kill": self.kill_label(v2=self.cgroup_kill, v1=bool(self.memory_v1 or self.pids_v1)),
+            "parent_death": "setpriv-pdeathsig" if self.pdeathsig else "none",
+            "output": "head+tail",
+        }
+
+    @property
+    def rlimit_label(self) -> str:
+        """`rlimit` through the prlimit wrapper; set after spawn (racy) without it."""
+        return "rlimit" if self.prlimit else "rlimit-after-spawn"
+
+    @property
+    def processes_label(self) -> str:
+        """pids cgroup, else RLIMIT_NPROC (per uid, and ignored for root), else nothing."""
+        if self.pids_v1:
+            return "cgroup-v1-pids"
+        return "none" if self.is_root else f"{self.rlimit_label}-nproc (per-uid)"
+
+    def kill_label(self, *, v2: bool, v1: bool) -> str:
+        """How a process tree is killed: the group, then the cgroup, then re-parented orphans."""
+        parts = ["killpg"]
+        if v2:
+            parts.append("cgroup.kill")
+        elif v1:
+            parts.append("cgroup-procs")
+        if self.subreaper:
+            parts.append("subreaper")
+        return "+".join(parts)
+
+    def summary(self) -> str:
+        """One line for the worker's startup log, e.g. `time=wall-clock-loop cpu=rlimit ...`."""
+        items = [f"{k}={v.split(' ')[0]}" for k, v in self.mechanisms().items()]
+        return " ".join(items)
+
+
+@functools.cache
+def detect_capabilities() -> Capabilities:
+    """Probe the host once per process; `detect_capabilities.cache_clear()` forces a re-probe."""
+    notes: list[str] = []
+    prlimit = _find_wrapper("prlimit", notes)
+    setpriv = _find_wrapper("setpriv", notes)
+    pdeathsig = setpriv is not None and _setpriv_pdeathsig_works(setpriv, notes)
+    subreaper = _subreaper_available(notes)
+    mounts = _cgroup_mounts()
+    own = _own_cgroups()
+    memory_dir = _probe_v1("memory", mounts, own, "memory.limit_in_bytes", notes)
+    memsw = memory_dir is not None and os.path.exists(
+        os.path.join(memory_dir, "memory.memsw.limit_in_bytes")
+    )
+    pids_dir = _probe_v1("pids", mounts, own, "pids.max", notes)
+    v2_dir, v2_kill = _probe_v2(mounts, own, notes)
+    return Capabilities(
+        euid=os.geteuid(),
+        prlimit=prlimit,
+        setpriv=setpriv,
+        pdeathsig=pdeathsig,
+        subreaper=subreaper,
+        memory_v1=memory_dir,
+        memsw=memsw,
+        pids_v1=pids_dir,
+        cgroup_v2=v2_dir,
+        cgroup_kill=v2_kill,
+        notes=tuple(notes),
+    )
+
+
+def _find_wrapper(name: str, notes: list[str]) -> str | None:
+    """A wrapper must pass the same safety checks as a command: it runs before every command."""
+    for d in _WRAPPER_DIRS:
+        path = os.path.join(d, name)
+        if os.path.exists(path):
+            try:
+                return resolve_executable(path, [path])
+            except ExecutableRefused as exc:
+                notes.append(f"{name}: {exc}")
+                return None
+    notes.append(f"{name}: not found in {', '.join(_WRAPPER_DIRS)}")
+    return None
+
+
+def _setpriv_pdeathsig_works(setpriv: str, notes: list[str]) -> bool:
+    """util-linux before 2.33 has no --pdeathsig; run it once rather than parse versions."""
+    try:
+        rc = subprocess.run(
+            [setpriv, "--pdeathsig", "KILL", "--", setpriv, "--version"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={},
+            timeout=5,
+            check=False,
+        ).returncode
+    except (OSError, subprocess.SubprocessError) as exc:
+        notes.append(f"setpriv --pdeathsig: {exc}")
+        return False
+    if rc != 0:
+        notes.append(f"setpriv --pdeathsig: exit status {rc}")
+    return rc == 0
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+def _subreaper_available(notes: list[str]) -> bool:
+    """Ask for the current value: it fails the same way setting it would on old kernels."""
+    libc = _libc()
+    if libc is None:
+        notes.append("subreaper: no libc")
+        return False
+    value = ctypes.c_int(0)
+    if libc.prctl(PR_GET_CHILD_SUBREAPER, ctypes.byref(value), 0, 0, 0) != 0:
+        notes.append(f"subreaper: prctl failed: {os.strerror(ctypes.get_errno())}")
+        return False
+    return True
+
+
+def set_subreaper() -> bool:
+    """Make this process adopt its descendants' orphans (not inherited across fork)."""
+    libc = _libc()
+    return libc is not None and libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+
+
+def _cgroup_mounts() -> dict[str, tuple[str, str]]:
+    """Controller (or `unified`) -> (mount point, root of the mount inside the hierarchy)."""
+    out: dict[str, tuple[str, str]] = {}
+    try:
+        with open("/proc/self/mountinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        pre, _, post = line.partition(" - ")
+        pre_f, post_f = pre.split(), post.split()
+        if len(pre_f) < 5 or len(post_f) < 3:
+            continue
+        root, mount_point, fstype = pre_f[3], pre_f[4], post_f[0]
+        if fstype == "cgroup2":
+            out.setdefault("unified", (mount_point, root))
+        elif fstype == "cgroup":
+            for opt in post_f[2].split(","):
+                out.setdefault(opt, (mount_point, root))
+    return out
+
+
+def _own_cgroups() -> dict[str, str]:
+    """Controller (or `unified`) -> our path inside that hierarchy, from /proc/self/cgroup."""
+    out: dict[str, str] = {}
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if parts[0] == "0" and not controllers:
+            out["unified"] = path
+        for c in controllers.split(","):
+            if c:
+                out[c] = path
+    return out
+
+
+def own_dir(key: str, mounts: dict[str, tuple[str, str]], own: dict[str, str]) -> str | None:
+    """The directory of our own cgroup in one hierarchy, or None if it is not mounted."""
+    if key not in mounts or key not in own:
+        return None
+    mount_point, root = mounts[key]
+    path = own[key]
+    # Inside a container the mount root is our own cgroup, so strip it from the path.
+    if root != "/" and (path == root or path.startswith(root + "/")):
+        path = path[len(root) :]
+    return os.path.normpath(mount_point + "/" + path.lstrip("/"))
+
+
+def _probe(directory: str, needed: str, notes: list[str], label: str) -> bool:
+    """mkdir + rmdir a child: the only honest test that we may create cgroups here."""
+    probe = os.path.join(directory, f"execq-probe-{os.getpid()}")
+    try:
+        os.mkdir(probe)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        notes.append(f"{label}: cannot create a cgroup under {directory}: {exc.strerror}")
+        return False
+    try:
+        ok = os.path.exists(os.path.join(probe, needed))
+        if not ok:
+            notes.append(f"{label}: {needed} missing under {directory}")
+        return ok
+    finally:
+        try:
+            os.rmdir(probe)
+        except OSError as exc:
+            notes.append(f"{label}: cannot remove probe {probe}: {exc.strerror}")
+
+
+def _probe_v1(
+    controller: str,
+    mounts: dict[str, tuple[str, str]],
+    own: dict[str, str],
+    needed: str,
+    notes: list[str],
+) -> str | None:
+    label = f"cgroup-v1 {controller}"
+    directory = own_dir(controller, mounts, own)
+    if directory is None:
+        notes.append(f"{label}: not mounted")
+        return None
+    return directory if _probe(directory, needed, notes, label) else None
+
+
+def _probe_v2(
+    mounts: dict[str, tuple[str, str]], own: dict[str, str], notes: list[str]
+) -> tuple[str | None, bool]:
+    directory = own_dir("unified", mounts, own)
+    if directory is None:
+        notes.append("cgroup-v2: not mounted")
+        return None, False
+    if not _probe(directory, "cgroup.kill", notes, "cgroup-v2"):
+        return None, False
+    return directory, True

@@ -1,0 +1,93 @@
+"""Turn argv[0] into the one real file that will be executed, or refuse it.
+
+Only absolute paths are accepted, compared by realpath with the allow-list, and the file and
+every directory above it must be safe from tampering by anyone but root (or us).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Sequence
+
+from producer.errors import ExecutableRefused
+
+_MAX_LINK_HOPS = 40  # the kernel's own limit (ELOOP)
+
+
+def resolve_executable(argv0: str, allowed: Sequence[str]) -> str:
+    """Return the realpath of argv0 if it is allow-listed and safe; raise ExecutableRefused."""
+    if not argv0:
+        raise ExecutableRefused("refused '': argv[0] is empty")
+    if "\x00" in argv0:
+        raise ExecutableRefused(f"refused {argv0!r}: argv[0] contains a NUL byte")
+    if not os.path.isabs(argv0):
+        kind = "a relative path" if "/" in argv0 else "a bare name"
+        raise ExecutableRefused(
+            f"refused {argv0!r}: {kind}; argv[0] must be an absolute path (nothing is searched)"
+        )
+    real = os.path.realpath(argv0)
+    allowed_real = {os.path.realpath(a) for a in allowed if a and os.path.isabs(a)}
+    if real not in allowed_real:
+        if real != os.path.normpath(argv0):
+            raise ExecutableRefused(
+                f"refused {argv0}: it resolves to {real}, which is not in the allow-list"
+            )
+        raise ExecutableRefused(f"refused {argv0}: not in the allow-list")
+    try:
+        st = os.stat(real)
+    except FileNotFoundError:
+        raise ExecutableRefused(f"refused {argv0}: {real} does not exist") from None
+    except OSError as exc:
+        raise ExecutableRefused(f"refused {argv0}: cannot stat {real}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ExecutableRefused(f"refused {argv0}: {real} is not a regular file")
+    if not st.st_mode & 0o111 or not os.access(real, os.X_OK):
+        raise ExecutableRefused(f"refused {argv0}: {real} is not executable")
+    _check_safe(argv0, real, st, "file")
+    _check_parents(argv0, real)
+    _check_link_dirs(argv0)
+    return real
+
+
+def _check_safe(argv0: str, path: str, st: os.stat_result, what: str) -> None:
+    """Refuse a path that someone other than root or us could modify."""
+    if st.st_uid not in (0, os.geteuid()):
+        raise ExecutableRefused(
+            f"refused {argv0}: {what} {path} is owned by uid {st.st_uid}, not root or us"
+        )
+    if st.st_mode & stat.S_IWOTH:
+        raise ExecutableRefused(f"refused {argv0}: {what} {path} is world-writable")
+    if st.st_mode & stat.S_IWGRP:
+        raise ExecutableRefused(f"refused {argv0}: {what} {path} is group-writable")
+
+
+def _check_parents(argv0: str, real: str) -> None:
+    """Every directory above the file: a writable one would let the file be swapped."""
+    parent = os.path.dirname(real)
+    while True:
+        try:
+            st = os.stat(parent)
+        except OSError as exc:
+            raise ExecutableRefused(
+                f"refused {argv0}: cannot stat directory {parent}: {exc.strerror}"
+            ) from None
+        _check_safe(argv0, parent, st, "parent directory")
+        up = os.path.dirname(parent)
+        if up == parent:
+            return
+        parent = up
+
+
+def _check_link_dirs(argv0: str) -> None:
+    """A symlink on the way can be re-pointed by whoever can write the directory holding it."""
+    path = argv0
+    for _ in range(_MAX_LINK_HOPS):
+        directory = os.path.realpath(os.path.dirname(path))
+        link = os.path.join(directory, os.path.basename(path))
+        if not os.path.islink(link):
+            return
+        _check_parents(argv0, link)
+        target = os.readlink(link)
+        path = target if os.path.isabs(target) else os.path.join(directory, target)
+    raise ExecutableRefused(f"refused {argv0}: too many levels of symbolic links")
