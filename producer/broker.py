@@ -78,13 +78,15 @@ def celery_config(settings: Settings, tenants: TenantsFile, broker_url: str) -> 
         "task_create_missing_queues": False,
         "task_default_exchange": EXCHANGE.name,
         "task_default_exchange_type": "direct",
-        "task_acks_late": True,
-        "task_reject_on_worker_lost": True,
-        "task_acks_on_failure_or_timeout": True,
+        # Early ack, on purpose. The store, not Redis, keeps a command alive: once claimed it
+        # holds a lease, and a message lost before its claim is re-published by the outbox.
+        # Late ack would add nothing but Redis' visibility-timeout redeliveries and a Celery
+        # 5.7 crash: after a broker restart, acking a message received before it stops the
+        # whole worker (AttributeError in kombu's Redis channel).
+        "task_acks_late": False,
+        "task_reject_on_worker_lost": False,
         "worker_prefetch_multiplier": 1,
-        # Celery cancels late-ack tasks on a broker connection loss because their message will
-        # be redelivered; here a redelivery is a no-op (the store's claim), so a Redis blip
-        # must not kill a running migration or backup.
+        # A Redis blip must not kill a running migration or backup.
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         "worker_send_task_events": True,
         "task_send_sent_event": True,
@@ -129,9 +131,11 @@ class Publisher:
                 TASK_NAME,
                 kwargs=kwargs,
                 task_id=command_id,
+                # No exchange: Celery then publishes through the anonymous exchange straight
+                # into the queue's list. A named exchange needs its binding in Redis, which a
+                # Redis restart without persistence loses, and kombu then drops the message.
                 queue=queue,
-                routing_key=queue,
-                exchange=EXCHANGE.name,
+                declare=[],
                 retry=False,
                 headers=dict(headers or {}),
                 # What Flower and task events show: never the secret values.

@@ -425,3 +425,35 @@ def test_the_cli_speaks_json_and_uses_the_contracts_exit_codes(env: Env, workers
     listed = json.loads(cli("list", "--json", "--tenant", "alpha").stdout)
     assert len(listed) >= 3
     _ = redis
+
+
+def test_a_redis_restart_neither_kills_nor_reruns_a_running_command(
+    make_env: Callable[..., Env], database_url: str, tmp_path: Path
+) -> None:
+    from tests.conftest import start_worker
+    from workers.embedded import EmbeddedRedis
+
+    server = EmbeddedRedis(record=False).start()
+    env = make_env(database_url, server.url)
+    producer = env.producer()
+    runs = tmp_path / "runs"
+    w = start_worker(env, "alpha")
+    try:
+        r = producer.submit(
+            CommandSpec(
+                tenant="alpha", argv=["/bin/sh", "-c", f"echo run >> {runs}; sleep 3; echo done"]
+            )
+        )
+        wait_for(lambda: producer.get(r.id).state is State.RUNNING, 15, "the command to start")
+        server.stop()
+        time.sleep(1)
+        server = EmbeddedRedis(record=False, port=server.port).start()
+        rec = producer.wait(r.id, timeout=30)
+        assert (rec.state, rec.stdout) == (State.SUCCEEDED, "done\n")
+        after = producer.submit(CommandSpec(tenant="alpha", argv=["/bin/echo", "again"]))
+        assert producer.wait(after.id, timeout=60).state is State.SUCCEEDED
+        assert runs.read_text() == "run\n"
+    finally:
+        w.stop()
+        producer.close()
+        server.stop()

@@ -9,7 +9,7 @@ from celery import Celery
 from producer.broker import make_celery
 from workers import signals, tasks
 from workers.runtime import Runtime, WorkerConfig
-from workers.sandbox import detect_capabilities
+from workers.sandbox import detect_capabilities, sweep_stale
 
 log = logging.getLogger("execq.worker")
 
@@ -27,6 +27,10 @@ def run_worker(config: WorkerConfig, *, loglevel: str = "INFO") -> int:
     capabilities = detect_capabilities()
     line = capabilities.summary()
     log.info("sandbox on this host: %s", line)
+    # Commands of a worker that was SIGKILLed may still run in their cgroups: end them now.
+    swept = sweep_stale(capabilities)
+    if swept:
+        log.warning("killed and removed %d stale sandbox cgroup(s): %s", len(swept), swept)
     app, runtime = build(config)
     signals.connect(runtime, capabilities_line=line)
     worker = app.Worker(

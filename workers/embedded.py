@@ -58,8 +58,8 @@ def _free_port() -> int:
 class EmbeddedRedis:
     """A private redis-server process; `url` is where it listens."""
 
-    def __init__(self, *, record: bool = True) -> None:
-        self.port = _free_port()
+    def __init__(self, *, record: bool = True, port: int | None = None) -> None:
+        self.port = port or _free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._record = record
         self._dir = tempfile.mkdtemp(prefix="execq-redis-")

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
 from celery import Celery, Task
-from celery.exceptions import Reject
 from sqlalchemy.exc import OperationalError
 
 from producer.broker import TASK_NAME
@@ -24,8 +22,7 @@ def register(app: Celery, runtime: Callable[[], Runtime]) -> Task:
     @app.task(  # type: ignore[untyped-decorator]
         name=TASK_NAME,
         bind=True,
-        acks_late=True,
-        reject_on_worker_lost=True,
+        acks_late=False,
         ignore_result=True,
         track_started=False,
     )
@@ -45,9 +42,9 @@ def register(app: Celery, runtime: Callable[[], Runtime]) -> Task:
         try:
             return runtime().pipeline.handle(delivery).action
         except OperationalError as exc:
-            # The store is unreachable: put the message back rather than lose the delivery.
-            log.error("store unavailable for command %s, requeueing: %s", delivery.command_id, exc)
-            time.sleep(1)
-            raise Reject(str(exc), requeue=True) from None
+            # The message is acked already; the command is still `pending` in the store, and
+            # the outbox publishes it again once the store is back.
+            log.error("store unavailable for command %s: %s", delivery.command_id, exc)
+            return "store_unavailable"
 
     return run
