@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -472,42 +472,23 @@ class Store:
             return int(conn.execute(select(func.count()).select_from(commands)).scalar_one())
 
 
+_RECORD_FIELDS = tuple(f.name for f in fields(CommandRecord) if f.name != "transitions")
+_TIMESTAMPS = frozenset(
+    {"created_at", "updated_at", "started_at", "finished_at", "published_at", "lease_expires_at"}
+)
+_FLAGS = frozenset({"output_truncated", "retry_safe", "rollback_on_failure", "cancel_requested"})
+
+
 def _record(m: Any, history: list[TransitionRecord]) -> CommandRecord:
-    return CommandRecord(
-        id=m["id"],
-        tenant=m["tenant"],
-        state=State(m["state"]),
-        version=m["version"],
-        attempts=m["attempts"],
-        argv=list(m["argv"]),
-        idempotency_key=m["idempotency_key"],
-        exit_code=m["exit_code"],
-        signal=m["signal"],
-        stdout=m["stdout"],
-        stderr=m["stderr"],
-        stdout_bytes=m["stdout_bytes"],
-        stderr_bytes=m["stderr_bytes"],
-        output_truncated=bool(m["output_truncated"]),
-        failure_reason=m["failure_reason"],
-        error=m["error"],
-        enforced=m["enforced"],
-        trace_id=m["trace_id"],
-        principal=m["principal"],
-        worker=m["worker"],
-        retry_safe=bool(m["retry_safe"]),
-        rollback_on_failure=bool(m["rollback_on_failure"]),
-        compensate=m["compensate"],
-        secret_names=list(m["secret_names"] or []),
-        env=dict(m["env"] or {}),
-        timeout_s=m["timeout_s"],
-        cpu_s=m["cpu_s"],
-        memory_mb=m["memory_mb"],
-        created_at=_utc(m["created_at"]) or m["created_at"],
-        updated_at=_utc(m["updated_at"]) or m["updated_at"],
-        started_at=_utc(m["started_at"]),
-        finished_at=_utc(m["finished_at"]),
-        published_at=_utc(m["published_at"]),
-        lease_expires_at=_utc(m["lease_expires_at"]),
-        cancel_requested=bool(m["cancel_requested"]),
-        transitions=history,
-    )
+    values: dict[str, Any] = {}
+    for name in _RECORD_FIELDS:
+        value = m[name]
+        if name in _TIMESTAMPS:
+            value = _utc(value)
+        elif name in _FLAGS:
+            value = bool(value)
+        values[name] = value
+    values["state"] = State(values["state"])
+    values["secret_names"] = list(values["secret_names"] or [])
+    values["env"] = dict(values["env"] or {})
+    return CommandRecord(**values, transitions=history)
