@@ -1,0 +1,1 @@
+"""`python -m bench`: execq against bare Celery on this machine, same workload, one run."""
