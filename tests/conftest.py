@@ -118,7 +118,8 @@ def pg_server() -> Iterator[str]:
 def _reset_pg(url: str) -> None:
     engine = make_engine(url)
     with engine.begin() as conn:
-        conn.execute(sa.text("DROP TABLE IF EXISTS transitions, commands, alembic_version"))
+        conn.execute(sa.text("DROP SCHEMA public CASCADE"))
+        conn.execute(sa.text("CREATE SCHEMA public"))
     engine.dispose()
 
 

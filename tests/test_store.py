@@ -179,3 +179,40 @@ def test_an_idempotency_storm_from_processes_makes_one_command(
     assert len({cid for cid, _ in results}) == 1
     assert sum(1 for _, dup in results if not dup) == 1
     assert store.count() == 1
+
+
+def test_the_database_refuses_a_state_change_without_a_version_bump(store: Store) -> None:
+    import sqlalchemy as sa
+
+    cid = store.create(spec(), actor="t").id
+    with pytest.raises(sa.exc.DBAPIError, match="without bumping its version"):
+        with store.engine.begin() as conn:
+            conn.execute(
+                sa.text("UPDATE commands SET state = 'succeeded' WHERE id = :id"), {"id": cid}
+            )
+    with pytest.raises(sa.exc.DBAPIError, match="without bumping its version"):
+        with store.engine.begin() as conn:
+            conn.execute(
+                sa.text("UPDATE commands SET version = version + 2 WHERE id = :id"), {"id": cid}
+            )
+    assert store.get(cid).state is State.PENDING
+
+
+def test_every_version_bump_writes_history_whoever_writes_the_row(store: Store) -> None:
+    import sqlalchemy as sa
+
+    cid = store.create(spec(), actor="t").id
+    with store.engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "UPDATE commands SET state = 'revoked', version = version + 1, "
+                "last_actor = 'dba', last_reason = 'manual fix' WHERE id = :id"
+            ),
+            {"id": cid},
+        )
+        conn.execute(sa.text("UPDATE commands SET lease_pid = 42 WHERE id = :id"), {"id": cid})
+    history = store.get(cid, with_transitions=True).transitions
+    assert [(t.from_state, t.to_state, t.version, t.actor, t.reason) for t in history] == [
+        (None, State.PENDING, 1, "t", None),
+        (State.PENDING, State.REVOKED, 2, "dba", "manual fix"),
+    ]

@@ -46,6 +46,9 @@ def _sqlite_engine(url: str) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
+        # Autocommit connections run each statement as its own implicit transaction.
+        if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+            return
         # IMMEDIATE takes the write lock up front, so two processes never deadlock upgrading
         # a read lock (SQLITE_BUSY without waiting); the busy timeout then queues writers.
         conn.exec_driver_sql("BEGIN IMMEDIATE")

@@ -77,6 +77,9 @@ class Command(Base):
     publish_count: Mapped[int] = mapped_column(Integer, default=0)
 
     trace_id: Mapped[str | None] = mapped_column(String(32))
+    # Who made the latest change and why: the store's trigger copies them into `transitions`.
+    last_actor: Mapped[str] = mapped_column(String(200))
+    last_reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -84,7 +87,11 @@ class Command(Base):
 
 
 class Transition(Base):
-    """One change of state: every bump of a command's version writes exactly one row."""
+    """One change of state: every bump of a command's version writes exactly one row.
+
+    Rows are written by triggers in the database (see migration 0001), not by execq code, so
+    no code path can change a command without its history, and each change is one statement.
+    """
 
     __tablename__ = "transitions"
     __table_args__ = (Index("ix_transitions_command", "command_id", "id"),)

@@ -67,10 +67,15 @@ class Store:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        # Every write here is one statement (the history rows come from triggers), so it runs
+        # in autocommit: one round trip on PostgreSQL instead of BEGIN/statement/COMMIT, and
+        # no read-then-upgrade lock on SQLite. Reads are single statements too.
+        self._auto = engine.execution_options(isolation_level="AUTOCOMMIT")
 
     @contextmanager
-    def _tx(self) -> Iterator[Connection]:
-        with self.engine.begin() as conn:
+    def _one(self) -> Iterator[Connection]:
+        """A connection for one atomic statement."""
+        with self._auto.connect() as conn:
             yield conn
 
     # --- creation ----------------------------------------------------------------------
@@ -116,31 +121,21 @@ class Store:
             "cancel_requested": False,
             "publish_count": 0,
             "trace_id": trace_id,
+            "last_actor": actor,
+            "last_reason": reason,
             "created_at": now,
             "updated_at": now,
             "finished_at": now if state is State.REJECTED else None,
         }
         try:
-            with self._tx() as conn:
+            with self._one() as conn:
                 conn.execute(insert(commands), row)
-                conn.execute(
-                    insert(transitions),
-                    {
-                        "command_id": cid,
-                        "from_state": None,
-                        "to_state": state.value,
-                        "version": 1,
-                        "at": now,
-                        "actor": actor,
-                        "reason": reason,
-                    },
-                )
             return Created(cid, state, duplicate=False, published=False)
         except IntegrityError:
             if spec.idempotency_key is None:
                 raise
         # The key exists: the unique constraint decided the race, now report the winner.
-        with self.engine.connect() as conn:
+        with self._one() as conn:
             found = conn.execute(
                 select(
                     commands.c.id, commands.c.spec_hash, commands.c.state, commands.c.published_at
@@ -170,131 +165,78 @@ class Store:
         to: State,
         actor: str,
         reason: str | None = None,
-        conn: Connection | None = None,
         **fields: Any,
     ) -> int:
         """Move (id, state, version) to `to`, or raise StaleVersion; returns the new version."""
         check_transition(expect_state, to)
-        now = utcnow()
-        values = {"state": to.value, "version": expect_version + 1, "updated_at": now, **fields}
-        if conn is None:
-            with self._tx() as own:
-                return self._transition(
-                    own,
-                    command_id,
-                    expect_state=expect_state,
-                    expect_version=expect_version,
-                    to=to,
-                    actor=actor,
-                    reason=reason,
-                    now=now,
-                    values=values,
+        values = {
+            "state": to.value,
+            "version": expect_version + 1,
+            "updated_at": utcnow(),
+            "last_actor": actor,
+            "last_reason": reason,
+            **fields,
+        }
+        with self._one() as conn:
+            result = conn.execute(
+                update(commands)
+                .where(
+                    commands.c.id == command_id,
+                    commands.c.state == expect_state.value,
+                    commands.c.version == expect_version,
                 )
-        return self._transition(
-            conn,
-            command_id,
-            expect_state=expect_state,
-            expect_version=expect_version,
-            to=to,
-            actor=actor,
-            reason=reason,
-            now=now,
-            values=values,
-        )
-
-    def _transition(
-        self,
-        conn: Connection,
-        command_id: str,
-        *,
-        expect_state: State,
-        expect_version: int,
-        to: State,
-        actor: str,
-        reason: str | None,
-        now: datetime,
-        values: dict[str, Any],
-    ) -> int:
-        result = conn.execute(
-            update(commands)
-            .where(
-                commands.c.id == command_id,
-                commands.c.state == expect_state.value,
-                commands.c.version == expect_version,
+                .values(**values)
             )
-            .values(**values)
-        )
         if result.rowcount != 1:
             raise StaleVersion(
                 f"command {command_id} is no longer {expect_state} at version {expect_version}"
             )
-        conn.execute(
-            insert(transitions),
-            {
-                "command_id": command_id,
-                "from_state": expect_state.value,
-                "to_state": to.value,
-                "version": expect_version + 1,
-                "at": now,
-                "actor": actor,
-                "reason": reason,
-            },
-        )
         return expect_version + 1
 
     # --- the worker's path -------------------------------------------------------------
 
     def claim(self, command_id: str, *, tenant: str, worker: str, lease_s: float) -> Claimed | None:
-        """pending -> running for this worker, or None when another delivery already won."""
+        """pending -> running for this worker, or None when another delivery already won.
+
+        One conditional UPDATE guarded by (id, tenant, state): whatever the version is, only
+        one claimer can see `pending`, and the version is bumped in the same statement.
+        """
+        check_transition(State.PENDING, State.RUNNING)
         now = utcnow()
-        with self._tx() as conn:
+        with self._one() as conn:
             row = conn.execute(
-                select(
-                    commands.c.id,
-                    commands.c.tenant,
-                    commands.c.state,
-                    commands.c.version,
-                    commands.c.attempts,
-                    commands.c.argv,
-                    commands.c.env,
-                    commands.c.secret_names,
-                    commands.c.timeout_s,
-                    commands.c.cpu_s,
-                    commands.c.memory_mb,
-                    commands.c.retry_safe,
-                    commands.c.trace_id,
-                ).where(commands.c.id == command_id)
-            ).one_or_none()
-            if row is None or row.tenant != tenant or row.state != State.PENDING.value:
-                return None
-            try:
-                version = self._transition(
-                    conn,
-                    command_id,
-                    expect_state=State.PENDING,
-                    expect_version=row.version,
-                    to=State.RUNNING,
-                    actor=worker,
-                    reason=None,
-                    now=now,
-                    values={
-                        "state": State.RUNNING.value,
-                        "version": row.version + 1,
-                        "updated_at": now,
-                        "started_at": now,
-                        "worker": worker,
-                        "lease_owner": worker,
-                        "lease_expires_at": now + timedelta(seconds=lease_s),
-                        "cancel_requested": False,
-                        "published_at": func.coalesce(commands.c.published_at, now),
-                    },
+                update(commands)
+                .where(
+                    commands.c.id == command_id,
+                    commands.c.tenant == tenant,
+                    commands.c.state == State.PENDING.value,
                 )
-            except StaleVersion:
-                return None
+                .values(
+                    state=State.RUNNING.value,
+                    version=commands.c.version + 1,
+                    updated_at=now,
+                    started_at=now,
+                    worker=worker,
+                    lease_owner=worker,
+                    lease_expires_at=now + timedelta(seconds=lease_s),
+                    cancel_requested=False,
+                    published_at=func.coalesce(commands.c.published_at, now),
+                    last_actor=worker,
+                    last_reason=None,
+                )
+                .returning(
+                    commands.c.id, commands.c.tenant, commands.c.version, commands.c.attempts,
+                    commands.c.argv, commands.c.env, commands.c.secret_names,
+                    commands.c.timeout_s, commands.c.cpu_s, commands.c.memory_mb,
+                    commands.c.retry_safe, commands.c.trace_id,
+                )
+            ).one_or_none()
+        if row is None:
+            return None
         return Claimed(
             id=row.id,
             tenant=row.tenant,
-            version=version,
+            version=row.version,
             attempts=row.attempts,
             argv=list(row.argv),
             env=dict(row.env),
@@ -308,7 +250,7 @@ class Store:
 
     def lookup(self, command_id: str) -> tuple[str, str, int] | None:
         """(tenant, state, version) of a command, or None; a cheap read for logging refusals."""
-        with self.engine.connect() as conn:
+        with self._one() as conn:
             row = conn.execute(
                 select(commands.c.tenant, commands.c.state, commands.c.version).where(
                     commands.c.id == command_id
@@ -323,7 +265,7 @@ class Store:
         values: dict[str, Any] = {"lease_expires_at": utcnow() + timedelta(seconds=lease_s)}
         if pid is not None:
             values["lease_pid"] = pid
-        with self._tx() as conn:
+        with self._one() as conn:
             result = conn.execute(
                 update(commands)
                 .where(
@@ -339,7 +281,7 @@ class Store:
 
     def cancel_requested(self, command_id: str) -> bool:
         """Whether an operator asked to terminate this running command (checked in the store)."""
-        with self.engine.connect() as conn:
+        with self._one() as conn:
             value = conn.execute(
                 select(commands.c.cancel_requested).where(
                     commands.c.id == command_id, commands.c.state == State.RUNNING.value
@@ -349,7 +291,7 @@ class Store:
 
     def request_cancel(self, command_id: str) -> bool:
         """Flag a running command for termination; False when it is not running."""
-        with self._tx() as conn:
+        with self._one() as conn:
             result = conn.execute(
                 update(commands)
                 .where(commands.c.id == command_id, commands.c.state == State.RUNNING.value)
@@ -364,7 +306,7 @@ class Store:
         if not command_ids:
             return
         now = utcnow()
-        with self._tx() as conn:
+        with self._one() as conn:
             conn.execute(
                 update(commands)
                 .where(commands.c.id.in_(list(command_ids)))
@@ -403,7 +345,7 @@ class Store:
         )
         if tenant is not None:
             cond = and_(cond, commands.c.tenant == tenant)
-        with self.engine.connect() as conn:
+        with self._one() as conn:
             rows = conn.execute(
                 select(commands.c.id, commands.c.tenant)
                 .where(cond)
@@ -417,7 +359,7 @@ class Store:
         cond = and_(commands.c.state == State.RUNNING.value, commands.c.lease_expires_at < utcnow())
         if tenant is not None:
             cond = and_(cond, commands.c.tenant == tenant)
-        with self.engine.connect() as conn:
+        with self._one() as conn:
             rows = conn.execute(
                 select(
                     commands.c.id, commands.c.version, commands.c.retry_safe, commands.c.attempts
@@ -431,7 +373,7 @@ class Store:
 
     def get(self, command_id: str, *, with_transitions: bool = False) -> CommandRecord:
         """The record of one command, or NotFound."""
-        with self.engine.connect() as conn:
+        with self._one() as conn:
             row = conn.execute(select(commands).where(commands.c.id == command_id)).one_or_none()
             if row is None:
                 raise NotFound(f"no command with id {command_id!r}")
@@ -463,12 +405,12 @@ class Store:
             query = query.where(commands.c.tenant == tenant)
         if state is not None:
             query = query.where(commands.c.state == state.value)
-        with self.engine.connect() as conn:
+        with self._one() as conn:
             return [_record(r._mapping, []) for r in conn.execute(query)]
 
     def count(self) -> int:
         """How many commands the store holds."""
-        with self.engine.connect() as conn:
+        with self._one() as conn:
             return int(conn.execute(select(func.count()).select_from(commands)).scalar_one())
 
 

@@ -17,6 +17,79 @@ depends_on = None
 
 TS = sa.DateTime(timezone=True)
 
+# The history is written by the database: one row when a command is created and one for every
+# version bump, from the command's own `last_actor`/`last_reason`. A state change without a
+# version bump of exactly one is refused, so "every change of state is one row and bumps
+# version" holds whoever writes to the table.
+_HISTORY_COLUMNS = "command_id, from_state, to_state, version, at, actor, reason"
+
+PG_TRIGGERS = [
+    f"""
+    CREATE FUNCTION execq_history() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+      IF TG_OP = 'INSERT' THEN
+        INSERT INTO transitions ({_HISTORY_COLUMNS}) VALUES
+          (NEW.id, NULL, NEW.state, NEW.version, NEW.updated_at, NEW.last_actor,
+           NEW.last_reason);
+      ELSE
+        INSERT INTO transitions ({_HISTORY_COLUMNS}) VALUES
+          (NEW.id, OLD.state, NEW.state, NEW.version, NEW.updated_at, NEW.last_actor,
+           NEW.last_reason);
+      END IF;
+      RETURN NULL;
+    END $$
+    """,
+    """
+    CREATE FUNCTION execq_version_guard() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+      RAISE EXCEPTION 'execq: command % changed state without bumping its version by one',
+        OLD.id;
+    END $$
+    """,
+    "CREATE TRIGGER commands_created AFTER INSERT ON commands "
+    "FOR EACH ROW EXECUTE FUNCTION execq_history()",
+    "CREATE TRIGGER commands_changed AFTER UPDATE ON commands "
+    "FOR EACH ROW WHEN (OLD.version IS DISTINCT FROM NEW.version) EXECUTE FUNCTION execq_history()",
+    "CREATE TRIGGER commands_version_guard BEFORE UPDATE ON commands FOR EACH ROW "
+    "WHEN ((OLD.state IS DISTINCT FROM NEW.state OR OLD.version IS DISTINCT FROM NEW.version) "
+    "AND NEW.version IS DISTINCT FROM OLD.version + 1) EXECUTE FUNCTION execq_version_guard()",
+]
+PG_DROP = [
+    "DROP TRIGGER IF EXISTS commands_version_guard ON commands",
+    "DROP TRIGGER IF EXISTS commands_changed ON commands",
+    "DROP TRIGGER IF EXISTS commands_created ON commands",
+    "DROP FUNCTION IF EXISTS execq_version_guard()",
+    "DROP FUNCTION IF EXISTS execq_history()",
+]
+SQLITE_TRIGGERS = [
+    f"""
+    CREATE TRIGGER commands_created AFTER INSERT ON commands BEGIN
+      INSERT INTO transitions ({_HISTORY_COLUMNS}) VALUES
+        (NEW.id, NULL, NEW.state, NEW.version, NEW.updated_at, NEW.last_actor, NEW.last_reason);
+    END
+    """,
+    f"""
+    CREATE TRIGGER commands_changed AFTER UPDATE ON commands
+    WHEN OLD.version IS NOT NEW.version BEGIN
+      INSERT INTO transitions ({_HISTORY_COLUMNS}) VALUES
+        (NEW.id, OLD.state, NEW.state, NEW.version, NEW.updated_at, NEW.last_actor,
+         NEW.last_reason);
+    END
+    """,
+    """
+    CREATE TRIGGER commands_version_guard BEFORE UPDATE ON commands
+    WHEN (OLD.state IS NOT NEW.state OR OLD.version IS NOT NEW.version)
+      AND NEW.version IS NOT OLD.version + 1 BEGIN
+      SELECT RAISE(ABORT, 'execq: a command changed state without bumping its version by one');
+    END
+    """,
+]
+SQLITE_DROP = [
+    "DROP TRIGGER IF EXISTS commands_version_guard",
+    "DROP TRIGGER IF EXISTS commands_changed",
+    "DROP TRIGGER IF EXISTS commands_created",
+]
+
 
 def upgrade() -> None:
     op.create_table(
@@ -57,6 +130,8 @@ def upgrade() -> None:
         sa.Column("published_at", TS, nullable=True),
         sa.Column("publish_count", sa.Integer(), nullable=False),
         sa.Column("trace_id", sa.String(32), nullable=True),
+        sa.Column("last_actor", sa.String(200), nullable=False),
+        sa.Column("last_reason", sa.Text(), nullable=True),
         sa.Column("created_at", TS, nullable=False),
         sa.Column("updated_at", TS, nullable=False),
         sa.Column("started_at", TS, nullable=True),
@@ -79,9 +154,15 @@ def upgrade() -> None:
         sa.Column("reason", sa.Text(), nullable=True),
     )
     op.create_index("ix_transitions_command", "transitions", ["command_id", "id"])
+    bind = op.get_bind()
+    for statement in PG_TRIGGERS if bind.dialect.name == "postgresql" else SQLITE_TRIGGERS:
+        op.execute(statement)
 
 
 def downgrade() -> None:
+    bind = op.get_bind()
+    for statement in PG_DROP if bind.dialect.name == "postgresql" else SQLITE_DROP:
+        op.execute(statement)
     op.drop_index("ix_transitions_command", "transitions")
     op.drop_table("transitions")
     op.drop_index("ix_commands_created", "commands")
