@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import getpass
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -16,12 +15,12 @@ from config.tenants import TenantsFile, load_tenants
 from producer import policy
 from producer.broker import Publisher, make_celery, resolve_broker_url
 from producer.errors import (
-    BrokerUnavailable,
     ConfigError,
     InvalidOperation,
     PolicyDenied,
     StaleVersion,
 )
+from producer.outbox import Outbox
 from producer.record import CommandRecord
 from producer.spec import CommandSpec
 from producer.states import RETRYABLE, State, is_terminal
@@ -61,11 +60,7 @@ class Producer:
         self.publisher = publisher
         self.broker_url = broker_url
         self._redis: redis.Redis | None = None
-        # Commands whose publish failed: retried here, with their secrets, until Redis is back.
-        self._backlog: dict[str, tuple[str, dict[str, str], dict[str, str]]] = {}
-        self._backlog_lock = threading.Lock()
-        self._backlog_thread: threading.Thread | None = None
-        self._closed = threading.Event()
+        self.outbox = Outbox(store, publisher)
 
     @classmethod
     def from_env(cls) -> Producer:
@@ -140,57 +135,11 @@ class Producer:
     def _publish(
         self, command_id: str, tenant: str, secrets: dict[str, str], headers: dict[str, str]
     ) -> bool:
-        try:
-            self.publisher.publish(command_id, tenant, secrets=secrets, headers=headers)
-        except BrokerUnavailable as exc:
-            log.warning("broker unavailable, command %s kept for publishing: %s", command_id, exc)
-            with self._backlog_lock:
-                self._backlog[command_id] = (tenant, secrets, headers)
-            self._start_backlog_thread()
-            return False
-        self.store.mark_published([command_id])
-        return True
-
-    def _start_backlog_thread(self) -> None:
-        with self._backlog_lock:
-            if self._backlog_thread is not None and self._backlog_thread.is_alive():
-                return
-            self._backlog_thread = threading.Thread(
-                target=self._drain_backlog, name="execq-outbox", daemon=True
-            )
-            self._backlog_thread.start()
-
-    def _drain_backlog(self) -> None:
-        delay = 0.5
-        while not self._closed.is_set():
-            with self._backlog_lock:
-                pending = list(self._backlog.items())
-            if not pending:
-                return
-            for command_id, (tenant, secrets, headers) in pending:
-                try:
-                    self.publisher.publish(command_id, tenant, secrets=secrets, headers=headers)
-                except BrokerUnavailable:
-                    break
-                self.store.mark_published([command_id])
-                with self._backlog_lock:
-                    self._backlog.pop(command_id, None)
-                delay = 0.5
-            else:
-                continue
-            self._closed.wait(delay)
-            delay = min(delay * 2, 5.0)
+        return self.outbox.send(command_id, tenant, secrets, headers)
 
     def flush(self, timeout: float = 10.0) -> int:
-        """Wait until this producer's unpublished commands are published; how many are left."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._backlog_lock:
-                if not self._backlog:
-                    return 0
-            time.sleep(0.05)
-        with self._backlog_lock:
-            return len(self._backlog)
+        """Wait until this producer's commands are published; how many still wait for Redis."""
+        return self.outbox.flush(timeout)
 
     # --- reads ---------------------------------------------------------------------------
 
@@ -329,7 +278,7 @@ class Producer:
 
     def close(self) -> None:
         """Stop background publishing and release connections."""
-        self._closed.set()
+        self.outbox.close()
         self.publisher.close()
         if self._redis is not None:
             self._redis.close()

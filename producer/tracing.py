@@ -10,6 +10,11 @@ import re
 import secrets
 from dataclasses import dataclass
 
+try:  # optional at this layer: a web backend that traces has it installed
+    from opentelemetry import trace as _otel_trace
+except ImportError:  # pragma: no cover - depends on the environment
+    _otel_trace = None
+
 _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 
 
@@ -37,12 +42,8 @@ def new_span_id() -> str:
 
 def current_or_new() -> TraceContext:
     """The active OpenTelemetry span's context when there is one, else a fresh trace."""
-    try:
-        from opentelemetry import trace  # noqa: PLC0415  (optional at this layer)
-    except ImportError:
-        pass
-    else:
-        ctx = trace.get_current_span().get_span_context()
+    if _otel_trace is not None:
+        ctx = _otel_trace.get_current_span().get_span_context()
         if ctx.is_valid:
             return TraceContext(
                 f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}", bool(ctx.trace_flags & 1)

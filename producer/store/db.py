@@ -21,7 +21,9 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
         url,
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,
+        # No ping per checkout: it is a round trip (and a commit) per statement. After a
+        # server restart the first statement fails, and SQLAlchemy replaces the whole pool.
+        pool_pre_ping=False,
         pool_recycle=1800,
     )
 

@@ -7,9 +7,23 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Any, cast
 
-from sqlalchemy import Connection, Engine, Table, and_, func, insert, or_, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Integer,
+    Table,
+    Update,
+    and_,
+    bindparam,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 
 from producer.errors import IdempotencyConflict, NotFound, StaleVersion
@@ -20,6 +34,71 @@ from producer.store.models import Command, Transition
 
 commands = cast(Table, Command.__table__)
 transitions = cast(Table, Transition.__table__)
+
+
+# Hot statements are built once: constructing a statement costs more CPU than running it.
+_CLAIM = (
+    update(commands)
+    .where(
+        commands.c.id == bindparam("w_id"),
+        commands.c.tenant == bindparam("w_tenant"),
+        commands.c.state == State.PENDING.value,
+    )
+    .values(
+        state=State.RUNNING.value,
+        version=commands.c.version + 1,
+        updated_at=bindparam("v_now"),
+        started_at=bindparam("v_now"),
+        worker=bindparam("v_worker"),
+        lease_owner=bindparam("v_worker"),
+        lease_expires_at=bindparam("v_expires"),
+        cancel_requested=False,
+        published_at=func.coalesce(commands.c.published_at, bindparam("v_now")),
+        last_actor=bindparam("v_worker"),
+        last_reason=None,
+    )
+    .returning(
+        commands.c.id,
+        commands.c.tenant,
+        commands.c.version,
+        commands.c.attempts,
+        commands.c.argv,
+        commands.c.env,
+        commands.c.secret_names,
+        commands.c.timeout_s,
+        commands.c.cpu_s,
+        commands.c.memory_mb,
+        commands.c.retry_safe,
+        commands.c.trace_id,
+    )
+)
+_RENEW = (
+    update(commands)
+    .where(
+        commands.c.id == bindparam("w_id"),
+        commands.c.state == State.RUNNING.value,
+        commands.c.lease_owner == bindparam("w_owner"),
+    )
+    .values(
+        lease_expires_at=bindparam("v_expires"),
+        lease_pid=func.coalesce(bindparam("v_pid", type_=Integer), commands.c.lease_pid),
+    )
+    .returning(commands.c.cancel_requested)
+)
+
+
+@lru_cache(maxsize=64)
+def _transition_statement(names: tuple[str, ...]) -> Update:
+    """The conditional UPDATE on (id, state, version) setting `names`, built once per shape."""
+    return (
+        update(commands)
+        .where(
+            commands.c.id == bindparam("w_id"),
+            commands.c.state == bindparam("w_state"),
+            commands.c.version == bindparam("w_version"),
+        )
+        .values({name: bindparam(f"v_{name}", type_=commands.c[name].type) for name in names})
+    )
 
 
 def utcnow() -> datetime:
@@ -177,16 +256,10 @@ class Store:
             "last_reason": reason,
             **fields,
         }
+        params = {f"v_{name}": value for name, value in values.items()}
+        params.update(w_id=command_id, w_state=expect_state.value, w_version=expect_version)
         with self._one() as conn:
-            result = conn.execute(
-                update(commands)
-                .where(
-                    commands.c.id == command_id,
-                    commands.c.state == expect_state.value,
-                    commands.c.version == expect_version,
-                )
-                .values(**values)
-            )
+            result = conn.execute(_transition_statement(tuple(sorted(values))), params)
         if result.rowcount != 1:
             raise StaleVersion(
                 f"command {command_id} is no longer {expect_state} at version {expect_version}"
@@ -205,31 +278,14 @@ class Store:
         now = utcnow()
         with self._one() as conn:
             row = conn.execute(
-                update(commands)
-                .where(
-                    commands.c.id == command_id,
-                    commands.c.tenant == tenant,
-                    commands.c.state == State.PENDING.value,
-                )
-                .values(
-                    state=State.RUNNING.value,
-                    version=commands.c.version + 1,
-                    updated_at=now,
-                    started_at=now,
-                    worker=worker,
-                    lease_owner=worker,
-                    lease_expires_at=now + timedelta(seconds=lease_s),
-                    cancel_requested=False,
-                    published_at=func.coalesce(commands.c.published_at, now),
-                    last_actor=worker,
-                    last_reason=None,
-                )
-                .returning(
-                    commands.c.id, commands.c.tenant, commands.c.version, commands.c.attempts,
-                    commands.c.argv, commands.c.env, commands.c.secret_names,
-                    commands.c.timeout_s, commands.c.cpu_s, commands.c.memory_mb,
-                    commands.c.retry_safe, commands.c.trace_id,
-                )
+                _CLAIM,
+                {
+                    "w_id": command_id,
+                    "w_tenant": tenant,
+                    "v_now": now,
+                    "v_worker": worker,
+                    "v_expires": now + timedelta(seconds=lease_s),
+                },
             ).one_or_none()
         if row is None:
             return None
@@ -262,21 +318,16 @@ class Store:
         self, command_id: str, *, owner: str, lease_s: float, pid: int | None = None
     ) -> bool | None:
         """Extend a running command's lease. None: the lease is lost; else cancel_requested."""
-        values: dict[str, Any] = {"lease_expires_at": utcnow() + timedelta(seconds=lease_s)}
-        if pid is not None:
-            values["lease_pid"] = pid
         with self._one() as conn:
-            result = conn.execute(
-                update(commands)
-                .where(
-                    commands.c.id == command_id,
-                    commands.c.state == State.RUNNING.value,
-                    commands.c.lease_owner == owner,
-                )
-                .values(**values)
-                .returning(commands.c.cancel_requested)
-            )
-            row = result.one_or_none()
+            row = conn.execute(
+                _RENEW,
+                {
+                    "w_id": command_id,
+                    "w_owner": owner,
+                    "v_expires": utcnow() + timedelta(seconds=lease_s),
+                    "v_pid": pid,
+                },
+            ).one_or_none()
         return None if row is None else bool(row.cancel_requested)
 
     def cancel_requested(self, command_id: str) -> bool:
