@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import uuid
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -101,6 +103,12 @@ def _transition_statement(names: tuple[str, ...]) -> Update:
     )
 
 
+def _dispose_after_fork(ref: weakref.ref[Store]) -> None:
+    store = ref()
+    if store is not None:
+        store.engine.dispose(close=False)
+
+
 def utcnow() -> datetime:
     """Timezone-aware now; every timestamp in the store is UTC."""
     return datetime.now(UTC)
@@ -150,6 +158,10 @@ class Store:
         # in autocommit: one round trip on PostgreSQL instead of BEGIN/statement/COMMIT, and
         # no read-then-upgrade lock on SQLite. Reads are single statements too.
         self._auto = engine.execution_options(isolation_level="AUTOCOMMIT")
+        # A web server that forks after creating its Producer (gunicorn --preload) must not
+        # share pooled connections between processes: the child starts with a fresh pool.
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _dispose_after_fork(ref))
 
     @contextmanager
     def _one(self) -> Iterator[Connection]:
