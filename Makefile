@@ -2,16 +2,16 @@
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
-UV := $(shell command -v uv 2>/dev/null || echo $(VENV)/bootstrap/bin/uv)
+UV := $(shell command -v uv 2>/dev/null || echo .uv-bootstrap/bin/uv)
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 export UV_PYTHON_DOWNLOADS := never
 
 .PHONY: install run test lint typecheck bench clean
 
-$(VENV)/bootstrap/bin/uv:
+.uv-bootstrap/bin/uv:
 	@# uv is the installer; bootstrap it with pip when the machine has none.
-	$(PYTHON) -m venv $(VENV)/bootstrap
-	$(VENV)/bootstrap/bin/pip install --quiet uv
+	$(PYTHON) -m venv .uv-bootstrap
+	.uv-bootstrap/bin/pip install --quiet uv
 
 $(VENV)/.installed: pyproject.toml uv.lock | $(UV)
 	$(UV) sync --frozen --compile-bytecode --python $(PYTHON)
@@ -34,4 +34,4 @@ bench: install  ## throughput and latency against bare Celery, same run
 	$(VENV)/bin/python -m bench $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .execq .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .uv-bootstrap .execq .pytest_cache .mypy_cache .ruff_cache
