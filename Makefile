@@ -10,7 +10,10 @@ export UV_PYTHON_DOWNLOADS := never
 
 .uv-bootstrap/bin/uv:
 	@# uv is the installer; bootstrap it with pip when the machine has none.
-	$(PYTHON) -m venv .uv-bootstrap
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "execq needs Python >= 3.11 (found: $$($(PYTHON) --version 2>&1)); set PYTHON=..."; exit 2; }
+	@$(PYTHON) -m venv .uv-bootstrap || { rm -rf .uv-bootstrap; \
+	  echo "cannot create a virtualenv: on Debian/Ubuntu run 'apt-get install python3-venv'"; exit 2; }
 	.uv-bootstrap/bin/pip install --quiet uv
 
 $(VENV)/.installed: pyproject.toml uv.lock | $(UV)
