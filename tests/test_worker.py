@@ -8,6 +8,7 @@ import signal
 import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psutil
@@ -457,3 +458,59 @@ def test_a_redis_restart_neither_kills_nor_reruns_a_running_command(
         w.stop()
         producer.close()
         server.stop()
+
+
+def test_a_command_longer_than_its_lease_keeps_it_by_renewal(
+    producer: Producer, workers: Start, env: Env
+) -> None:
+    workers("alpha")
+    seconds = 3 * env.settings.lease_s
+    r = producer.submit(CommandSpec(tenant="alpha", argv=["/bin/sleep", str(seconds)]))
+    rec = producer.wait(r.id, timeout=seconds + 20)
+    assert rec.state is State.SUCCEEDED and rec.failure_reason is None
+    assert [t.to_state for t in producer.get(r.id, with_transitions=True).transitions] == [
+        State.PENDING,
+        State.RUNNING,
+        State.SUCCEEDED,
+    ]
+
+
+def test_a_message_redis_lost_is_published_again_from_the_store(
+    producer: Producer, workers: Start
+) -> None:
+    import sqlalchemy as sa
+
+    # Published long ago, never claimed, and not in the queue: Redis lost it (restart).
+    created = producer.store.create(
+        CommandSpec(tenant="alpha", argv=["/bin/echo", "found"]), actor="t"
+    )
+    with producer.store.engine.begin() as conn:
+        conn.execute(
+            sa.text("UPDATE commands SET published_at = :t WHERE id = :id"),
+            {"t": datetime.now(UTC) - timedelta(hours=1), "id": created.id},
+        )
+    workers("alpha")
+    rec = producer.wait(created.id, timeout=30)
+    assert rec.state is State.SUCCEEDED and rec.stdout == "found\n"
+
+
+def test_a_command_whose_secrets_did_not_arrive_fails_instead_of_running_without_them(
+    producer: Producer, workers: Start, env: Env, tmp_path: Path
+) -> None:
+    marker = tmp_path / "ran"
+    workers("alpha")
+    created = producer.store.create(
+        CommandSpec(
+            tenant="alpha", argv=["/bin/sh", "-c", f"touch {marker}"], secrets={"TOKEN": "x"}
+        ),
+        actor="t",
+    )
+    _publish_raw(
+        env.settings.broker_url,
+        "execq.alpha",
+        created.id,
+        {"command_id": created.id, "tenant": "alpha"},
+    )
+    rec = producer.wait(created.id, timeout=30)
+    assert (rec.state, rec.failure_reason) == (State.FAILED, "secrets_unavailable")
+    assert "TOKEN" in (rec.error or "") and not marker.exists()
