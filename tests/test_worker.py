@@ -514,3 +514,22 @@ def test_a_command_whose_secrets_did_not_arrive_fails_instead_of_running_without
     rec = producer.wait(created.id, timeout=30)
     assert (rec.state, rec.failure_reason) == (State.FAILED, "secrets_unavailable")
     assert "TOKEN" in (rec.error or "") and not marker.exists()
+
+
+def test_a_warm_shutdown_loses_no_command_it_received_but_never_started(
+    producer: Producer, workers: Start
+) -> None:
+    w = workers("alpha", concurrency=1)
+    first = producer.submit(CommandSpec(tenant="alpha", argv=["/bin/sleep", "2"]))
+    wait_for(lambda: producer.get(first.id).state is State.RUNNING, 15, "the first command")
+    second = producer.submit(
+        CommandSpec(tenant="alpha", argv=["/bin/echo", "second"], secrets={"TOKEN": "t"})
+    )
+    wait_for(lambda: f"execq.run[{second.id}] received" in w.output(), 15, "the reservation")
+    assert w.stop(signal.SIGTERM) == 0
+    assert producer.get(first.id).state is State.SUCCEEDED
+    assert producer.get(second.id).state is State.PENDING
+    workers("alpha")
+    # Early ack happens when a pool process starts a task: the reserved message is restored.
+    rec = producer.wait(second.id, timeout=15)  # far sooner than the reaper would publish it
+    assert rec.state is State.SUCCEEDED and rec.stdout == "second\n"
