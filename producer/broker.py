@@ -79,8 +79,8 @@ def celery_config(settings: Settings, tenants: TenantsFile, broker_url: str) -> 
         "task_default_exchange": EXCHANGE.name,
         "task_default_exchange_type": "direct",
         # Early ack (when a pool process starts the task), on purpose. The store, not Redis,
-        # keeps a command alive: once claimed it
-        # holds a lease, and a message lost before its claim is re-published by the outbox.
+        # keeps a command alive: once claimed it holds a lease, and a message lost before its
+        # claim is re-published by the outbox.
         # Late ack would add nothing but Redis' visibility-timeout redeliveries and a Celery
         # 5.7 crash: after a broker restart, acking a message received before it stops the
         # whole worker (AttributeError in kombu's Redis channel).
