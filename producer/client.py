@@ -302,6 +302,7 @@ def _reset_fields(attempts: int) -> dict[str, Any]:
         "stdout_bytes": None,
         "stderr_bytes": None,
         "output_truncated": False,
+        "redacted": False,
         "failure_reason": None,
         "error": None,
         "lease_owner": None,

@@ -39,6 +39,7 @@ class CommandRecord:
     stdout_bytes: int | None
     stderr_bytes: int | None
     output_truncated: bool
+    redacted: bool
     failure_reason: str | None
     error: str | None
     enforced: dict[str, Any] | None

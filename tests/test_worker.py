@@ -533,3 +533,36 @@ def test_a_warm_shutdown_loses_no_command_it_received_but_never_started(
     # Early ack happens when a pool process starts a task: the reserved message is restored.
     rec = producer.wait(second.id, timeout=15)  # far sooner than the reaper would publish it
     assert rec.state is State.SUCCEEDED and rec.stdout == "second\n"
+
+
+def test_a_secret_the_command_prints_never_reaches_the_store(
+    producer: Producer, workers: Start, env: Env
+) -> None:
+    import sqlalchemy as sa
+
+    canary = f"canary-{uuid.uuid4().hex}"
+    workers("alpha")
+    r = producer.submit(
+        CommandSpec(
+            tenant="alpha",
+            secrets={"API_TOKEN": canary},
+            argv=[
+                "/bin/sh",
+                "-c",
+                'echo "token=$API_TOKEN"; printf %s "$API_TOKEN" | base64 >&2; '
+                'echo "x$API_TOKEN" >&2; exit 4',
+            ],
+        )
+    )
+    rec = producer.wait(r.id, timeout=30)
+    assert (rec.state, rec.exit_code, rec.redacted) == (State.FAILED, 4, True)
+    assert rec.stdout == "token=[secret:API_TOKEN]\n"
+    dump = []
+    with producer.store.engine.connect() as conn:
+        for table in ("commands", "transitions"):
+            dump += [repr(tuple(row)) for row in conn.execute(sa.text(f"SELECT * FROM {table}"))]
+    assert dump and not [row for row in dump if canary in row]
+    import base64
+
+    assert base64.b64encode(canary.encode()).decode()[:20] not in "".join(dump)
+    assert rec.secret_names == ["API_TOKEN"]

@@ -17,6 +17,7 @@ from config.settings import Settings
 from config.tenants import Tenant
 from producer import policy
 from producer.errors import ExecutableRefused, PolicyDenied, SandboxError, StaleVersion
+from producer.redaction import Redactor
 from producer.spec import CommandSpec
 from producer.states import State
 from producer.store.repository import Claimed, Store, utcnow
@@ -128,7 +129,16 @@ class Pipeline:
             return f"command belongs to tenant {tenant!r}"
         return f"duplicate or stale delivery (command is {state})"
 
-    def _finish(self, claimed: Claimed, to: State, **fields: Any) -> Outcome:
+    def _finish(
+        self, claimed: Claimed, to: State, redactor: Redactor | None = None, **fields: Any
+    ) -> Outcome:
+        if redactor is not None:
+            # Nothing the command printed, or any error about it, may carry its secrets.
+            redacted = False
+            for name in ("stdout", "stderr", "error"):
+                fields[name], changed = redactor.scrub(fields.get(name))
+                redacted = redacted or changed
+            fields["redacted"] = redacted
         try:
             self.store.transition(
                 claimed.id,
@@ -182,23 +192,32 @@ class Pipeline:
                 "(they are never stored; submit or retry with them again)",
             )
         request = self._bind(claimed, delivery)
+        redactor = Redactor({k: delivery.secrets[k] for k in claimed.secret_names})
         # execute
         with self.lease.hold(claimed.id) as cancel:
             try:
                 result = self.sandbox.run(request, cancel=cancel, on_spawn=self.lease.set_pid)
             except ExecutableRefused as exc:
                 return self._finish(
-                    claimed, State.FAILED, failure_reason="executable_refused", error=str(exc)
+                    claimed,
+                    State.FAILED,
+                    redactor,
+                    failure_reason="executable_refused",
+                    error=str(exc),
                 )
             except SandboxError as exc:
                 return self._finish(
-                    claimed, State.FAILED, failure_reason="sandbox_error", error=str(exc)
+                    claimed,
+                    State.FAILED,
+                    redactor,
+                    failure_reason="sandbox_error",
+                    error=str(exc),
                 )
             lost = self.lease.lost(claimed.id)
         # archive
         if lost:
             log.error("command %s stopped: its lease was taken over", claimed.id)
-        return self._archive(claimed, result)
+        return self._archive(claimed, result, redactor)
 
     def _bind(self, claimed: Claimed, delivery: Delivery) -> ExecRequest:
         limits = policy.effective_limits(
@@ -232,7 +251,7 @@ class Pipeline:
             lang=lang,
         )
 
-    def _archive(self, claimed: Claimed, result: ExecResult) -> Outcome:
+    def _archive(self, claimed: Claimed, result: ExecResult, redactor: Redactor) -> Outcome:
         fields: dict[str, Any] = {
             "exit_code": result.exit_code,
             "signal": result.signal,
@@ -245,14 +264,16 @@ class Pipeline:
             "lease_pid": result.pid,
         }
         if result.killed == "cancelled":
-            return self._finish(claimed, State.REVOKED, failure_reason="revoked", **fields)
+            return self._finish(
+                claimed, State.REVOKED, redactor, failure_reason="revoked", **fields
+            )
         if result.killed is not None:
             reason = "timeout" if result.killed == "timeout" else f"{result.killed}_limit"
-            return self._finish(claimed, State.FAILED, failure_reason=reason, **fields)
+            return self._finish(claimed, State.FAILED, redactor, failure_reason=reason, **fields)
         if result.exit_code == 0:
-            return self._finish(claimed, State.SUCCEEDED, **fields)
+            return self._finish(claimed, State.SUCCEEDED, redactor, **fields)
         reason = "signal" if result.signal else "exit_code"
-        return self._finish(claimed, State.FAILED, failure_reason=reason, **fields)
+        return self._finish(claimed, State.FAILED, redactor, failure_reason=reason, **fields)
 
 
 def workdir_root(settings: Settings) -> Path:

@@ -63,6 +63,8 @@ class Command(Base):
     stdout_bytes: Mapped[int | None] = mapped_column(Integer)
     stderr_bytes: Mapped[int | None] = mapped_column(Integer)
     output_truncated: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Whether a secret value (or an encoding of one) was scrubbed from output or error text.
+    redacted: Mapped[bool] = mapped_column(Boolean, default=False)
     failure_reason: Mapped[str | None] = mapped_column(String(64))
     error: Mapped[str | None] = mapped_column(Text)
     enforced: Mapped[dict[str, Any] | None] = mapped_column(JSON)

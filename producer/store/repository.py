@@ -207,6 +207,7 @@ class Store:
             "version": 1,
             "attempts": 1,
             "output_truncated": False,
+            "redacted": False,
             "failure_reason": failure_reason,
             "error": reason if state is State.REJECTED else None,
             "cancel_requested": False,
@@ -481,7 +482,9 @@ _RECORD_FIELDS = tuple(f.name for f in fields(CommandRecord) if f.name != "trans
 _TIMESTAMPS = frozenset(
     {"created_at", "updated_at", "started_at", "finished_at", "published_at", "lease_expires_at"}
 )
-_FLAGS = frozenset({"output_truncated", "retry_safe", "rollback_on_failure", "cancel_requested"})
+_FLAGS = frozenset(
+    {"output_truncated", "redacted", "retry_safe", "rollback_on_failure", "cancel_requested"}
+)
 
 
 def _record(m: Any, history: list[TransitionRecord]) -> CommandRecord:

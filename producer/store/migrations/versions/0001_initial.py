@@ -119,6 +119,7 @@ def upgrade() -> None:
         sa.Column("stdout_bytes", sa.Integer(), nullable=True),
         sa.Column("stderr_bytes", sa.Integer(), nullable=True),
         sa.Column("output_truncated", sa.Boolean(), nullable=False),
+        sa.Column("redacted", sa.Boolean(), nullable=False, server_default=sa.false()),
         sa.Column("failure_reason", sa.String(64), nullable=True),
         sa.Column("error", sa.Text(), nullable=True),
         sa.Column("enforced", sa.JSON(), nullable=True),
