@@ -6,7 +6,6 @@ import getpass
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import redis
 
@@ -25,7 +24,7 @@ from producer.record import CommandRecord
 from producer.spec import CommandSpec
 from producer.states import RETRYABLE, State, is_terminal
 from producer.store.db import make_engine, require_schema
-from producer.store.repository import Store, utcnow
+from producer.store.repository import Store, requeue_fields, utcnow
 from producer.tracing import current_or_new
 
 log = logging.getLogger("execq.producer")
@@ -261,7 +260,7 @@ class Producer:
                 to=State.PENDING,
                 actor=actor,
                 reason=reason or "retry",
-                **_reset_fields(rec.attempts + 1),
+                **requeue_fields(rec.attempts + 1),
             )
         except StaleVersion:
             raise InvalidOperation(
@@ -289,31 +288,6 @@ class Producer:
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
-
-
-def _reset_fields(attempts: int) -> dict[str, Any]:
-    """What a re-queued command starts from: no result, no lease, not yet published."""
-    return {
-        "attempts": attempts,
-        "exit_code": None,
-        "signal": None,
-        "stdout": None,
-        "stderr": None,
-        "stdout_bytes": None,
-        "stderr_bytes": None,
-        "output_truncated": False,
-        "redacted": False,
-        "failure_reason": None,
-        "error": None,
-        "lease_owner": None,
-        "lease_pid": None,
-        "lease_expires_at": None,
-        "cancel_requested": False,
-        "published_at": None,
-        "started_at": None,
-        "finished_at": None,
-        "worker": None,
-    }
 
 
 def _default_principal() -> str:

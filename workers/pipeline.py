@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -238,15 +238,9 @@ class Pipeline:
             command_id=claimed.id,
             argv=tuple(claimed.argv),
             allowed_executables=self.tenant.executables,
-            limits=Limits(
-                timeout_s=limits.timeout_s,
-                cpu_s=limits.cpu_s,
-                memory_mb=limits.memory_mb,
-                processes=limits.processes,
-                output_kb=limits.output_kb,
-                file_mb=limits.file_mb,
-                open_files=limits.open_files,
-            ),
+            # The policy's EffectiveLimits and the sandbox's Limits have the same fields; the
+            # two types stay apart because producer must not import workers.
+            limits=Limits(**asdict(limits)),
             env=env,
             lang=lang,
         )

@@ -21,7 +21,7 @@ from config.tenants import Tenant
 from producer.broker import Publisher
 from producer.errors import BrokerUnavailable, StaleVersion
 from producer.states import State
-from producer.store.repository import Store, utcnow
+from producer.store.repository import Store, requeue_fields, utcnow
 
 log = logging.getLogger("execq.reaper")
 
@@ -106,13 +106,7 @@ class Reaper:
                         to=State.PENDING,
                         actor=self.actor,
                         reason="worker lost; retry-safe command re-queued",
-                        attempts=attempts + 1,
-                        lease_owner=None,
-                        lease_pid=None,
-                        lease_expires_at=None,
-                        published_at=None,
-                        started_at=None,
-                        cancel_requested=False,
+                        **requeue_fields(attempts + 1),
                     )
                     requeued += 1
                     self._publish(command_id)

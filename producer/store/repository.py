@@ -109,6 +109,31 @@ def _dispose_after_fork(ref: weakref.ref[Store]) -> None:
         store.engine.dispose(close=False)
 
 
+def requeue_fields(attempts: int) -> dict[str, Any]:
+    """What a re-queued command starts from (retry, lost-worker re-run): no result, no lease."""
+    return {
+        "attempts": attempts,
+        "exit_code": None,
+        "signal": None,
+        "stdout": None,
+        "stderr": None,
+        "stdout_bytes": None,
+        "stderr_bytes": None,
+        "output_truncated": False,
+        "redacted": False,
+        "failure_reason": None,
+        "error": None,
+        "lease_owner": None,
+        "lease_pid": None,
+        "lease_expires_at": None,
+        "cancel_requested": False,
+        "published_at": None,
+        "started_at": None,
+        "finished_at": None,
+        "worker": None,
+    }
+
+
 def utcnow() -> datetime:
     """Timezone-aware now; every timestamp in the store is UTC."""
     return datetime.now(UTC)
