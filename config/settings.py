@@ -34,7 +34,12 @@ class Settings(BaseSettings):
         description="Results store, as an SQLAlchemy URL.",
     )
     tenants_file: Path = Field(default=Path("config/tenants.yaml"))
-    audit_log: Path = Field(default=Path(".execq/audit.jsonl"))
+    audit_log: Path | None = Field(
+        default=Path(".execq/audit.jsonl"),
+        description="JSON-lines audit sink; `off` keeps the audit trail in the store only.",
+    )
+    audit_log_max_mb: float = Field(default=64, gt=0, le=65_536)
+    audit_log_keep: int = Field(default=10, ge=0, le=10_000)
     env: Environment = Field(default=Environment.DEV)
     lease_s: float = Field(default=30.0, gt=0, le=3600)
     workdir_root: Path = Field(
@@ -50,6 +55,13 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"must be `{EMBEDDED_BROKER}` or a Redis URL ({', '.join(allowed)}), got {value!r}"
             )
+        return value
+
+    @field_validator("audit_log", mode="before")
+    @classmethod
+    def _audit_off(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() in ("", "off", "none"):
+            return None
         return value
 
     @field_validator("database_url")

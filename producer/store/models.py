@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -106,3 +107,68 @@ class Transition(Base):
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     actor: Mapped[str] = mapped_column(String(200))
     reason: Mapped[str | None] = mapped_column(Text)
+
+
+class AuditEventRow(Base):
+    """One audit event in its tenant's chain; rows are only ever inserted (and pruned).
+
+    Triggers refuse any UPDATE, and any DELETE that is not below a prune anchor.
+    """
+
+    __tablename__ = "audit_events"
+    __table_args__ = (
+        UniqueConstraint("chain", "seq", name="uq_audit_chain_seq"),
+        UniqueConstraint("event_id", name="uq_audit_event_id"),
+        Index("ix_audit_command", "command_id"),
+        Index("ix_audit_time", "exec_time_ns"),
+    )
+
+    # Insertion order across chains (exports follow it); within a chain it equals seq order.
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    chain: Mapped[str] = mapped_column(String(40))
+    seq: Mapped[int] = mapped_column(BigInteger)
+    event_id: Mapped[str] = mapped_column(String(36))
+    ts: Mapped[str] = mapped_column(String(40))
+    command_id: Mapped[str] = mapped_column(String(36))
+    tenant: Mapped[str] = mapped_column(String(40))
+    principal: Mapped[str] = mapped_column(String(200))
+    actor: Mapped[str] = mapped_column(String(200))
+    phase: Mapped[str] = mapped_column(String(16))
+    outcome: Mapped[str] = mapped_column(String(16))
+    attempt: Mapped[int] = mapped_column(Integer)
+    cmd_hash: Mapped[str] = mapped_column(String(64))
+    exec_time_ns: Mapped[int] = mapped_column(BigInteger)
+    duration_ns: Mapped[int] = mapped_column(BigInteger)
+    trace_id: Mapped[str | None] = mapped_column(String(32))
+    operator: Mapped[str | None] = mapped_column(String(200))
+    ticket: Mapped[str | None] = mapped_column(String(200))
+    reason: Mapped[str | None] = mapped_column(Text)
+    # Canonical JSON text, exactly as hashed (a JSON column could reorder keys).
+    detail: Mapped[str] = mapped_column(Text)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditHead(Base):
+    """The last link of each chain: appends lock this row, so concurrent writers queue."""
+
+    __tablename__ = "audit_heads"
+
+    chain: Mapped[str] = mapped_column(String(40), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditAnchor(Base):
+    """Where a chain starts after `execq audit prune`: the first kept event's prev_hash."""
+
+    __tablename__ = "audit_anchors"
+
+    chain: Mapped[str] = mapped_column(String(40), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    pruned_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    pruned_events: Mapped[int] = mapped_column(BigInteger)
+    actor: Mapped[str] = mapped_column(String(200))

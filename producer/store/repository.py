@@ -15,6 +15,7 @@ from typing import Any, cast
 from sqlalchemy import (
     Connection,
     Engine,
+    Insert,
     Integer,
     Table,
     Update,
@@ -26,12 +27,23 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
 
+from producer.audit.events import (
+    NO_COMMAND_HASH,
+    AuditEvent,
+    Outcome,
+    Phase,
+    Subject,
+    make_event,
+)
+from producer.audit.verify import Report
 from producer.errors import IdempotencyConflict, NotFound, StaleVersion
 from producer.record import CommandRecord, TransitionRecord
 from producer.spec import CommandSpec
 from producer.states import State, check_transition
+from producer.store import audit
 from producer.store.models import Command, Transition
 
 commands = cast(Table, Command.__table__)
@@ -89,6 +101,20 @@ _RENEW = (
 )
 
 
+@lru_cache(maxsize=8)
+def _create_statement_pg(names: tuple[str, ...]) -> Insert:
+    """The INSERT of a new command on PostgreSQL, built once per shape.
+
+    It leads one statement with the command's audit events, so a repeated key must not abort
+    it: ON CONFLICT DO NOTHING, and the caller then looks up the command that won.
+    """
+    return (
+        pg_insert(commands)
+        .values({name: bindparam(f"v_{name}", type_=commands.c[name].type) for name in names})
+        .on_conflict_do_nothing()
+    )
+
+
 @lru_cache(maxsize=64)
 def _transition_statement(names: tuple[str, ...]) -> Update:
     """The conditional UPDATE on (id, state, version) setting `names`, built once per shape."""
@@ -107,6 +133,11 @@ def _dispose_after_fork(ref: weakref.ref[Store]) -> None:
     store = ref()
     if store is not None:
         store.engine.dispose(close=False)
+
+
+def _chain_of(events: Sequence[AuditEvent]) -> str:
+    """The store chains events per tenant."""
+    return events[0].tenant if events else ""
 
 
 def requeue_fields(attempts: int) -> dict[str, Any]:
@@ -187,6 +218,118 @@ class Store:
         # share pooled connections between processes: the child starts with a fresh pool.
         ref = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: _dispose_after_fork(ref))
+        self._pg = engine.dialect.name == "postgresql"
+        self._chains: set[str] = set()  # chains whose head row is known to exist
+
+    @contextmanager
+    def _tx(self, atomic: bool) -> Iterator[Connection]:
+        """A transaction when several statements must commit together, else autocommit."""
+        if atomic:
+            with self.engine.begin() as conn:
+                yield conn
+        else:
+            with self._auto.connect() as conn:
+                yield conn
+
+    def _write(
+        self,
+        lead: Insert | Update | None,
+        params: dict[str, Any],
+        chain: str,
+        events: Sequence[AuditEvent],
+    ) -> bool:
+        """Run `lead` and append `events` atomically; False when `lead` changed no row."""
+        if not events:
+            assert lead is not None
+            with self._one() as conn:
+                return conn.execute(lead, params).rowcount == 1
+        if self._pg:
+            if chain not in self._chains:
+                with self._one() as conn:
+                    audit.ensure_head(conn, chain)
+                self._chains.add(chain)
+            with self._one() as conn:
+                row = conn.execute(
+                    audit.pg_chained(lead, len(events)),
+                    {**params, **audit.pg_params(chain, events)},
+                ).one()
+            return audit.check_appended(row, len(events), chain)
+        with self.engine.begin() as conn:
+            if lead is not None and conn.execute(lead, params).rowcount != 1:
+                return False
+            audit.append_linked(conn, chain, events)
+        return True
+
+    # --- audit ---------------------------------------------------------------------------
+
+    def append_events(self, events: Sequence[AuditEvent], *, chain: str | None = None) -> None:
+        """Append events that go with no state change (refused deliveries, revoke requests)."""
+        if events:
+            self._write(None, {}, chain or _chain_of(events), events)
+
+    def audit_events(
+        self,
+        *,
+        tenant: str | None = None,
+        since_ns: int | None = None,
+        command_id: str | None = None,
+    ) -> Iterator[AuditEvent]:
+        """Stored audit events in the order they were appended."""
+        with self._snapshot() as conn:
+            yield from audit.iter_events(
+                conn, tenant=tenant, since_ns=since_ns, command_id=command_id
+            )
+
+    def audit_verify(self, *, tenant: str | None = None) -> Report:
+        """Verify the store's chains (every tenant's, or one) in one consistent snapshot."""
+        with self._snapshot() as conn:
+            return audit.verify(conn, tenant=tenant)
+
+    def audit_prune(
+        self, *, before: datetime, actor: str, tenant: str | None = None
+    ) -> dict[str, int]:
+        """Delete events older than `before`, chain by chain, keeping each chain verifiable.
+
+        Each chain gets an anchor (where it now starts) and a `prune` event saying who
+        removed how much, in the same transaction as the deletion.
+        """
+        before_ns = int(before.timestamp() * 1_000_000_000)
+        with self._auto.connect() as conn:
+            plan = audit.prune_plan(conn, before_ns, tenant=tenant)
+        done: dict[str, int] = {}
+        for chain, upto in sorted(plan.items()):
+            with self.engine.begin() as conn:
+                count = audit.prune_chain(conn, chain, upto, actor=actor, at=utcnow())
+                subject = Subject("", chain, actor, NO_COMMAND_HASH, None)
+                event = make_event(
+                    subject,
+                    Phase.PRUNE,
+                    Outcome.OK,
+                    actor=actor,
+                    operator=actor,
+                    reason=f"events before {before.isoformat()} removed",
+                    detail={"pruned_events": count, "anchor_seq": upto + 1},
+                )
+                audit.append_linked(conn, chain, [event])
+            done[chain] = count
+        return done
+
+    @contextmanager
+    def _snapshot(self) -> Iterator[Connection]:
+        """A read-only view that concurrent appends do not change while it is read."""
+        if self._pg:
+            options = {"isolation_level": "REPEATABLE READ", "postgresql_readonly": True}
+            with self.engine.execution_options(**options).connect() as conn:
+                yield conn
+                conn.rollback()
+        else:
+            with self._auto.connect() as conn:
+                # A deferred BEGIN is a read snapshot in WAL mode and takes no write lock.
+                conn.exec_driver_sql("BEGIN")
+                try:
+                    yield conn
+                finally:
+                    conn.exec_driver_sql("COMMIT")
 
     @contextmanager
     def _one(self) -> Iterator[Connection]:
@@ -206,8 +349,13 @@ class Store:
         failure_reason: str | None = None,
         trace_id: str | None = None,
         command_id: str | None = None,
+        events: Sequence[AuditEvent] = (),
     ) -> Created:
-        """Insert a command; a known (tenant, key) returns the first one or raises a conflict."""
+        """Insert a command; a known (tenant, key) returns the first one or raises a conflict.
+
+        `events` (its parse/authz audit events) are appended in the same transaction; a
+        repeated key writes none.
+        """
         check_transition(None, state)
         now = utcnow()
         cid = command_id or str(uuid.uuid4())
@@ -245,9 +393,17 @@ class Store:
             "finished_at": now if state is State.REJECTED else None,
         }
         try:
-            with self._one() as conn:
-                conn.execute(insert(commands), row)
-            return Created(cid, state, duplicate=False, published=False)
+            if self._pg and events:
+                params = {f"v_{name}": value for name, value in row.items()}
+                lead = _create_statement_pg(tuple(sorted(row)))
+                if self._write(lead, params, spec.tenant, events):
+                    return Created(cid, state, duplicate=False, published=False)
+            else:
+                with self._tx(bool(events)) as conn:
+                    conn.execute(insert(commands), row)
+                    if events:
+                        audit.append_linked(conn, spec.tenant, events)
+                return Created(cid, state, duplicate=False, published=False)
         except IntegrityError:
             if spec.idempotency_key is None:
                 raise
@@ -282,9 +438,15 @@ class Store:
         to: State,
         actor: str,
         reason: str | None = None,
+        events: Sequence[AuditEvent] = (),
+        chain: str | None = None,
         **fields: Any,
     ) -> int:
-        """Move (id, state, version) to `to`, or raise StaleVersion; returns the new version."""
+        """Move (id, state, version) to `to`, or raise StaleVersion; returns the new version.
+
+        `events` are appended to `chain` (default: their tenant's) in the same transaction,
+        and only if the transition happens.
+        """
         check_transition(expect_state, to)
         values = {
             "state": to.value,
@@ -296,9 +458,8 @@ class Store:
         }
         params = {f"v_{name}": value for name, value in values.items()}
         params.update(w_id=command_id, w_state=expect_state.value, w_version=expect_version)
-        with self._one() as conn:
-            result = conn.execute(_transition_statement(tuple(sorted(values))), params)
-        if result.rowcount != 1:
+        statement = _transition_statement(tuple(sorted(values)))
+        if not self._write(statement, params, chain or _chain_of(events), events):
             raise StaleVersion(
                 f"command {command_id} is no longer {expect_state} at version {expect_version}"
             )

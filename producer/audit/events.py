@@ -1,0 +1,214 @@
+"""Audit events: one per lifecycle phase or operator action, hash-linked into chains.
+
+An event's *content* (everything but its link fields) is canonical JSON; its `hash` covers the
+chain name, its position, the previous event's hash and that content, so editing, deleting,
+inserting or reordering an event breaks every link after it. Each sink keeps its own chains
+(the store: one per tenant; a JSON-lines file: one per file series): the content of an event
+is the same everywhere, its `chain`, `seq`, `prev_hash` and `hash` are the sink's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from producer.spec import cmd_hash
+
+GENESIS = "0" * 64
+# The cmd_hash of events that have no command to hash (a malformed message).
+NO_COMMAND_HASH = cmd_hash([])
+
+
+class Phase(StrEnum):
+    """What an event records: a lifecycle phase of one attempt, or an action on a command."""
+
+    PARSE = "parse"
+    AUTHZ = "authz"
+    BIND = "bind"
+    EXECUTE = "execute"
+    ARCHIVE = "archive"
+    ABORT = "abort"
+    RETRY = "retry"
+    REVOKE = "revoke"
+    ROLLBACK = "rollback"
+    OVERRIDE = "override"
+    COMPENSATE = "compensate"
+    PRUNE = "prune"
+
+
+LIFECYCLE = (Phase.PARSE, Phase.AUTHZ, Phase.BIND, Phase.EXECUTE, Phase.ARCHIVE)
+
+
+class Outcome(StrEnum):
+    """How the phase ended."""
+
+    OK = "ok"
+    REFUSED = "refused"
+    FAILED = "failed"
+
+
+# Content fields, in the order exports print them (hashing sorts keys anyway).
+CONTENT_FIELDS = (
+    "event_id",
+    "ts",
+    "command_id",
+    "tenant",
+    "principal",
+    "actor",
+    "phase",
+    "outcome",
+    "attempt",
+    "cmd_hash",
+    "exec_time_ns",
+    "duration_ns",
+    "trace_id",
+    "operator",
+    "ticket",
+    "reason",
+    "detail",
+)
+LINK_FIELDS = ("chain", "seq", "prev_hash", "hash")
+
+
+def canonical_json(value: Any) -> str:
+    """The one serialisation that is hashed: sorted keys, no spaces, UTF-8 kept as is."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def link_hash(chain: str, seq: int, prev_hash: str, content: str) -> str:
+    """SHA-256 over the event's place in its chain and its content (SQL computes the same)."""
+    data = f"{chain}\n{seq}\n{prev_hash}\n{content}".encode()
+    return hashlib.sha256(data).hexdigest()
+
+
+def iso_ns(ns: int) -> str:
+    """ISO 8601 UTC with microseconds for an epoch-nanoseconds time."""
+    return datetime.fromtimestamp(ns / 1e9, UTC).isoformat(timespec="microseconds")
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """One audit event; link fields are empty until a sink places it in a chain."""
+
+    event_id: str
+    ts: str
+    command_id: str
+    tenant: str
+    principal: str
+    actor: str
+    phase: str
+    outcome: str
+    attempt: int
+    cmd_hash: str
+    exec_time_ns: int
+    duration_ns: int
+    trace_id: str | None = None
+    operator: str | None = None
+    ticket: str | None = None
+    reason: str | None = None
+    detail: Mapping[str, Any] = field(default_factory=dict)
+    chain: str | None = None
+    seq: int | None = None
+    prev_hash: str | None = None
+    hash: str | None = None
+
+    def content(self) -> dict[str, Any]:
+        """The hashed fields."""
+        return {name: getattr(self, name) for name in CONTENT_FIELDS} | {
+            "detail": dict(self.detail)
+        }
+
+    def canonical(self) -> str:
+        """The content as the exact string that is hashed."""
+        return canonical_json(self.content())
+
+    def linked(self, chain: str, seq: int, prev_hash: str) -> AuditEvent:
+        """This event placed at `seq` of `chain` after an event whose hash is `prev_hash`."""
+        return replace(
+            self,
+            chain=chain,
+            seq=seq,
+            prev_hash=prev_hash,
+            hash=link_hash(chain, seq, prev_hash, self.canonical()),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict: content plus link fields (one line of a JSON-lines sink)."""
+        out = self.content()
+        out.update(chain=self.chain, seq=self.seq, prev_hash=self.prev_hash, hash=self.hash)
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> AuditEvent:
+        """An event from a JSON-lines record; raises ValueError naming a missing field."""
+        missing = [n for n in (*CONTENT_FIELDS, *LINK_FIELDS) if n not in data]
+        if missing:
+            raise ValueError(f"missing fields {missing}")
+        detail = data["detail"]
+        if not isinstance(detail, dict):
+            raise ValueError("detail is not an object")
+        return cls(**{n: data[n] for n in (*CONTENT_FIELDS, *LINK_FIELDS)})
+
+
+@dataclass(frozen=True)
+class Subject:
+    """Who and what a command's events are about; fixed for all of its phases."""
+
+    command_id: str
+    tenant: str
+    principal: str
+    cmd_hash: str
+    trace_id: str | None
+    attempt: int = 1
+
+
+def now_ns() -> int:
+    """Wall-clock epoch nanoseconds (what `exec_time_ns` records)."""
+    return time.time_ns()
+
+
+def make_event(
+    subject: Subject,
+    phase: Phase,
+    outcome: Outcome,
+    *,
+    actor: str,
+    started_ns: int | None = None,
+    ended_ns: int | None = None,
+    operator: str | None = None,
+    ticket: str | None = None,
+    reason: str | None = None,
+    detail: Mapping[str, Any] | None = None,
+) -> AuditEvent:
+    """An event for `subject`: `exec_time_ns` is when the phase began, `duration_ns` its length.
+
+    Callers pass text that may hold secrets (reasons, details) through the redactor first.
+    """
+    end = ended_ns if ended_ns is not None else now_ns()
+    start = started_ns if started_ns is not None else end
+    return AuditEvent(
+        event_id=str(uuid.uuid4()),
+        ts=iso_ns(start),
+        command_id=subject.command_id,
+        tenant=subject.tenant,
+        principal=subject.principal,
+        actor=actor,
+        phase=phase.value,
+        outcome=outcome.value,
+        attempt=subject.attempt,
+        cmd_hash=subject.cmd_hash,
+        exec_time_ns=start,
+        duration_ns=max(0, end - start),
+        trace_id=subject.trace_id,
+        operator=operator,
+        ticket=ticket,
+        reason=reason,
+        detail=dict(detail or {}),
+    )
