@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import builtins
 import getpass
 import logging
+import os
+import socket
 import time
+import uuid
 from dataclasses import dataclass
 
 import redis
@@ -12,16 +16,19 @@ import redis
 from config.settings import ConfigInvalid, Settings, load_settings
 from config.tenants import TenantsFile, load_tenants
 from producer import policy
+from producer.audit.events import AuditEvent, Outcome, Phase, Subject, now_ns
+from producer.audit.trail import Attempt, Trail
 from producer.broker import Publisher, make_celery, resolve_broker_url
 from producer.errors import (
     ConfigError,
     InvalidOperation,
     PolicyDenied,
     StaleVersion,
+    UnknownTenant,
 )
 from producer.outbox import Outbox
 from producer.record import CommandRecord
-from producer.spec import CommandSpec
+from producer.spec import CommandSpec, cmd_hash
 from producer.states import RETRYABLE, State, is_terminal
 from producer.store.db import make_engine, require_schema
 from producer.store.repository import Store, requeue_fields, utcnow
@@ -52,12 +59,16 @@ class Producer:
         store: Store,
         publisher: Publisher,
         broker_url: str,
+        trail: Trail | None = None,
     ) -> None:
         self.settings = settings
         self.tenants = tenants
         self.store = store
         self.publisher = publisher
         self.broker_url = broker_url
+        self.trail = trail if trail is not None else Trail.from_settings(settings)
+        # Who wrote an event: this process (the principal says who asked for the command).
+        self.actor = f"producer@{socket.gethostname()}:{os.getpid()}"
         self._redis: redis.Redis | None = None
         self.outbox = Outbox(store, publisher)
 
@@ -97,25 +108,54 @@ class Producer:
         """
         if not isinstance(spec, CommandSpec):
             raise TypeError(f"submit takes a CommandSpec, not {type(spec).__name__}")
-        principal = spec.principal or _default_principal()
+        started = now_ns()
+        principal = spec.principal or default_principal()
         if spec.principal is None:
             spec = spec.model_copy(update={"principal": principal})
         trace = current_or_new()
+        command_id = str(uuid.uuid4())
+        attempt = Attempt(
+            Subject(command_id, spec.tenant, principal, cmd_hash(spec.argv), trace.trace_id),
+            actor=self.actor,
+        )
+        attempt.add(
+            Phase.PARSE,
+            Outcome.OK,
+            started_ns=started,
+            argc=len(spec.argv),
+            env_names=sorted(spec.env),
+            secret_names=sorted(spec.secrets),
+            idempotency_key=spec.idempotency_key,
+        )
         try:
             policy.check(spec, self.tenants)
-        except PolicyDenied as denied:
+        except (PolicyDenied, UnknownTenant) as refusal:
+            rule = refusal.rule if isinstance(refusal, PolicyDenied) else "unknown_tenant"
+            failure_reason = f"policy:{rule}"[:64]
+            attempt.add(Phase.AUTHZ, Outcome.REFUSED, reason=str(refusal), rule=rule)
+            attempt.add(Phase.ABORT, Outcome.REFUSED, reason=failure_reason)
             created = self.store.create(
                 spec,
                 state=State.REJECTED,
                 actor=principal,
-                reason=str(denied),
-                failure_reason=f"policy:{denied.rule}"[:64],
+                reason=str(refusal),
+                failure_reason=failure_reason,
                 trace_id=trace.trace_id,
+                command_id=command_id,
+                events=attempt.events,
             )
-            denied.command_id = created.id
+            if not created.duplicate:
+                self.trail.copy(attempt.events)
+            refusal.command_id = created.id
             raise
+        attempt.add(Phase.AUTHZ, Outcome.OK)
         created = self.store.create(
-            spec, actor=principal, reason="submitted", trace_id=trace.trace_id
+            spec,
+            actor=principal,
+            reason="submitted",
+            trace_id=trace.trace_id,
+            command_id=command_id,
+            events=attempt.events,
         )
         if created.duplicate:
             if created.state is State.REJECTED:
@@ -126,6 +166,7 @@ class Producer:
                     command_id=created.id,
                 )
             return SubmitResult(created.id, created.state, duplicate=True)
+        self.trail.copy(attempt.events)
         self._publish(
             created.id, spec.tenant, dict(spec.secrets), {"traceparent": trace.traceparent}
         )
@@ -175,12 +216,24 @@ class Producer:
         terminate: bool = False,
         operator: str | None = None,
         reason: str | None = None,
+        ticket: str | None = None,
     ) -> CommandRecord:
         """Pending: it never runs. Running with terminate=True: its process tree is killed."""
-        actor = operator or _default_principal()
+        actor = operator or default_principal()
         for _ in range(5):
             rec = self.store.get(command_id)
+            attempt = self._operator_attempt(rec, actor)
+            attempt.add(
+                Phase.REVOKE,
+                Outcome.OK,
+                operator=actor,
+                ticket=ticket,
+                reason=reason,
+                state=rec.state.value,
+                terminate=terminate,
+            )
             if rec.state is State.PENDING:
+                attempt.add(Phase.ABORT, Outcome.REFUSED, reason="revoked")
                 try:
                     self.store.transition(
                         command_id,
@@ -189,11 +242,13 @@ class Producer:
                         to=State.REVOKED,
                         actor=actor,
                         reason=reason or "revoked",
+                        events=attempt.events,
                         failure_reason="revoked",
                         finished_at=utcnow(),
                     )
                 except StaleVersion:
                     continue  # claimed or changed meanwhile: look again
+                self.trail.copy(attempt.events)
                 return self.store.get(command_id)
             if rec.state is State.RUNNING:
                 if not terminate:
@@ -203,10 +258,24 @@ class Producer:
                     )
                 if not self.store.request_cancel(command_id):
                     continue
+                # The worker records how the command ended; this records who asked.
+                self.store.append_events(attempt.events)
+                self.trail.copy(attempt.events)
                 self._announce_cancel(rec.tenant, command_id)
                 return self.store.get(command_id)
             raise InvalidOperation(f"command {command_id} is {rec.state}; nothing to revoke")
         raise InvalidOperation(f"command {command_id} kept changing state; try again")
+
+    def _operator_attempt(self, rec: CommandRecord, operator: str) -> Attempt:
+        subject = Subject(
+            rec.id,
+            rec.tenant,
+            rec.principal or "unknown",
+            cmd_hash(rec.argv),
+            rec.trace_id,
+            rec.attempts,
+        )
+        return Attempt(subject, actor=operator)
 
     def _announce_cancel(self, tenant: str, command_id: str) -> None:
         # A hint only: the worker checks the store's cancel flag before it kills anything,
@@ -233,13 +302,14 @@ class Producer:
         *,
         operator: str | None = None,
         reason: str | None = None,
+        ticket: str | None = None,
         secrets: dict[str, str] | None = None,
     ) -> CommandRecord:
         """failed/revoked/reverted -> pending with attempts + 1, and queue it again.
 
         Secret values are never stored: a command that had secrets needs them passed again.
         """
-        actor = operator or _default_principal()
+        actor = operator or default_principal()
         rec = self.store.get(command_id)
         if rec.state not in RETRYABLE:
             raise InvalidOperation(
@@ -252,6 +322,16 @@ class Producer:
                 f"command {command_id} needs its secrets {missing} again to be retried "
                 "(secret values are never stored)"
             )
+        attempt = self._operator_attempt(rec, actor)
+        attempt.add(
+            Phase.RETRY,
+            Outcome.OK,
+            operator=actor,
+            ticket=ticket,
+            reason=reason,
+            from_state=rec.state.value,
+            next_attempt=rec.attempts + 1,
+        )
         try:
             self.store.transition(
                 command_id,
@@ -260,12 +340,14 @@ class Producer:
                 to=State.PENDING,
                 actor=actor,
                 reason=reason or "retry",
+                events=attempt.events,
                 **requeue_fields(rec.attempts + 1),
             )
         except StaleVersion:
             raise InvalidOperation(
                 f"command {command_id} changed while retrying it; look at it again"
             ) from None
+        self.trail.copy(attempt.events)
         trace = current_or_new()
         self._publish(
             command_id,
@@ -274,6 +356,18 @@ class Producer:
             {"traceparent": f"00-{rec.trace_id}-{trace.span_id}-01"} if rec.trace_id else {},
         )
         return self.store.get(command_id)
+
+    def audit_events(
+        self,
+        *,
+        tenant: str | None = None,
+        command_id: str | None = None,
+        since_ns: int | None = None,
+    ) -> builtins.list[AuditEvent]:
+        """The store's audit events (all, a tenant's, or one command's), oldest first."""
+        return list(
+            self.store.audit_events(tenant=tenant, command_id=command_id, since_ns=since_ns)
+        )
 
     def close(self) -> None:
         """Stop background publishing and release connections."""
@@ -290,7 +384,7 @@ class Producer:
         self.close()
 
 
-def _default_principal() -> str:
+def default_principal() -> str:
     try:
         return getpass.getuser()
     except Exception:  # no passwd entry in some containers

@@ -24,7 +24,12 @@ class SpecError(ExecqError, ValueError):
 
 
 class UnknownTenant(SpecError):
-    """Raised when a spec names a tenant that the tenants file does not define."""
+    """Raised when a spec names a tenant that the tenants file does not define.
+
+    At submit the refusal is recorded (state `rejected`); `command_id` is its id.
+    """
+
+    command_id: str | None = None
 
 
 class PolicyDenied(ExecqError):

@@ -13,26 +13,21 @@ import shlex
 import signal
 import sys
 import time
-from collections.abc import Callable
-from functools import wraps
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from config.settings import ConfigInvalid, Settings, load_settings
 from config.tenants import TenantsFile, load_tenants
 from producer.errors import (
-    ExecqError,
-    IdempotencyConflict,
-    PolicyDenied,
-    SpecError,
     StoreError,
 )
 from producer.record import CommandRecord
 from producer.spec import CommandSpec
 from producer.states import State
+from workers.cli_audit import audit_app
+from workers.clikit import JsonOpt, err, fail, handled, out
 
 app = typer.Typer(
     name="execq",
@@ -47,51 +42,7 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="The results store.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
-
-out = Console()
-err = Console(stderr=True)
-
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _fail(message: str, code: int, *, as_json: bool = False, **extra: Any) -> NoReturn:
-    if as_json:
-        print(json.dumps({"error": message, **extra}))
-    else:
-        err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
-    raise typer.Exit(code)
-
-
-def handled(func: F) -> F:
-    """Map execq errors to the exit statuses the contract promises."""
-
-    @wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        as_json = bool(kwargs.get("as_json"))
-        try:
-            return func(*args, **kwargs)
-        except ConfigInvalid as exc:
-            _fail(str(exc), 2, as_json=as_json)
-        except SpecError as exc:
-            _fail(f"invalid command: {exc}", 2, as_json=as_json)
-        except PolicyDenied as exc:
-            _fail(
-                f"refused by policy: {exc}",
-                1,
-                as_json=as_json,
-                id=exc.command_id,
-                state="rejected",
-                rule=exc.rule,
-            )
-        except IdempotencyConflict as exc:
-            _fail(str(exc), 1, as_json=as_json, id=exc.command_id)
-        except TimeoutError as exc:
-            _fail(str(exc), 1, as_json=as_json)
-        except ExecqError as exc:
-            _fail(str(exc), 1, as_json=as_json)
-
-    return wrapper  # type: ignore[return-value]
+app.add_typer(audit_app, name="audit")
 
 
 def _load() -> tuple[Settings, TenantsFile]:
@@ -210,12 +161,12 @@ def submit(
     for item in env or []:
         name, sep, value = item.partition("=")
         if not sep:
-            _fail(f"--env takes NAME=VALUE, got {item!r}", 2, as_json=as_json)
+            fail(f"--env takes NAME=VALUE, got {item!r}", 2, as_json=as_json)
         env_map[name] = value
     secrets: dict[str, str] = {}
     for name in secret_env or []:
         if name not in os.environ:
-            _fail(f"--secret-env {name}: ${name} is not set in this shell", 2, as_json=as_json)
+            fail(f"--secret-env {name}: ${name} is not set in this shell", 2, as_json=as_json)
         secrets[name] = os.environ[name]
     spec = CommandSpec(
         tenant=tenant,
@@ -328,11 +279,13 @@ def retry(
     command_id: Annotated[str, typer.Argument(metavar="ID")],
     operator: Annotated[str | None, typer.Option(help="Who retries (default: OS user).")] = None,
     reason: Annotated[str | None, typer.Option(help="Why, for the history.")] = None,
+    ticket: Annotated[str | None, typer.Option(help="Change or incident ticket.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Queue a failed, revoked or reverted command again (attempts + 1)."""
+    """Queue a failed, revoked or reverted command again (attempts + 1); audited."""
     with _producer() as producer:
-        _print_record(producer.retry(command_id, operator=operator, reason=reason), as_json)
+        rec = producer.retry(command_id, operator=operator, reason=reason, ticket=ticket)
+        _print_record(rec, as_json)
 
 
 @app.command()
@@ -344,11 +297,14 @@ def revoke(
     ] = False,
     operator: Annotated[str | None, typer.Option(help="Who revokes (default: OS user).")] = None,
     reason: Annotated[str | None, typer.Option(help="Why, for the history.")] = None,
+    ticket: Annotated[str | None, typer.Option(help="Change or incident ticket.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Revoke a command: pending never runs; running is killed with --terminate."""
+    """Revoke a command: pending never runs; running is killed with --terminate; audited."""
     with _producer() as producer:
-        rec = producer.revoke(command_id, terminate=terminate, operator=operator, reason=reason)
+        rec = producer.revoke(
+            command_id, terminate=terminate, operator=operator, reason=reason, ticket=ticket
+        )
         if rec.state is State.RUNNING:
             rec = producer.wait(command_id, timeout=30)
         _print_record(rec, as_json)
@@ -396,7 +352,7 @@ def worker(
     settings, tenants = _load()
     found = tenants.get(tenant)
     if found is None:
-        _fail(
+        fail(
             f"tenant {tenant!r} is not in {settings.tenants_file} "
             f"(known: {', '.join(sorted(tenants.tenants))})",
             2,

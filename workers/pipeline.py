@@ -2,6 +2,11 @@
 
 Everything here treats the message as untrusted: it only names a command; the spec that runs
 is the one in the store, re-checked against the tenant's policy before anything starts.
+
+Audit: the producer wrote `parse` and `authz` at submit. Here one attempt writes `bind`,
+`execute` and `archive` (and `abort` when it fails), all in the transaction that records how
+it ended. A policy re-check that fails now is a refused `bind`: the command can no longer be
+bound to what the tenant allows.
 """
 
 from __future__ import annotations
@@ -16,9 +21,12 @@ from typing import Any
 from config.settings import Settings
 from config.tenants import Tenant
 from producer import policy
+from producer.audit.events import NO_COMMAND_HASH, Phase, Subject, now_ns
+from producer.audit.events import Outcome as Result
+from producer.audit.trail import Attempt, Trail
 from producer.errors import ExecutableRefused, PolicyDenied, SandboxError, StaleVersion
 from producer.redaction import Redactor
-from producer.spec import CommandSpec
+from producer.spec import CommandSpec, cmd_hash
 from producer.states import State
 from producer.store.repository import Claimed, Store, utcnow
 from producer.tracing import TraceContext, new_span_id, parse_traceparent
@@ -69,7 +77,7 @@ def decode(task_id: str | None, kwargs: Mapping[str, Any], headers: Mapping[str,
 
 
 @dataclass(frozen=True)
-class Outcome:
+class Handled:
     """What one delivery did, for logs and tests."""
 
     command_id: str
@@ -90,6 +98,7 @@ class Pipeline:
         sandbox: Sandbox,
         lease: LeaseKeeper,
         worker_id: str,
+        trail: Trail | None = None,
     ) -> None:
         self.settings = settings
         self.tenant = tenant
@@ -97,17 +106,36 @@ class Pipeline:
         self.sandbox = sandbox
         self.lease = lease
         self.worker_id = worker_id
+        self.trail = trail or Trail()
 
-    def handle(self, delivery: Delivery) -> Outcome:
+    def refuse(self, command_id: str | None, reason: str, **detail: Any) -> Handled:
+        """Audit a delivery that is refused before any command is claimed (parse + abort).
+
+        The event goes to this pool's tenant chain: the message's own fields are untrusted.
+        """
+        cid = command_id if command_id and COMMAND_ID.match(command_id) else ""
+        attempt = Attempt(
+            Subject(cid, self.tenant.name, "unknown", NO_COMMAND_HASH, None, 0),
+            actor=self.worker_id,
+        )
+        attempt.add(Phase.PARSE, Result.REFUSED, reason=reason, **detail)
+        attempt.add(Phase.ABORT, Result.REFUSED, reason="refused_delivery")
+        self.store.append_events(attempt.events)
+        self.trail.copy(attempt.events)
+        return Handled(cid, "refused", detail=reason)
+
+    def handle(self, delivery: Delivery) -> Handled:
         """Claim the command and run it, or acknowledge a delivery that must do nothing."""
         if delivery.tenant != self.tenant.name:
             log.warning(
-                "ignored message for command %s: addressed to tenant %r, this pool serves %r",
+                "refused message for command %s: addressed to tenant %r, this pool serves %r",
                 delivery.command_id,
                 delivery.tenant,
                 self.tenant.name,
             )
-            return Outcome(delivery.command_id, "ignored", detail="wrong tenant")
+            return self.refuse(
+                delivery.command_id, "message addressed to another tenant", tenant=delivery.tenant
+            )
         claimed = self.store.claim(
             delivery.command_id,
             tenant=self.tenant.name,
@@ -116,22 +144,31 @@ class Pipeline:
         )
         if claimed is None:
             detail = self._why_not_claimed(delivery.command_id)
-            log.info("ignored delivery of command %s: %s", delivery.command_id, detail)
-            return Outcome(delivery.command_id, "ignored", detail=detail)
+            if detail is not None:
+                log.warning("refused delivery of command %s: %s", delivery.command_id, detail)
+                return self.refuse(delivery.command_id, detail)
+            log.info("ignored repeated delivery of command %s", delivery.command_id)
+            return Handled(delivery.command_id, "ignored", detail="duplicate or stale delivery")
         return self._run_claimed(claimed, delivery)
 
-    def _why_not_claimed(self, command_id: str) -> str:
+    def _why_not_claimed(self, command_id: str) -> str | None:
+        """Why a delivery must be refused, or None for a harmless repeat of a known one."""
         found = self.store.lookup(command_id)
         if found is None:
             return "unknown command id"
-        tenant, state, _ = found
+        tenant, _, _ = found
         if tenant != self.tenant.name:
             return f"command belongs to tenant {tenant!r}"
-        return f"duplicate or stale delivery (command is {state})"
+        return None
 
     def _finish(
-        self, claimed: Claimed, to: State, redactor: Redactor | None = None, **fields: Any
-    ) -> Outcome:
+        self,
+        claimed: Claimed,
+        attempt: Attempt,
+        to: State,
+        redactor: Redactor | None = None,
+        **fields: Any,
+    ) -> Handled:
         if redactor is not None:
             # Nothing the command printed, or any error about it, may carry its secrets.
             redacted = False
@@ -139,6 +176,18 @@ class Pipeline:
                 fields[name], changed = redactor.scrub(fields.get(name))
                 redacted = redacted or changed
             fields["redacted"] = redacted
+        reason = fields.get("failure_reason")
+        if any(e.phase == Phase.EXECUTE for e in attempt.events):
+            attempt.add(
+                Phase.ARCHIVE,
+                Result.OK,
+                stdout_bytes=fields.get("stdout_bytes"),
+                stderr_bytes=fields.get("stderr_bytes"),
+                output_truncated=fields.get("output_truncated", False),
+                redacted=fields.get("redacted", False),
+            )
+        if to is not State.SUCCEEDED:
+            attempt.add(Phase.ABORT, Result.FAILED, reason=reason, state=to.value)
         try:
             self.store.transition(
                 claimed.id,
@@ -146,19 +195,41 @@ class Pipeline:
                 expect_version=claimed.version,
                 to=to,
                 actor=self.worker_id,
-                reason=fields.get("failure_reason"),
+                reason=reason,
+                events=attempt.events,
                 finished_at=utcnow(),
                 lease_expires_at=None,
                 **fields,
             )
         except StaleVersion:
-            # The reaper presumed this worker dead and moved on; its decision stands.
+            # The reaper presumed this worker dead and moved on; its decision stands, and the
+            # trail says what this attempt did all the same.
             log.error("result of command %s discarded: its lease was taken over", claimed.id)
-            return Outcome(claimed.id, "ran", None, "lease lost")
-        return Outcome(claimed.id, "ran", to, fields.get("failure_reason") or "")
+            if attempt.events[-1].phase == Phase.ABORT:
+                attempt.events.pop()
+            attempt.add(Phase.ABORT, Result.FAILED, reason="lease_lost", discarded=True)
+            self.store.append_events(attempt.events)
+            self.trail.copy(attempt.events)
+            return Handled(claimed.id, "ran", None, "lease lost")
+        self.trail.copy(attempt.events)
+        return Handled(claimed.id, "ran", to, reason or "")
 
-    def _run_claimed(self, claimed: Claimed, delivery: Delivery) -> Outcome:
-        # authz: the stored spec against the policy this worker holds now.
+    def _run_claimed(self, claimed: Claimed, delivery: Delivery) -> Handled:
+        redactor = Redactor({k: v for k, v in delivery.secrets.items()})
+        attempt = Attempt(
+            Subject(
+                claimed.id,
+                claimed.tenant,
+                claimed.principal or "unknown",
+                cmd_hash(claimed.argv),
+                claimed.trace_id,
+                claimed.attempts,
+            ),
+            actor=self.worker_id,
+            redactor=redactor,
+        )
+        # authz again: the stored spec against the policy this worker holds now. A refusal
+        # is a refused bind (see the module docstring).
         try:
             spec = CommandSpec(
                 tenant=claimed.tenant,
@@ -171,53 +242,64 @@ class Pipeline:
             policy.check_tenant(spec, self.tenant)
         except PolicyDenied as denied:
             log.warning("command %s refused at authz: %s", claimed.id, denied)
+            reason = f"policy:{denied.rule}"[:64]
+            attempt.add(Phase.BIND, Result.REFUSED, reason=str(denied), rule=denied.rule)
             return self._finish(
-                claimed,
-                State.FAILED,
-                failure_reason=f"policy:{denied.rule}"[:64],
-                error=str(denied),
+                claimed, attempt, State.FAILED, redactor, failure_reason=reason, error=str(denied)
             )
         except ValueError as exc:  # a stored spec that no longer validates
+            attempt.add(Phase.BIND, Result.REFUSED, reason=str(exc), rule="invalid_spec")
             return self._finish(
-                claimed, State.FAILED, failure_reason="invalid_spec", error=str(exc)
+                claimed,
+                attempt,
+                State.FAILED,
+                redactor,
+                failure_reason="invalid_spec",
+                error=str(exc),
             )
         # bind: secrets named in the store, values from the message; nothing else.
         missing = sorted(set(claimed.secret_names) - set(delivery.secrets))
         if missing:
+            error = (
+                f"secret values {missing} did not arrive with the message "
+                "(they are never stored; submit or retry with them again)"
+            )
+            attempt.add(Phase.BIND, Result.REFUSED, reason=error, missing=missing)
             return self._finish(
                 claimed,
+                attempt,
                 State.FAILED,
                 failure_reason="secrets_unavailable",
-                error=f"secret values {missing} did not arrive with the message "
-                "(they are never stored; submit or retry with them again)",
+                error=error,
             )
         request = self._bind(claimed, delivery)
         redactor = Redactor({k: delivery.secrets[k] for k in claimed.secret_names})
+        attempt.redactor = redactor
+        attempt.add(
+            Phase.BIND,
+            Result.OK,
+            limits=asdict(request.limits),
+            env_names=sorted(request.env),
+            worker=self.worker_id,
+        )
         # execute
+        started = now_ns()
         with self.lease.hold(claimed.id) as cancel:
             try:
                 result = self.sandbox.run(request, cancel=cancel, on_spawn=self.lease.set_pid)
-            except ExecutableRefused as exc:
-                return self._finish(
-                    claimed,
-                    State.FAILED,
-                    redactor,
-                    failure_reason="executable_refused",
-                    error=str(exc),
+            except (ExecutableRefused, SandboxError) as exc:
+                reason = (
+                    "executable_refused" if isinstance(exc, ExecutableRefused) else "sandbox_error"
                 )
-            except SandboxError as exc:
+                attempt.add(Phase.EXECUTE, Result.REFUSED, started_ns=started, reason=str(exc))
                 return self._finish(
-                    claimed,
-                    State.FAILED,
-                    redactor,
-                    failure_reason="sandbox_error",
-                    error=str(exc),
+                    claimed, attempt, State.FAILED, redactor, failure_reason=reason, error=str(exc)
                 )
             lost = self.lease.lost(claimed.id)
         # archive
         if lost:
             log.error("command %s stopped: its lease was taken over", claimed.id)
-        return self._archive(claimed, result, redactor)
+        return self._archive(claimed, attempt, started, result, redactor)
 
     def _bind(self, claimed: Claimed, delivery: Delivery) -> ExecRequest:
         limits = policy.effective_limits(
@@ -245,7 +327,14 @@ class Pipeline:
             lang=lang,
         )
 
-    def _archive(self, claimed: Claimed, result: ExecResult, redactor: Redactor) -> Outcome:
+    def _archive(
+        self,
+        claimed: Claimed,
+        attempt: Attempt,
+        started_ns: int,
+        result: ExecResult,
+        redactor: Redactor,
+    ) -> Handled:
         fields: dict[str, Any] = {
             "exit_code": result.exit_code,
             "signal": result.signal,
@@ -258,16 +347,26 @@ class Pipeline:
             "lease_pid": result.pid,
         }
         if result.killed == "cancelled":
-            return self._finish(
-                claimed, State.REVOKED, redactor, failure_reason="revoked", **fields
-            )
-        if result.killed is not None:
+            to, reason = State.REVOKED, "revoked"
+        elif result.killed is not None:
+            to = State.FAILED
             reason = "timeout" if result.killed == "timeout" else f"{result.killed}_limit"
-            return self._finish(claimed, State.FAILED, redactor, failure_reason=reason, **fields)
-        if result.exit_code == 0:
-            return self._finish(claimed, State.SUCCEEDED, redactor, **fields)
-        reason = "signal" if result.signal else "exit_code"
-        return self._finish(claimed, State.FAILED, redactor, failure_reason=reason, **fields)
+        elif result.exit_code == 0:
+            to, reason = State.SUCCEEDED, None
+        else:
+            to, reason = State.FAILED, "signal" if result.signal else "exit_code"
+        attempt.add(
+            Phase.EXECUTE,
+            Result.OK if to is State.SUCCEEDED else Result.FAILED,
+            started_ns=started_ns,
+            reason=reason,
+            exit_code=result.exit_code,
+            signal=result.signal,
+            pid=result.pid,
+        )
+        if reason is not None:
+            fields["failure_reason"] = reason
+        return self._finish(claimed, attempt, to, redactor, **fields)
 
 
 def workdir_root(settings: Settings) -> Path:

@@ -18,8 +18,11 @@ import redis
 
 from config.settings import Settings
 from config.tenants import Tenant
+from producer.audit.events import Outcome, Phase, Subject
+from producer.audit.trail import Attempt, Trail
 from producer.broker import Publisher
 from producer.errors import BrokerUnavailable, StaleVersion
+from producer.spec import cmd_hash
 from producer.states import State
 from producer.store.repository import Store, requeue_fields, utcnow
 
@@ -51,6 +54,7 @@ class Reaper:
         publisher: Publisher,
         redis_url: str,
         actor: str,
+        trail: Trail | None = None,
     ) -> None:
         self.settings = settings
         self.tenant = tenant
@@ -58,6 +62,7 @@ class Reaper:
         self.publisher = publisher
         self.redis_url = redis_url
         self.actor = actor
+        self.trail = trail if trail is not None else Trail.from_settings(settings)
         self.interval_s = max(settings.lease_s / 3, 0.2)
         self.outbox_grace_s = max(2.0, min(settings.lease_s / 3, 10.0))
         self.republish_after_s = max(30.0, 2 * settings.lease_s)
@@ -94,39 +99,63 @@ class Reaper:
 
     def _expired_leases(self) -> tuple[int, int]:
         lost = requeued = 0
-        for command_id, version, retry_safe, attempts in self.store.expired_leases(
-            tenant=self.tenant.name, limit=100
-        ):
+        for expired in self.store.expired_leases(tenant=self.tenant.name, limit=100):
+            attempt = Attempt(
+                Subject(
+                    expired.id,
+                    expired.tenant,
+                    expired.principal or "unknown",
+                    cmd_hash(expired.argv),
+                    expired.trace_id,
+                    expired.attempts,
+                ),
+                actor=self.actor,
+            )
+            attempt.add(
+                Phase.ABORT, Outcome.FAILED, reason="worker_lost", lease_owner=expired.lease_owner
+            )
+            rerun = expired.retry_safe and expired.attempts < self.tenant.max_attempts
             try:
-                if retry_safe and attempts < self.tenant.max_attempts:
+                if rerun:
+                    attempt.add(
+                        Phase.RETRY,
+                        Outcome.OK,
+                        reason="worker_lost",
+                        next_attempt=expired.attempts + 1,
+                    )
                     self.store.transition(
-                        command_id,
+                        expired.id,
                         expect_state=State.RUNNING,
-                        expect_version=version,
+                        expect_version=expired.version,
                         to=State.PENDING,
                         actor=self.actor,
                         reason="worker lost; retry-safe command re-queued",
-                        **requeue_fields(attempts + 1),
+                        events=attempt.events,
+                        **requeue_fields(expired.attempts + 1),
                     )
-                    requeued += 1
-                    self._publish(command_id)
                 else:
                     self.store.transition(
-                        command_id,
+                        expired.id,
                         expect_state=State.RUNNING,
-                        expect_version=version,
+                        expect_version=expired.version,
                         to=State.FAILED,
                         actor=self.actor,
                         reason="worker_lost",
+                        events=attempt.events,
                         failure_reason="worker_lost",
                         error="the worker running this command stopped renewing its lease",
                         lease_expires_at=None,
                         finished_at=utcnow(),
                     )
-                    lost += 1
-                    log.warning("command %s failed: worker lost", command_id)
             except StaleVersion:
                 continue  # the worker renewed or finished just now, or another reaper won
+            self.trail.copy(attempt.events)
+            if rerun:
+                requeued += 1
+                self._publish(expired.id)
+            else:
+                lost += 1
+                log.warning("command %s failed: worker lost", expired.id)
         return lost, requeued
 
     def _take_turn(self) -> bool:

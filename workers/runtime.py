@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from config.settings import Settings
 from config.tenants import Tenant, TenantsFile
+from producer.audit.trail import Trail
 from producer.broker import Publisher, make_celery
 from producer.store.db import make_engine
 from producer.store.repository import Store
@@ -96,6 +97,7 @@ class Runtime:
                 sandbox=self._sandbox,
                 lease=self._lease,
                 worker_id=self.worker_id,
+                trail=Trail.from_settings(cfg.settings),
             )
         return self._pipeline
 

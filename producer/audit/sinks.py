@@ -125,9 +125,7 @@ class JsonlSink:
             if size and size + len(data) > self.max_bytes:
                 self._rotate()
                 size = 0
-            fd = os.open(
-                self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
-            )
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
                 if size and not _ends_with_newline(fd):
                     data = b"\n" + data  # after a torn write, start on a line of our own

@@ -155,13 +155,11 @@ class Verifier:
             if self._allow_anchor:
                 return None
             return bad(
-                f"chain starts at seq {e.seq} with no anchor: events 1..{e.seq - 1} "
-                "were deleted"
+                f"chain starts at seq {e.seq} with no anchor: events 1..{e.seq - 1} were deleted"
             )
         if e.seq <= last.last_seq:
             return bad(
-                f"seq {e.seq} comes after seq {last.last_seq}: events were reordered "
-                "or duplicated"
+                f"seq {e.seq} comes after seq {last.last_seq}: events were reordered or duplicated"
             )
         if e.seq != last.last_seq + 1:
             return bad(f"events {last.last_seq + 1}..{e.seq - 1} of the chain are missing")

@@ -115,9 +115,9 @@ def pg_chained(lead: Insert | Update | None, n: int) -> Select[Any]:
             chain, "\n", seq, "\n", prev.c.hash, "\n", bindparam(f"a_content_{k}", type_=Text)
         )
         digest = func.encode(func.sha256(func.convert_to(text, literal("UTF8"))), literal("hex"))
-        prev = select(
-            seq.label("seq"), prev.c.hash.label("prev_hash"), digest.label("hash")
-        ).cte(f"e{k}")
+        prev = select(seq.label("seq"), prev.c.hash.label("prev_hash"), digest.label("hash")).cte(
+            f"e{k}"
+        )
         links.append(prev)
     rows = [
         select(
@@ -125,10 +125,7 @@ def pg_chained(lead: Insert | Update | None, n: int) -> Select[Any]:
             link.c.seq,
             link.c.prev_hash,
             link.c.hash,
-            *(
-                bindparam(f"a_{name}_{k}", type_=events_t.c[name].type)
-                for name in _CONTENT_COLUMNS
-            ),
+            *(bindparam(f"a_{name}_{k}", type_=events_t.c[name].type) for name in _CONTENT_COLUMNS),
         )
         for k, link in enumerate(links)
     ]
@@ -313,6 +310,18 @@ def prune_plan(conn: Connection, before_ns: int, *, tenant: str | None) -> dict[
     return {chain: int(seq) for chain, seq in conn.execute(query)}
 
 
+def prune_counts(conn: Connection, before_ns: int, *, tenant: str | None) -> dict[str, int]:
+    """Per chain, how many events are older than `before_ns`."""
+    query = (
+        select(events_t.c.chain, func.count())
+        .where(events_t.c.exec_time_ns < before_ns)
+        .group_by(events_t.c.chain)
+    )
+    if tenant is not None:
+        query = query.where(events_t.c.chain == tenant)
+    return {chain: int(n) for chain, n in conn.execute(query)}
+
+
 def prune_chain(conn: Connection, chain: str, upto_seq: int, *, actor: str, at: datetime) -> int:
     """Anchor the chain after `upto_seq`, then delete events up to it; returns how many."""
     kept_from = conn.execute(
@@ -334,7 +343,5 @@ def prune_chain(conn: Connection, chain: str, upto_seq: int, *, actor: str, at: 
             "actor": actor,
         },
     )
-    conn.execute(
-        events_t.delete().where(events_t.c.chain == chain, events_t.c.seq <= upto_seq)
-    )
+    conn.execute(events_t.delete().where(events_t.c.chain == chain, events_t.c.seq <= upto_seq))
     return int(count)

@@ -84,6 +84,7 @@ _CLAIM = (
         commands.c.memory_mb,
         commands.c.retry_safe,
         commands.c.trace_id,
+        commands.c.principal,
     )
 )
 _RENEW = (
@@ -133,6 +134,10 @@ def _dispose_after_fork(ref: weakref.ref[Store]) -> None:
     store = ref()
     if store is not None:
         store.engine.dispose(close=False)
+
+
+def _ns(when: datetime) -> int:
+    return int(when.timestamp() * 1_000_000_000)
 
 
 def _chain_of(events: Sequence[AuditEvent]) -> str:
@@ -203,6 +208,22 @@ class Claimed:
     memory_mb: int | None
     retry_safe: bool
     trace_id: str | None
+    principal: str | None
+
+
+@dataclass(frozen=True)
+class Expired:
+    """A running command whose worker stopped renewing its lease."""
+
+    id: str
+    tenant: str
+    version: int
+    retry_safe: bool
+    attempts: int
+    argv: list[str]
+    principal: str | None
+    trace_id: str | None
+    lease_owner: str | None
 
 
 class Store:
@@ -285,6 +306,11 @@ class Store:
         with self._snapshot() as conn:
             return audit.verify(conn, tenant=tenant)
 
+    def audit_prune_plan(self, *, before: datetime, tenant: str | None = None) -> dict[str, int]:
+        """How many events `audit_prune` would remove from each chain."""
+        with self._auto.connect() as conn:
+            return audit.prune_counts(conn, _ns(before), tenant=tenant)
+
     def audit_prune(
         self, *, before: datetime, actor: str, tenant: str | None = None
     ) -> dict[str, int]:
@@ -293,9 +319,8 @@ class Store:
         Each chain gets an anchor (where it now starts) and a `prune` event saying who
         removed how much, in the same transaction as the deletion.
         """
-        before_ns = int(before.timestamp() * 1_000_000_000)
         with self._auto.connect() as conn:
-            plan = audit.prune_plan(conn, before_ns, tenant=tenant)
+            plan = audit.prune_plan(conn, _ns(before), tenant=tenant)
         done: dict[str, int] = {}
         for chain, upto in sorted(plan.items()):
             with self.engine.begin() as conn:
@@ -501,6 +526,7 @@ class Store:
             memory_mb=row.memory_mb,
             retry_safe=row.retry_safe,
             trace_id=row.trace_id,
+            principal=row.principal,
         )
 
     def lookup(self, command_id: str) -> tuple[str, str, int] | None:
@@ -604,20 +630,41 @@ class Store:
             ).all()
         return [(r.id, r.tenant) for r in rows]
 
-    def expired_leases(self, *, tenant: str | None, limit: int) -> list[tuple[str, int, bool, int]]:
-        """(id, version, retry_safe, attempts) of running commands whose lease ran out."""
+    def expired_leases(self, *, tenant: str | None, limit: int) -> list[Expired]:
+        """Running commands whose lease ran out: what the reaper needs to decide and audit."""
         cond = and_(commands.c.state == State.RUNNING.value, commands.c.lease_expires_at < utcnow())
         if tenant is not None:
             cond = and_(cond, commands.c.tenant == tenant)
         with self._one() as conn:
             rows = conn.execute(
                 select(
-                    commands.c.id, commands.c.version, commands.c.retry_safe, commands.c.attempts
+                    commands.c.id,
+                    commands.c.tenant,
+                    commands.c.version,
+                    commands.c.retry_safe,
+                    commands.c.attempts,
+                    commands.c.argv,
+                    commands.c.principal,
+                    commands.c.trace_id,
+                    commands.c.lease_owner,
                 )
                 .where(cond)
                 .limit(limit)
             ).all()
-        return [(r.id, r.version, r.retry_safe, r.attempts) for r in rows]
+        return [
+            Expired(
+                r.id,
+                r.tenant,
+                r.version,
+                r.retry_safe,
+                r.attempts,
+                list(r.argv),
+                r.principal,
+                r.trace_id,
+                r.lease_owner,
+            )
+            for r in rows
+        ]
 
     # --- reads ---------------------------------------------------------------------------
 

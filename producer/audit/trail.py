@@ -1,0 +1,104 @@
+"""Collecting a command's phase events as they happen, and copying committed events to sinks.
+
+The store writes events in the same transaction as the state change they record; once that
+commits, `Trail.copy` hands the same events to the process's other sinks (the JSON-lines
+file). A failed copy is logged, never raised: the store's chain is the record of truth.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from config.settings import Settings
+from producer.audit.events import AuditEvent, Outcome, Phase, Subject, make_event, now_ns
+from producer.audit.sinks import AuditSink, JsonlSink
+from producer.redaction import Redactor
+
+log = logging.getLogger("execq.audit")
+
+
+class Trail:
+    """The sinks besides the store that this process copies committed events to."""
+
+    def __init__(self, sinks: Sequence[AuditSink] = ()) -> None:
+        self.sinks = list(sinks)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Trail:
+        """The JSON-lines file of `EXECQ_AUDIT_LOG` (none when it is `off`)."""
+        if settings.audit_log is None:
+            return cls()
+        return cls(
+            [
+                JsonlSink(
+                    settings.audit_log,
+                    max_bytes=int(settings.audit_log_max_mb * (1 << 20)),
+                    keep=settings.audit_log_keep,
+                )
+            ]
+        )
+
+    def copy(self, events: Sequence[AuditEvent]) -> None:
+        """Append committed events to every sink; a sink that fails is logged and skipped."""
+        if not events:
+            return
+        for sink in self.sinks:
+            try:
+                sink.append(events)
+            except OSError as exc:
+                log.error(
+                    "audit sink %s could not take %d events (the store has them): %s",
+                    getattr(sink, "path", type(sink).__name__),
+                    len(events),
+                    exc,
+                )
+
+
+class Attempt:
+    """One attempt's events, in phase order; every text passes through the redactor."""
+
+    def __init__(self, subject: Subject, *, actor: str, redactor: Redactor | None = None) -> None:
+        self.subject = subject
+        self.actor = actor
+        self.redactor = redactor or Redactor({})
+        self.events: list[AuditEvent] = []
+        self.started_ns = now_ns()
+
+    def add(
+        self,
+        phase: Phase,
+        outcome: Outcome,
+        *,
+        started_ns: int | None = None,
+        reason: str | None = None,
+        operator: str | None = None,
+        ticket: str | None = None,
+        **detail: Any,
+    ) -> AuditEvent:
+        """Record a phase that began at `started_ns` (default: when the last one ended)."""
+        if started_ns is None:
+            started_ns = (
+                self.events[-1].exec_time_ns + self.events[-1].duration_ns
+                if (self.events)
+                else self.started_ns
+            )
+        clean_reason, _ = self.redactor.scrub(reason)
+        clean_detail: Mapping[str, Any] = {
+            key: self.redactor.scrub(value)[0] if isinstance(value, str) else value
+            for key, value in detail.items()
+        }
+        event = make_event(
+            self.subject,
+            phase,
+            outcome,
+            actor=self.actor,
+            started_ns=started_ns,
+            operator=operator,
+            ticket=ticket,
+            reason=clean_reason,
+            detail=clean_detail,
+        )
+        self.events.append(event)
+        return event

@@ -1,0 +1,216 @@
+"""`execq audit …`: verify, export, show and prune the hash-chained audit trail."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from config.settings import load_settings
+from producer.audit.verify import Report
+from workers.clikit import JsonOpt, fail, handled, out
+
+audit_app = typer.Typer(
+    help=(
+        "The audit trail: one hash-chained event per phase and operator action.\n\n"
+        "The store keeps one chain per tenant; EXECQ_AUDIT_LOG (a JSON-lines file, rotated "
+        "by size) keeps its own chain. `verify` exits 1 and names the first event that was "
+        "edited, deleted, inserted or reordered."
+    ),
+    no_args_is_help=True,
+)
+
+
+def _store() -> Any:
+    from producer.store.db import make_engine, require_schema  # noqa: PLC0415
+    from producer.store.repository import Store  # noqa: PLC0415
+
+    engine = make_engine(load_settings().database_url)
+    require_schema(engine)
+    return Store(engine)
+
+
+def _when(value: str | None, option: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise typer.BadParameter(
+            f"{value!r} is not an ISO 8601 time (e.g. 2026-11-01 or 2026-11-01T12:00:00Z)",
+            param_hint=option,
+        ) from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _print_report(report: Report, elapsed_s: float, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({**report.to_json(), "elapsed_s": round(elapsed_s, 3)}))
+        return
+    table = Table(title=f"audit chains in {report.source}", title_justify="left")
+    for col in ("chain", "seq", "events", "starts at", "last hash"):
+        table.add_column(col)
+    for name, c in sorted(report.chains.items()):
+        start = "genesis" if c.anchor is None else f"anchor {c.anchor[:12]}…"
+        table.add_row(
+            name, f"{c.first_seq}..{c.last_seq}", str(c.events), start, c.last_hash[:16] + "…"
+        )
+    if report.chains:
+        out.print(table)
+    rate = report.events / elapsed_s if elapsed_s > 0 else 0.0
+    if report.problem is None:
+        out.print(
+            f"[green]intact:[/] {report.events} events in {len(report.chains)} chains "
+            f"verified in {elapsed_s:.2f} s ({rate:,.0f} events/s)"
+        )
+    else:
+        out.print(
+            f"[bold red]TAMPERED:[/] {report.problem}\n"
+            f"({report.events} events before it were intact)",
+            highlight=False,
+        )
+
+
+@audit_app.command("verify")
+@handled
+def verify_cmd(
+    file: Annotated[
+        Path | None,
+        typer.Option(
+            "--file",
+            help="Verify this JSON-lines file (and its rotated predecessors) instead of the store.",
+        ),
+    ] = None,
+    tenant: Annotated[
+        str | None, typer.Option(help="Only this tenant's chain (store only).")
+    ] = None,
+    anchored: Annotated[
+        bool,
+        typer.Option(
+            "--anchored",
+            help="Accept chains that start mid-way (e.g. an export made with --since).",
+        ),
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check every link of the audit chains; exit 1 naming the first bad event."""
+    from producer.audit.sinks import verify_file  # noqa: PLC0415
+
+    started = time.perf_counter()
+    if file is not None:
+        if not file.exists() and not file.with_name(f"{file.name}.1").exists():
+            fail(f"no audit file at {file}", 2, as_json=as_json)
+        report = verify_file(file, allow_anchor=anchored)
+    else:
+        report = _store().audit_verify(tenant=tenant)
+    _print_report(report, time.perf_counter() - started, as_json)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@audit_app.command("export")
+@handled
+def export_cmd(
+    since: Annotated[
+        str | None, typer.Option(help="Only events from this time on (ISO 8601, UTC if bare).")
+    ] = None,
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant's chain.")] = None,
+    command: Annotated[
+        str | None, typer.Option("--command", metavar="ID", help="Only this command's events.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Stream the store's events as JSON lines, oldest first (for Loki, ELK, or a file).
+
+    Each line carries its chain links, so `execq audit verify --file` checks the export
+    (with --anchored when it starts mid-way).
+    """
+    del as_json  # the output is JSON lines already
+    start = _when(since, "--since")
+    since_ns = int(start.timestamp() * 1_000_000_000) if start else None
+    write = sys.stdout.write
+    count = 0
+    for event in _store().audit_events(tenant=tenant, since_ns=since_ns, command_id=command):
+        write(json.dumps(event.to_json(), ensure_ascii=False, separators=(",", ":")) + "\n")
+        count += 1
+    sys.stdout.flush()
+    print(f"exported {count} audit events", file=sys.stderr)
+
+
+@audit_app.command("show")
+@handled
+def show_cmd(
+    command_id: Annotated[str, typer.Argument(metavar="ID")],
+    as_json: JsonOpt = False,
+) -> None:
+    """One command's audit events, phase by phase."""
+    events = list(_store().audit_events(command_id=command_id))
+    if not events:
+        fail(f"no audit events for command {command_id!r}", 1, as_json=as_json)
+    if as_json:
+        print(json.dumps([e.to_json() for e in events]))
+        return
+    table = Table(title=f"audit trail of {command_id}", title_justify="left")
+    for col in ("seq", "time", "attempt", "phase", "outcome", "ms", "actor", "reason"):
+        table.add_column(col)
+    for e in events:
+        style = {"ok": "green", "refused": "magenta", "failed": "red"}.get(e.outcome, "")
+        table.add_row(
+            str(e.seq),
+            e.ts[11:23],
+            str(e.attempt),
+            e.phase,
+            f"[{style}]{e.outcome}[/]",
+            f"{e.duration_ns / 1e6:.1f}",
+            e.operator or e.actor,
+            e.reason or "",
+        )
+    out.print(table)
+
+
+@audit_app.command("prune")
+@handled
+def prune_cmd(
+    before: Annotated[str, typer.Option(help="Remove events older than this (ISO 8601).")],
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant's chain.")] = None,
+    operator: Annotated[
+        str | None, typer.Option(help="Who prunes (default: OS user); recorded in the chain.")
+    ] = None,
+    yes: Annotated[bool, typer.Option("--yes", help="Do it (without: show what would go).")] = (
+        False
+    ),
+    as_json: JsonOpt = False,
+) -> None:
+    """Delete old events, keeping every chain verifiable from an anchor.
+
+    Each pruned chain keeps an anchor (the hash the first kept event links to) and gets a
+    `prune` event saying who removed how many events.
+    """
+    from producer.client import default_principal  # noqa: PLC0415
+
+    cutoff = _when(before, "--before")
+    assert cutoff is not None
+    store = _store()
+    if not yes:
+        plan = store.audit_prune_plan(before=cutoff, tenant=tenant)
+        if as_json:
+            print(json.dumps({"dry_run": True, "would_remove": plan}))
+        else:
+            for chain, count in sorted(plan.items()):
+                out.print(f"{chain}: {count} events older than {cutoff.isoformat()}")
+            out.print("nothing removed; run again with --yes to prune")
+        return
+    done = store.audit_prune(before=cutoff, actor=operator or default_principal(), tenant=tenant)
+    if as_json:
+        print(json.dumps({"dry_run": False, "removed": done}))
+    else:
+        for chain, count in sorted(done.items()):
+            out.print(f"{chain}: removed {count} events; the chain is anchored and verifiable")
+        if not done:
+            out.print(f"no events older than {cutoff.isoformat()}")
