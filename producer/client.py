@@ -385,6 +385,10 @@ class Producer:
 
 
 def default_principal() -> str:
+    """Who submits when the spec does not say: the service (OTEL_SERVICE_NAME) or OS user."""
+    service = os.environ.get("OTEL_SERVICE_NAME", "").strip()
+    if service:
+        return service[:200]
     try:
         return getpass.getuser()
     except Exception:  # no passwd entry in some containers

@@ -110,10 +110,15 @@ class CommandSpec(BaseModel):
 
     def __init__(self, **data: Any) -> None:
         # Callers catch SpecError (an ExecqError and a ValueError), not pydantic's type.
+        # It is raised outside the `except`, so no traceback or __context__ carries the
+        # ValidationError, whose text quotes the input (secret values included).
+        problem = None
         try:
             super().__init__(**data)
         except ValidationError as exc:
-            raise SpecError(describe(exc)) from None
+            problem = describe(exc)
+        if problem is not None:
+            raise SpecError(problem)
 
     @model_validator(mode="before")
     @classmethod
