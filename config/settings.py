@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -18,6 +19,7 @@ class Environment(StrEnum):
 
 
 EMBEDDED_BROKER = "embedded"
+LogFormat = Literal["auto", "json", "console"]
 
 
 class Settings(BaseSettings):
@@ -46,6 +48,9 @@ class Settings(BaseSettings):
         default=Path(".execq/work"), description="Where private command directories are made."
     )
     publish_timeout_s: float = Field(default=2.0, gt=0, le=60)
+    log_format: LogFormat = Field(
+        default="auto", description="`json` lines, `console` lines, or `auto` (json unless a tty)."
+    )
 
     @field_validator("broker_url")
     @classmethod

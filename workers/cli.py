@@ -7,7 +7,6 @@ Exit status: 0 success, 1 the thing asked failed (the command failed, not found,
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shlex
 import signal
@@ -57,12 +56,12 @@ def _producer() -> Any:
     return Producer.from_settings(settings, tenants)
 
 
-def _setup_logging(level: str = "WARNING") -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.WARNING),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(level: str = "WARNING", settings: Settings | None = None) -> None:
+    from producer import logs  # noqa: PLC0415
+
+    # JSON lines for machines (workers, log pipelines); readable lines on a terminal.
+    fmt = settings.log_format if settings is not None else "auto"
+    logs.configure(level=level, json=fmt == "json" or (fmt == "auto" and not sys.stderr.isatty()))
 
 
 # --- printing ----------------------------------------------------------------------------
@@ -358,7 +357,7 @@ def worker(
             2,
             as_json=as_json,
         )
-    _setup_logging(loglevel)
+    _setup_logging(loglevel, settings)
     config = WorkerConfig(
         settings=settings,
         tenants=tenants,

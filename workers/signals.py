@@ -8,6 +8,7 @@ from typing import Any
 
 from celery import signals
 
+from producer import logs
 from workers.reaper import Reaper
 from workers.runtime import Runtime
 
@@ -17,6 +18,13 @@ log = logging.getLogger("execq.worker")
 def connect(runtime: Runtime, *, capabilities_line: str) -> None:
     """Wire a worker's lifecycle to `runtime` (call once, before the worker starts)."""
     state: dict[str, Reaper] = {}
+
+    @signals.setup_logging.connect(weak=False)  # type: ignore[untyped-decorator]
+    def _setup_logging(loglevel: int | str | None = None, **_: Any) -> None:
+        # Any receiver here keeps Celery from installing its own handlers and formats; the
+        # pool processes are forked after this and inherit the handler.
+        if not logs.is_configured():
+            logs.configure(level=str(loglevel or "INFO"))
 
     @signals.worker_process_init.connect(weak=False)  # type: ignore[untyped-decorator]
     def _process_init(**_: Any) -> None:

@@ -9,11 +9,17 @@ from typing import Any
 from celery import Celery, Task
 from sqlalchemy.exc import OperationalError
 
+from producer import logs
 from producer.broker import TASK_NAME
-from workers.pipeline import BadMessage, decode
+from producer.redaction import MaskLevel, Redactor
+from workers.pipeline import BadMessage, Delivery, decode
 from workers.runtime import Runtime
 
 log = logging.getLogger("execq.task")
+
+
+class TaskCrashed(RuntimeError):
+    """Replaces an unexpected error, whose message or chain could carry the command's secrets."""
 
 
 def register(app: Celery, runtime: Callable[[], Runtime]) -> Task:
@@ -38,7 +44,26 @@ def register(app: Celery, runtime: Callable[[], Runtime]) -> Task:
             delivery = decode(request.id, kwargs, headers)
         except BadMessage as exc:
             log.warning("refused message %s: %s", request.id, exc)
-            return "refused"
+            # Audited in this pool's chain; the message's own fields are not trusted.
+            return runtime().pipeline.refuse(request.id, str(exc)).action
+        return handle(runtime, delivery)
+
+    return run
+
+
+def handle(runtime: Callable[[], Runtime], delivery: Delivery) -> str:
+    """Run one delivery with its secrets scrubbed from every log line, crash included."""
+    try:
+        # Log lines are masked at the tenant's level; "off" only ever applies to stored output.
+        level = MaskLevel(runtime().config.tenant.masking)
+        redactor = Redactor(
+            delivery.secrets, level=MaskLevel.L1 if level is MaskLevel.OFF else level
+        )
+    except Exception as exc:
+        # Without a redactor no traceback may be logged: it could show the secrets.
+        log.error("command %s: its secrets cannot be scrubbed", delivery.command_id)
+        raise _crashed(delivery.command_id, exc) from None
+    with logs.command_context(delivery.command_id, tenant=delivery.tenant, redactor=redactor):
         try:
             return runtime().pipeline.handle(delivery).action
         except OperationalError as exc:
@@ -46,5 +71,12 @@ def register(app: Celery, runtime: Callable[[], Runtime]) -> Task:
             # the outbox publishes it again once the store is back.
             log.error("store unavailable for command %s: %s", delivery.command_id, exc)
             return "store_unavailable"
+        except Exception as exc:
+            # Logged here, while the context still scrubs the traceback; Celery's own failure
+            # line then sees only the sanitized exception.
+            log.exception("command %s crashed", delivery.command_id)
+            raise _crashed(delivery.command_id, exc) from None
 
-    return run
+
+def _crashed(command_id: str, exc: BaseException) -> TaskCrashed:
+    return TaskCrashed(f"command {command_id} crashed: {type(exc).__name__}")
