@@ -63,12 +63,19 @@ def _check_env(kind: str, env: Mapping[str, str]) -> None:
             raise ValueError(f"{kind} may not set {name}: it changes which code runs")
         if "\x00" in value:
             raise ValueError(f"{kind} {name} contains a NUL byte")
-        size = len(value.encode())
+        size = _utf8_size(value, f"{kind} {name}")
         if size > MAX_ENV_VALUE_BYTES:
             raise ValueError(f"{kind} {name} is {size} bytes, more than {MAX_ENV_VALUE_BYTES}")
         total += size + len(name) + 1
     if total > MAX_ENV_BYTES:
         raise ValueError(f"{kind} is {total} bytes in all, more than {MAX_ENV_BYTES}")
+
+
+def _utf8_size(text: str, what: str) -> int:
+    try:
+        return len(text.encode())
+    except UnicodeEncodeError:  # lone surrogates: not text any child or store could hold
+        raise ValueError(f"{what} is not valid UTF-8 text") from None
 
 
 def _check_argv(kind: str, argv: tuple[str, ...]) -> None:
@@ -80,7 +87,7 @@ def _check_argv(kind: str, argv: tuple[str, ...]) -> None:
     for i, arg in enumerate(argv):
         if "\x00" in arg:
             raise ValueError(f"{kind}[{i}] contains a NUL byte")
-        size = len(arg.encode())
+        size = _utf8_size(arg, f"{kind}[{i}]")
         if size > MAX_ARG_BYTES:
             raise ValueError(f"{kind}[{i}] is {size} bytes, more than {MAX_ARG_BYTES}")
         total += size + 1

@@ -20,12 +20,12 @@ from typing import Any
 
 from config.settings import Settings
 from config.tenants import Tenant
-from producer import policy
+from producer import logs, policy
 from producer.audit.events import NO_COMMAND_HASH, Phase, Subject, now_ns
 from producer.audit.events import Outcome as Result
 from producer.audit.trail import Attempt, Trail
 from producer.errors import ExecutableRefused, PolicyDenied, SandboxError, StaleVersion
-from producer.redaction import Redactor
+from producer.redaction import MaskLevel, Redactor
 from producer.spec import CommandSpec, cmd_hash
 from producer.states import State
 from producer.store.repository import Claimed, Store, utcnow
@@ -65,7 +65,7 @@ def decode(task_id: str | None, kwargs: Mapping[str, Any], headers: Mapping[str,
     if not isinstance(tenant, str):
         raise BadMessage("tenant is not a string")
     if not isinstance(secrets, dict) or not all(
-        isinstance(k, str) and ENV_NAME.match(k) and isinstance(v, str) and "\x00" not in v
+        isinstance(k, str) and ENV_NAME.match(k) and isinstance(v, str) and _text(v)
         for k, v in secrets.items()
     ):
         raise BadMessage("secrets is not a mapping of variable names to strings")
@@ -74,6 +74,17 @@ def decode(task_id: str | None, kwargs: Mapping[str, Any], headers: Mapping[str,
         raise BadMessage(f"unexpected fields {sorted(extra)}")
     tp = headers.get("traceparent")
     return Delivery(command_id, tenant, secrets, tp if isinstance(tp, str) else None)
+
+
+def _text(value: str) -> bool:
+    """No NUL and valid UTF-8: what an environment variable (and the redactor) can hold."""
+    if "\x00" in value:
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -214,8 +225,16 @@ class Pipeline:
         self.trail.copy(attempt.events)
         return Handled(claimed.id, "ran", to, reason or "")
 
+    def _redactors(self, secrets: Mapping[str, str]) -> tuple[Redactor, Redactor]:
+        """(for stored output, for audit events): a tenant may switch masking of its output
+        off, never of what execq itself writes about the command."""
+        level = MaskLevel(self.tenant.masking)
+        output = Redactor(secrets, level=level)
+        return output, output if level is not MaskLevel.OFF else output.with_level(MaskLevel.L1)
+
     def _run_claimed(self, claimed: Claimed, delivery: Delivery) -> Handled:
-        redactor = Redactor({k: v for k, v in delivery.secrets.items()})
+        logs.bind(trace_id=claimed.trace_id)
+        redactor, audit_redactor = self._redactors(delivery.secrets)
         attempt = Attempt(
             Subject(
                 claimed.id,
@@ -226,7 +245,7 @@ class Pipeline:
                 claimed.attempts,
             ),
             actor=self.worker_id,
-            redactor=redactor,
+            redactor=audit_redactor,
         )
         # authz again: the stored spec against the policy this worker holds now. A refusal
         # is a refused bind (see the module docstring).
@@ -273,8 +292,9 @@ class Pipeline:
                 error=error,
             )
         request = self._bind(claimed, delivery)
-        redactor = Redactor({k: delivery.secrets[k] for k in claimed.secret_names})
-        attempt.redactor = redactor
+        redactor, attempt.redactor = self._redactors(
+            {k: delivery.secrets[k] for k in claimed.secret_names}
+        )
         attempt.add(
             Phase.BIND,
             Result.OK,
@@ -314,7 +334,9 @@ class Pipeline:
         parent = parse_traceparent(delivery.traceparent)
         trace_id = claimed.trace_id or (parent.trace_id if parent else None)
         if trace_id:
-            env["TRACEPARENT"] = TraceContext(trace_id, new_span_id()).traceparent
+            span_id = new_span_id()
+            env["TRACEPARENT"] = TraceContext(trace_id, span_id).traceparent
+            logs.bind(trace_id=trace_id, span_id=span_id)
         lang = env.pop("LANG", "C.UTF-8")
         return ExecRequest(
             command_id=claimed.id,

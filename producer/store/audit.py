@@ -42,7 +42,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from producer.audit.events import GENESIS, AuditEvent, canonical_json
+from producer.audit.events import CONTENT_FIELDS, GENESIS, AuditEvent, canonical_json
 from producer.audit.verify import Problem, Report, Verifier
 from producer.errors import StoreError
 from producer.store.models import AuditAnchor, AuditEventRow, AuditHead, Command
@@ -52,26 +52,8 @@ heads_t = cast(Table, AuditHead.__table__)
 anchors_t = cast(Table, AuditAnchor.__table__)
 commands_t = cast(Table, Command.__table__)
 
-# Columns of an event row that come straight from the event's content.
-_CONTENT_COLUMNS = (
-    "event_id",
-    "ts",
-    "command_id",
-    "tenant",
-    "principal",
-    "actor",
-    "phase",
-    "outcome",
-    "attempt",
-    "cmd_hash",
-    "exec_time_ns",
-    "duration_ns",
-    "trace_id",
-    "operator",
-    "ticket",
-    "reason",
-    "detail",
-)
+# Every content field is a column of its own (detail as canonical JSON text).
+_CONTENT_COLUMNS = CONTENT_FIELDS
 
 
 def _content_values(event: AuditEvent) -> dict[str, Any]:
