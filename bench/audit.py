@@ -134,9 +134,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"{cost['plain_statements']:.1f} -> {cost['audited_statements']:.1f}"
                 )
                 fill(store, args.events)
-                total = sum(1 for _ in store.audit_events())
+                total = sum(1 for _ in store.audit.events())
                 t0 = time.perf_counter()
-                report = store.audit_verify()
+                report = store.audit.verify()
                 elapsed = time.perf_counter() - t0
                 assert report.ok, report.problem
                 print(

@@ -366,7 +366,7 @@ class Producer:
     ) -> builtins.list[AuditEvent]:
         """The store's audit events (all, a tenant's, or one command's), oldest first."""
         return list(
-            self.store.audit_events(tenant=tenant, command_id=command_id, since_ns=since_ns)
+            self.store.audit.events(tenant=tenant, command_id=command_id, since_ns=since_ns)
         )
 
     def close(self) -> None:

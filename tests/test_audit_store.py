@@ -56,11 +56,11 @@ def test_a_created_command_and_its_events_are_one_verifiable_chain(store: Store)
         actor="op",
         events=[make_event(subject(created.id), Phase.REVOKE, Outcome.OK, actor="op")],
     )
-    events = list(store.audit_events())
+    events = list(store.audit.events())
     assert [(e.seq, e.phase) for e in events] == [(1, "parse"), (2, "authz"), (3, "revoke")]
     assert events[0].prev_hash == GENESIS
     assert all(b.prev_hash == a.hash for a, b in itertools.pairwise(events))
-    report = store.audit_verify()
+    report = store.audit.verify()
     assert report.ok, report.problem
     assert report.chains["alpha"].last_seq == 3
 
@@ -76,21 +76,21 @@ def test_a_stale_transition_writes_no_events(store: Store) -> None:
             actor="op",
             events=[make_event(subject(created.id), Phase.REVOKE, Outcome.OK, actor="op")],
         )
-    assert [e.phase for e in store.audit_events()] == ["parse", "authz"]
-    assert store.audit_verify().ok
+    assert [e.phase for e in store.audit.events()] == ["parse", "authz"]
+    assert store.audit.verify().ok
 
 
 def test_a_repeated_key_writes_no_second_set_of_events(store: Store) -> None:
     store.create(spec("k"), actor="alice", events=submit_events())
     again = store.create(spec("k"), actor="alice", events=submit_events())
     assert again.duplicate
-    assert len(list(store.audit_events())) == 2
+    assert len(list(store.audit.events())) == 2
 
 
 def test_tenants_have_separate_chains(store: Store) -> None:
     store.create(spec(tenant="alpha"), actor="a", events=submit_events("alpha"))
     store.create(spec(tenant="beta"), actor="b", events=submit_events("beta"))
-    report = store.audit_verify()
+    report = store.audit.verify()
     assert report.ok
     assert {c: (s.first_seq, s.last_seq) for c, s in report.chains.items()} == {
         "alpha": (1, 2),
@@ -103,7 +103,7 @@ def test_no_code_path_and_no_sql_can_update_or_delete_an_event(store: Store) -> 
     for sql in ("UPDATE audit_events SET outcome = 'refused'", "DELETE FROM audit_events"):
         with pytest.raises(Exception, match="append-only"), store.engine.begin() as conn:
             conn.execute(text(sql))
-    assert store.audit_verify().ok
+    assert store.audit.verify().ok
 
 
 def _fill(store: Store, n: int = 4) -> list[str]:
@@ -128,11 +128,11 @@ def test_verify_names_the_first_bad_event(
     store: Store, tamper: str, expect_seq: int, words: str
 ) -> None:
     _fill(store)
-    assert store.audit_verify().ok
+    assert store.audit.verify().ok
     drop_guards(store)
     with store.engine.begin() as conn:
         conn.execute(text(tamper))
-    report = store.audit_verify()
+    report = store.audit.verify()
     assert not report.ok
     assert report.problem is not None
     assert report.problem.seq == expect_seq, report.problem
@@ -145,14 +145,14 @@ def test_a_reordered_event_is_found(store: Store) -> None:
     with store.engine.begin() as conn:
         for a, b in ((2, -2), (3, 2), (-2, 3)):
             conn.execute(text("UPDATE audit_events SET seq = :b WHERE seq = :a"), {"a": a, "b": b})
-    report = store.audit_verify()
+    report = store.audit.verify()
     assert not report.ok and report.problem is not None
     assert report.problem.seq == 2
 
 
 def test_an_inserted_event_is_found_even_with_a_correct_hash(store: Store) -> None:
     _fill(store, 3)
-    events = list(store.audit_events())
+    events = list(store.audit.events())
     drop_guards(store)
     forged = make_event(subject(), Phase.OVERRIDE, Outcome.OK, actor="intruder").linked(
         "alpha", 3, events[1].hash or ""
@@ -170,7 +170,7 @@ def test_an_inserted_event_is_found_even_with_a_correct_hash(store: Store) -> No
                 "hash": forged.hash,
             },
         )
-    report = store.audit_verify()
+    report = store.audit.verify()
     assert not report.ok and report.problem is not None
     assert report.problem.seq == 4, report.problem
     assert "altered" in report.problem.message
@@ -199,11 +199,11 @@ def test_concurrent_writers_in_many_processes_keep_one_valid_chain(
     for p in procs:
         p.join(120)
         assert p.exitcode == 0
-    report = store.audit_verify()
+    report = store.audit.verify()
     assert report.ok, report.problem
     assert report.chains["alpha"].last_seq == 6 * 40 * 2
     # Each append's two events stayed adjacent: no writer interleaved inside another's.
-    events = list(store.audit_events())
+    events = list(store.audit.events())
     for first, second in zip(events[::2], events[1::2], strict=True):
         assert (first.phase, second.phase) == ("bind", "execute")
         assert first.actor == second.actor
@@ -214,12 +214,12 @@ def test_prune_keeps_the_rest_of_the_chain_verifiable(store: Store) -> None:
     cutoff = datetime.now(UTC)
     _fill_more = [store.create(spec(f"late{i}"), actor="a", events=submit_events()) for i in "ab"]
     assert _fill_more
-    result = store.audit_prune(before=cutoff, actor="ops")
+    result = store.audit.prune(before=cutoff, actor="ops")
     assert result == {"alpha": 6}
-    events = list(store.audit_events())
+    events = list(store.audit.events())
     assert [e.seq for e in events] == [7, 8, 9, 10, 11]
     assert events[-1].phase == "prune" and events[-1].detail["pruned_events"] == 6
-    report = store.audit_verify()
+    report = store.audit.verify()
     assert report.ok, report.problem
     assert report.chains["alpha"].anchor == events[0].prev_hash
     # Deleting past the anchor is still refused.

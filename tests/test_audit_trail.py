@@ -89,7 +89,7 @@ def test_a_successful_command_writes_each_phase_once_to_the_store_and_the_file(
     # The file got the same events (its own chain links), in the same order.
     in_file = [d for d in file_events(env) if d["command_id"] == r.id]
     assert [d["event_id"] for d in in_file] == [e.event_id for e in events]
-    assert producer.store.audit_verify().ok
+    assert producer.store.audit.verify().ok
     assert verify_file(env.settings.audit_log).ok  # type: ignore[arg-type]
 
 
@@ -200,3 +200,19 @@ def test_cli_verify_export_and_show_work_on_a_real_trail(
     shown = cli(env, "audit", "show", ids[0])
     assert shown.returncode == 0 and "archive" in shown.stdout
     assert cli(env, "audit", "verify", "--file", str(env.settings.audit_log)).returncode == 0
+
+
+def test_cli_prune_asks_first_then_keeps_the_chain_verifiable(producer: Producer, env: Env) -> None:
+    with pytest.raises(PolicyDenied):
+        producer.submit(CommandSpec(tenant="alpha", argv=["/usr/bin/id"]))
+    future = "2999-01-01T00:00:00Z"
+    dry = cli(env, "audit", "prune", "--before", future, "--json")
+    assert dry.returncode == 0 and json.loads(dry.stdout)["would_remove"] == {"alpha": 3}
+    assert len(producer.audit_events()) == 3
+    done = cli(env, "audit", "prune", "--before", future, "--yes", "--operator", "ops")
+    assert done.returncode == 0, done.stderr
+    remaining = producer.audit_events()
+    assert [(e.phase, e.operator) for e in remaining] == [("prune", "ops")]
+    assert cli(env, "audit", "verify").returncode == 0
+    bad = cli(env, "audit", "prune", "--before", "last tuesday")
+    assert bad.returncode == 2 and "ISO 8601" in bad.stderr

@@ -289,7 +289,7 @@ def test_duplicate_forged_and_misrouted_deliveries_do_nothing(
     assert "command_id is not a command id" in reasons
     wait_for(lambda: "ignored repeated delivery" in w.output(), 10, "the duplicate to be logged")
     # Each refusal is a parse event and an abort in the pool's own chain, which stays intact.
-    assert producer.store.audit_verify().ok
+    assert producer.store.audit.verify().ok
 
 
 def test_a_killed_worker_gives_worker_lost_within_a_lease(

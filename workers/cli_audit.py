@@ -108,7 +108,7 @@ def verify_cmd(
             fail(f"no audit file at {file}", 2, as_json=as_json)
         report = verify_file(file, allow_anchor=anchored)
     else:
-        report = _store().audit_verify(tenant=tenant)
+        report = _store().audit.verify(tenant=tenant)
     _print_report(report, time.perf_counter() - started, as_json)
     if not report.ok:
         raise typer.Exit(1)
@@ -136,7 +136,7 @@ def export_cmd(
     since_ns = int(start.timestamp() * 1_000_000_000) if start else None
     write = sys.stdout.write
     count = 0
-    for event in _store().audit_events(tenant=tenant, since_ns=since_ns, command_id=command):
+    for event in _store().audit.events(tenant=tenant, since_ns=since_ns, command_id=command):
         write(json.dumps(event.to_json(), ensure_ascii=False, separators=(",", ":")) + "\n")
         count += 1
     sys.stdout.flush()
@@ -150,7 +150,7 @@ def show_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """One command's audit events, phase by phase."""
-    events = list(_store().audit_events(command_id=command_id))
+    events = list(_store().audit.events(command_id=command_id))
     if not events:
         fail(f"no audit events for command {command_id!r}", 1, as_json=as_json)
     if as_json:
@@ -198,7 +198,7 @@ def prune_cmd(
     assert cutoff is not None
     store = _store()
     if not yes:
-        plan = store.audit_prune_plan(before=cutoff, tenant=tenant)
+        plan = store.audit.prune_plan(before=cutoff, tenant=tenant)
         if as_json:
             print(json.dumps({"dry_run": True, "would_remove": plan}))
         else:
@@ -206,7 +206,7 @@ def prune_cmd(
                 out.print(f"{chain}: {count} events older than {cutoff.isoformat()}")
             out.print("nothing removed; run again with --yes to prune")
         return
-    done = store.audit_prune(before=cutoff, actor=operator or default_principal(), tenant=tenant)
+    done = store.audit.prune(before=cutoff, actor=operator or default_principal(), tenant=tenant)
     if as_json:
         print(json.dumps({"dry_run": False, "removed": done}))
     else:

@@ -31,19 +31,14 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
 
 from producer.audit.events import (
-    NO_COMMAND_HASH,
     AuditEvent,
-    Outcome,
-    Phase,
-    Subject,
-    make_event,
 )
-from producer.audit.verify import Report
 from producer.errors import IdempotencyConflict, NotFound, StaleVersion
 from producer.record import CommandRecord, TransitionRecord
 from producer.spec import CommandSpec
 from producer.states import State, check_transition
 from producer.store import audit
+from producer.store.audit_log import AuditLog
 from producer.store.models import Command, Transition
 
 commands = cast(Table, Command.__table__)
@@ -134,10 +129,6 @@ def _dispose_after_fork(ref: weakref.ref[Store]) -> None:
     store = ref()
     if store is not None:
         store.engine.dispose(close=False)
-
-
-def _ns(when: datetime) -> int:
-    return int(when.timestamp() * 1_000_000_000)
 
 
 def _chain_of(events: Sequence[AuditEvent]) -> str:
@@ -240,7 +231,8 @@ class Store:
         ref = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: _dispose_after_fork(ref))
         self._pg = engine.dialect.name == "postgresql"
-        self._chains: set[str] = set()  # chains whose head row is known to exist
+        self._chains: set[str] = set()
+        self.audit = AuditLog(engine)  # chains whose head row is known to exist
 
     @contextmanager
     def _tx(self, atomic: bool) -> Iterator[Connection]:
@@ -287,74 +279,6 @@ class Store:
         """Append events that go with no state change (refused deliveries, revoke requests)."""
         if events:
             self._write(None, {}, chain or _chain_of(events), events)
-
-    def audit_events(
-        self,
-        *,
-        tenant: str | None = None,
-        since_ns: int | None = None,
-        command_id: str | None = None,
-    ) -> Iterator[AuditEvent]:
-        """Stored audit events in the order they were appended."""
-        with self._snapshot() as conn:
-            yield from audit.iter_events(
-                conn, tenant=tenant, since_ns=since_ns, command_id=command_id
-            )
-
-    def audit_verify(self, *, tenant: str | None = None) -> Report:
-        """Verify the store's chains (every tenant's, or one) in one consistent snapshot."""
-        with self._snapshot() as conn:
-            return audit.verify(conn, tenant=tenant)
-
-    def audit_prune_plan(self, *, before: datetime, tenant: str | None = None) -> dict[str, int]:
-        """How many events `audit_prune` would remove from each chain."""
-        with self._auto.connect() as conn:
-            return audit.prune_counts(conn, _ns(before), tenant=tenant)
-
-    def audit_prune(
-        self, *, before: datetime, actor: str, tenant: str | None = None
-    ) -> dict[str, int]:
-        """Delete events older than `before`, chain by chain, keeping each chain verifiable.
-
-        Each chain gets an anchor (where it now starts) and a `prune` event saying who
-        removed how much, in the same transaction as the deletion.
-        """
-        with self._auto.connect() as conn:
-            plan = audit.prune_plan(conn, _ns(before), tenant=tenant)
-        done: dict[str, int] = {}
-        for chain, upto in sorted(plan.items()):
-            with self.engine.begin() as conn:
-                count = audit.prune_chain(conn, chain, upto, actor=actor, at=utcnow())
-                subject = Subject("", chain, actor, NO_COMMAND_HASH, None)
-                event = make_event(
-                    subject,
-                    Phase.PRUNE,
-                    Outcome.OK,
-                    actor=actor,
-                    operator=actor,
-                    reason=f"events before {before.isoformat()} removed",
-                    detail={"pruned_events": count, "anchor_seq": upto + 1},
-                )
-                audit.append_linked(conn, chain, [event])
-            done[chain] = count
-        return done
-
-    @contextmanager
-    def _snapshot(self) -> Iterator[Connection]:
-        """A read-only view that concurrent appends do not change while it is read."""
-        if self._pg:
-            options = {"isolation_level": "REPEATABLE READ", "postgresql_readonly": True}
-            with self.engine.execution_options(**options).connect() as conn:
-                yield conn
-                conn.rollback()
-        else:
-            with self._auto.connect() as conn:
-                # A deferred BEGIN is a read snapshot in WAL mode and takes no write lock.
-                conn.exec_driver_sql("BEGIN")
-                try:
-                    yield conn
-                finally:
-                    conn.exec_driver_sql("COMMIT")
 
     @contextmanager
     def _one(self) -> Iterator[Connection]:
