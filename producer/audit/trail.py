@@ -8,7 +8,7 @@ file). A failed copy is logged, never raised: the store's chain is the record of
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from config.settings import Settings
@@ -84,11 +84,11 @@ class Attempt:
                 if (self.events)
                 else self.started_ns
             )
-        clean_reason, _ = self.redactor.scrub(reason)
-        clean_detail: Mapping[str, Any] = {
-            key: self.redactor.scrub(value)[0] if isinstance(value, str) else value
-            for key, value in detail.items()
-        }
+        clean_reason, changed = self.redactor.scrub(reason)
+        clean, detail_changed = self.redactor.scrub_value(dict(detail))
+        clean_detail = dict(clean) if isinstance(clean, dict) else {}
+        if changed or detail_changed:
+            clean_detail["redacted"] = True
         event = make_event(
             self.subject,
             phase,
