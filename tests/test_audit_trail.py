@@ -216,3 +216,25 @@ def test_cli_prune_asks_first_then_keeps_the_chain_verifiable(producer: Producer
     assert cli(env, "audit", "verify").returncode == 0
     bad = cli(env, "audit", "prune", "--before", "last tuesday")
     assert bad.returncode == 2 and "ISO 8601" in bad.stderr
+
+
+def test_two_workers_of_one_tenant_appending_at_once_keep_one_chain(
+    producer: Producer, workers: Start, env: Env
+) -> None:
+    workers("alpha", concurrency=2)
+    workers("alpha", concurrency=2)
+    ids = [
+        producer.submit(CommandSpec(tenant="alpha", argv=["/bin/echo", str(i)])).id
+        for i in range(40)
+    ]
+    for cid in ids:
+        assert producer.wait(cid, timeout=60).state is State.SUCCEEDED
+    report = producer.store.audit.verify()
+    assert report.ok, report.problem
+    assert report.chains["alpha"].events == 40 * 5
+    per_command = Counter(e.command_id for e in producer.audit_events())
+    assert set(per_command.values()) == {5}
+    # Four pool processes in two workers wrote them.
+    assert len({e.actor for e in producer.audit_events() if e.phase == "execute"}) >= 2
+    file_report = verify_file(env.settings.audit_log)  # type: ignore[arg-type]
+    assert file_report.ok and file_report.events == 40 * 5
