@@ -33,8 +33,9 @@ lint: install  ## ruff + mypy (strict)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-bench: install  ## throughput and latency against bare Celery, same run
+bench: install  ## throughput and latency against bare Celery, same run; audit costs
 	$(VENV)/bin/python -m bench $(BENCH_ARGS)
+	$(VENV)/bin/python -m bench.audit
 
 clean:
 	rm -rf $(VENV) .uv-bootstrap .execq .pytest_cache .mypy_cache .ruff_cache

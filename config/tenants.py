@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from config.settings import ConfigInvalid, describe_validation_error
 
@@ -44,6 +44,14 @@ class Tenant(BaseModel):
         default=None, description="Names a spec's env may set; None allows any safe name."
     )
     max_attempts: Annotated[int, Field(ge=1, le=100)] = 3
+    # YAML reads an unquoted `off` as false, which here can only mean "off".
+    masking: Annotated[
+        Literal["L1", "L2", "L3", "off"],
+        BeforeValidator(lambda v: "off" if v is False else v),
+    ] = Field(
+        default="L1",
+        description="Pattern masking of stored output; exact secrets are always scrubbed.",
+    )
 
     @field_validator("executables")
     @classmethod

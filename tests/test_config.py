@@ -13,6 +13,7 @@ from config.settings import ConfigInvalid, Settings, load_settings
 from config.tenants import load_tenants
 from producer.client import Producer
 from producer.errors import ConfigError, ExecqError
+from producer.redaction import MaskLevel
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,6 +77,28 @@ def test_a_bad_tenants_file_is_refused_naming_the_field(
     path = tmp_path / "tenants.yaml"
     path.write_text(yaml_text)
     with pytest.raises(ConfigInvalid, match=needle.replace("(", r"\(")):
+        load_tenants(path)
+
+
+@pytest.mark.parametrize(
+    ("yaml_value", "level"),
+    [(None, MaskLevel.L1), ("L3", MaskLevel.L3), ("'off'", MaskLevel.OFF), ("off", MaskLevel.OFF)],
+)
+def test_a_tenant_chooses_its_masking_level(
+    tmp_path: Path, yaml_value: str | None, level: MaskLevel
+) -> None:
+    masking = f", masking: {yaml_value}" if yaml_value else ""
+    path = tmp_path / "tenants.yaml"
+    path.write_text(f"tenants: {{acme: {{executables: [/bin/echo]{masking}}}}}")
+    tenant = load_tenants(path).tenants["acme"]
+    assert MaskLevel(tenant.masking) is level
+
+
+@pytest.mark.parametrize("value", ["L4", "l1", "none", "true", "1"])
+def test_an_unknown_masking_level_is_refused_naming_the_field(tmp_path: Path, value: str) -> None:
+    path = tmp_path / "tenants.yaml"
+    path.write_text(f"tenants: {{acme: {{executables: [/bin/echo], masking: {value}}}}}")
+    with pytest.raises(ConfigInvalid, match=r"tenants\.acme\.masking"):
         load_tenants(path)
 
 
