@@ -186,3 +186,15 @@ def test_cli_verify_file_exits_0_when_intact_and_1_naming_the_bad_event(tmp_path
     assert rows[3]["event_id"] in bad.stdout and "altered" in bad.stdout
     missing = _cli("audit", "verify", "--file", str(tmp_path / "nope.jsonl"))
     assert missing.returncode == 2 and "no audit file" in missing.stderr
+
+
+def test_an_append_after_a_long_event_links_to_it(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    sink = JsonlSink(path)
+    sink.append(events(2))
+    s = Subject("cmd-long", "alpha", "alice", cmd_hash(["/bin/true"]), None)
+    sink.append([make_event(s, Phase.ABORT, Outcome.FAILED, actor="w", reason="x" * 50_000)])
+    sink.append(events(1, tag="after"))
+    rows = lines(path)
+    assert [r["seq"] for r in rows] == [1, 2, 3, 4]
+    assert verify_file(path).ok

@@ -125,6 +125,9 @@ class Pipeline:
         The event goes to this pool's tenant chain: the message's own fields are untrusted.
         """
         cid = command_id if command_id and COMMAND_ID.match(command_id) else ""
+        # A forged message chooses this text: keep the trail's events small.
+        reason = reason[:500]
+        detail = {k: v[:100] if isinstance(v, str) else v for k, v in detail.items()}
         attempt = Attempt(
             Subject(cid, self.tenant.name, "unknown", NO_COMMAND_HASH, None, 0),
             actor=self.worker_id,

@@ -55,23 +55,35 @@ def _line(event: AuditEvent) -> str:
 
 
 def _last_link(path: Path) -> tuple[int, str] | None:
-    """(seq, hash) of the last complete event line of `path`, or None if it has none."""
+    """(seq, hash) of the last complete event line of `path`, or None if it has none.
+
+    Reads backwards from the end, a little at a time: an append should not cost a read of
+    the whole file.
+    """
     try:
-        with path.open("rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            f.seek(max(0, size - _TAIL_BYTES))
-            tail = f.read()
+        f = path.open("rb")
     except FileNotFoundError:
         return None
-    for raw in reversed(tail.split(b"\n")):
-        if not raw.strip():
-            continue
-        try:
-            data = json.loads(raw)
-            return int(data["seq"]), str(data["hash"])
-        except (ValueError, KeyError, TypeError):
-            continue  # a torn last write; verify will name it
-    return None
+    with f:
+        size = f.seek(0, os.SEEK_END)
+        chunk = 8192
+        while True:
+            start = max(0, size - chunk)
+            f.seek(start)
+            lines = f.read(size - start).split(b"\n")
+            if start > 0:
+                lines = lines[1:]  # the first piece may be the end of a longer line
+            for raw in reversed(lines):
+                if not raw.strip():
+                    continue
+                try:
+                    data = json.loads(raw)
+                    return int(data["seq"]), str(data["hash"])
+                except (ValueError, KeyError, TypeError):
+                    continue  # a torn last write; verify will name it
+            if start == 0 or chunk >= _TAIL_BYTES:
+                return None
+            chunk *= 4
 
 
 class JsonlSink:
