@@ -160,11 +160,11 @@ def test_an_inserted_event_is_found_even_with_a_correct_hash(store: Store) -> No
     with store.engine.begin() as conn:
         conn.execute(text("UPDATE audit_events SET seq = seq + 1000 WHERE seq >= 3"))
         conn.execute(text("UPDATE audit_events SET seq = seq - 999 WHERE seq >= 1000"))
-        row = {**audit.pg_params("alpha", [forged])}
         conn.execute(
             audit.events_t.insert(),
             {
-                **{k.removeprefix("a_").removesuffix("_0"): v for k, v in row.items()},
+                **audit.row_values(forged),
+                "chain": "alpha",
                 "seq": 3,
                 "prev_hash": forged.prev_hash,
                 "hash": forged.hash,

@@ -25,19 +25,15 @@ from typing import Any, cast
 
 from sqlalchemy import (
     Connection,
-    Insert,
-    Select,
     String,
     Table,
     Text,
-    Update,
+    TextClause,
     bindparam,
-    exists,
     func,
     insert,
-    literal,
     select,
-    union_all,
+    text,
     update,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -56,7 +52,8 @@ commands_t = cast(Table, Command.__table__)
 _CONTENT_COLUMNS = CONTENT_FIELDS
 
 
-def _content_values(event: AuditEvent) -> dict[str, Any]:
+def row_values(event: AuditEvent) -> dict[str, Any]:
+    """The content columns of an event row."""
     values = {name: getattr(event, name) for name in _CONTENT_COLUMNS}
     values["detail"] = canonical_json(dict(event.detail))
     return values
@@ -74,82 +71,88 @@ def event_from_row(row: Any) -> AuditEvent:
 
 # --- PostgreSQL: one statement --------------------------------------------------------------
 
+# Types of the content columns as `json_to_recordset` declares them.
+_PG_TYPES = {"attempt": "int", "exec_time_ns": "bigint", "duration_ns": "bigint"}
+_RECORD = ", ".join(
+    ["k int", "content text"] + [f"{c} {_PG_TYPES.get(c, 'text')}" for c in CONTENT_FIELDS]
+)
+_LINK = (
+    "encode(sha256(convert_to(concat(:a_chain, chr(10), {prev}.seq + 1, chr(10), {prev}.hash, "
+    "chr(10), ev.content), 'UTF8')), 'hex')"
+)
+# The events travel as one JSON parameter and the chain is linked by a recursive CTE, so the
+# statement's text is the same for any number of events: short enough for the driver's parse
+# cache, and one cache entry per lead shape. Only constant column names are interpolated.
+_APPEND = f"""
+ev AS (SELECT * FROM json_to_recordset(CAST(:a_events AS json)) AS r({_RECORD})),
+h0 AS (SELECT seq, hash FROM audit_heads WHERE chain = :a_chain{{lead_cond}} FOR UPDATE),
+links AS (
+  SELECT ev.k, h0.seq + 1 AS seq, CAST(h0.hash AS text) AS prev_hash,
+    {_LINK.format(prev="h0")} AS hash
+  FROM h0 JOIN ev ON ev.k = 1
+  UNION ALL
+  SELECT ev.k, l.seq + 1, l.hash, {_LINK.format(prev="l")}
+  FROM links l JOIN ev ON ev.k = l.k + 1
+),
+ins AS (
+  INSERT INTO audit_events (chain, seq, prev_hash, hash, {", ".join(CONTENT_FIELDS)})
+  SELECT :a_chain, l.seq, l.prev_hash, l.hash, {", ".join(f"ev.{c}" for c in CONTENT_FIELDS)}
+  FROM links l JOIN ev ON ev.k = l.k
+  RETURNING seq
+),
+moved AS (
+  UPDATE audit_heads SET seq = m.seq, hash = m.hash
+  FROM (SELECT seq, hash FROM links ORDER BY seq DESC LIMIT 1) m
+  WHERE audit_heads.chain = :a_chain AND m.seq > audit_heads.seq
+  RETURNING audit_heads.seq
+)
+SELECT {{lead_rows}} AS lead_rows, (SELECT count(*) FROM ins) AS appended,
+  (SELECT count(*) FROM moved) AS moved
+"""
+
 
 @lru_cache(maxsize=128)
-def pg_chained(lead: Insert | Update | None, n: int) -> Select[Any]:
-    """`lead` (a command INSERT/UPDATE, or None) plus the append of `n` events, as one query.
+def pg_chained(lead: tuple[str, tuple[str, ...]] | None) -> TextClause:
+    """One statement: a command INSERT/UPDATE (`lead`, or None) and the append of events.
 
-    Parameters: the lead's own, `a_chain`, and `a_<column>_<k>` / `a_content_<k>` per event.
-    Returns one row: `lead_rows` (0 means the lead matched nothing and nothing was appended)
-    and `appended`.
+    `lead` is ("insert", columns) — ON CONFLICT DO NOTHING, a repeated key appends nothing —
+    or ("update", columns) — the conditional UPDATE on (id, state, version); either way no
+    events are written when it changed no row. Parameters: the lead's `v_*`/`w_*`,
+    `a_chain` and `a_events` (from `pg_params`). Returns one row: `lead_rows` (0: nothing
+    happened), `appended`, `moved`.
     """
-    chain = bindparam("a_chain", type_=String)
-    where = [heads_t.c.chain == chain]
-    lead_cte = None
-    if lead is not None:
-        lead_cte = lead.returning(commands_t.c.id).cte("lead")
-        where.append(exists(select(lead_cte.c.id)))
-    prev = select(heads_t.c.seq, heads_t.c.hash).where(*where).with_for_update().cte("h0")
-    links = []
-    for k in range(n):
-        seq = prev.c.seq + 1
-        text = func.concat(
-            chain, "\n", seq, "\n", prev.c.hash, "\n", bindparam(f"a_content_{k}", type_=Text)
+    binds = [bindparam("a_chain", type_=String), bindparam("a_events", type_=Text)]
+    if lead is None:
+        return text("WITH RECURSIVE " + _APPEND.format(lead_cond="", lead_rows="1")).bindparams(
+            *binds
         )
-        digest = func.encode(func.sha256(func.convert_to(text, literal("UTF8"))), literal("hex"))
-        prev = select(seq.label("seq"), prev.c.hash.label("prev_hash"), digest.label("hash")).cte(
-            f"e{k}"
+    kind, names = lead
+    if kind == "insert":
+        sql = (
+            f"INSERT INTO commands ({', '.join(names)}) "
+            f"VALUES ({', '.join(f':v_{n}' for n in names)}) ON CONFLICT DO NOTHING RETURNING id"
         )
-        links.append(prev)
-    rows = [
-        select(
-            chain,
-            link.c.seq,
-            link.c.prev_hash,
-            link.c.hash,
-            *(bindparam(f"a_{name}_{k}", type_=events_t.c[name].type) for name in _CONTENT_COLUMNS),
+    else:
+        sql = (
+            f"UPDATE commands SET {', '.join(f'{n} = :v_{n}' for n in names)} "
+            "WHERE id = :w_id AND state = :w_state AND version = :w_version RETURNING id"
         )
-        for k, link in enumerate(links)
-    ]
-    ins = (
-        insert(events_t)
-        .from_select(
-            ["chain", "seq", "prev_hash", "hash", *_CONTENT_COLUMNS],
-            union_all(*rows) if n > 1 else rows[0],
-        )
-        .returning(events_t.c.seq)
-        .cte("ins")
+        binds += [bindparam(n, type_=commands_t.c[n[2:]].type) for n in ("w_id", "w_state")]
+        binds.append(bindparam("w_version", type_=commands_t.c.version.type))
+    binds += [bindparam(f"v_{n}", type_=commands_t.c[n].type) for n in names]
+    append = _APPEND.format(
+        lead_cond=" AND EXISTS (SELECT 1 FROM lead)", lead_rows="(SELECT count(*) FROM lead)"
     )
-    last = links[-1]
-    moved = (
-        update(heads_t)
-        # Also the join condition: the head only moves forward.
-        .where(heads_t.c.chain == chain, last.c.seq > heads_t.c.seq)
-        .values(seq=last.c.seq, hash=last.c.hash)
-        .returning(heads_t.c.seq)
-        .cte("moved")
-    )
-    lead_rows = (
-        select(func.count()).select_from(lead_cte).scalar_subquery()
-        if lead_cte is not None
-        else literal(1)
-    )
-    return select(
-        lead_rows.label("lead_rows"),
-        select(func.count()).select_from(ins).scalar_subquery().label("appended"),
-        select(func.count()).select_from(moved).scalar_subquery().label("moved"),
-    )
+    return text(f"WITH RECURSIVE lead AS ({sql}),{append}").bindparams(*binds)
 
 
 def pg_params(chain: str, events: Sequence[AuditEvent]) -> dict[str, Any]:
     """The `a_*` parameters of `pg_chained` for these events."""
-    params: dict[str, Any] = {"a_chain": chain}
-    for k, event in enumerate(events):
-        values = _content_values(event)
-        for name, value in values.items():
-            params[f"a_{name}_{k}"] = value
-        params[f"a_content_{k}"] = event.canonical()
-    return params
+    rows = [
+        {"k": k, "content": event.canonical(), **row_values(event)}
+        for k, event in enumerate(events, 1)
+    ]
+    return {"a_chain": chain, "a_events": json.dumps(rows, ensure_ascii=False)}
 
 
 # --- SQLite (and any backend): linking in Python inside the caller's transaction -------------
@@ -172,7 +175,7 @@ def append_linked(conn: Connection, chain: str, events: Sequence[AuditEvent]) ->
         prev = linked.hash or ""
         rows.append(
             {
-                **_content_values(event),
+                **row_values(event),
                 "chain": chain,
                 "seq": seq,
                 "prev_hash": linked.prev_hash,

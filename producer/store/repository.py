@@ -27,7 +27,6 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
 
 from producer.audit.events import (
@@ -95,20 +94,6 @@ _RENEW = (
     )
     .returning(commands.c.cancel_requested)
 )
-
-
-@lru_cache(maxsize=8)
-def _create_statement_pg(names: tuple[str, ...]) -> Insert:
-    """The INSERT of a new command on PostgreSQL, built once per shape.
-
-    It leads one statement with the command's audit events, so a repeated key must not abort
-    it: ON CONFLICT DO NOTHING, and the caller then looks up the command that won.
-    """
-    return (
-        pg_insert(commands)
-        .values({name: bindparam(f"v_{name}", type_=commands.c[name].type) for name in names})
-        .on_conflict_do_nothing()
-    )
 
 
 @lru_cache(maxsize=64)
@@ -250,8 +235,12 @@ class Store:
         params: dict[str, Any],
         chain: str,
         events: Sequence[AuditEvent],
+        pg_lead: tuple[str, tuple[str, ...]] | None = None,
     ) -> bool:
-        """Run `lead` and append `events` atomically; False when `lead` changed no row."""
+        """Run `lead` and append `events` atomically; False when `lead` changed no row.
+
+        On PostgreSQL, `pg_lead` names the same lead for the single-statement append.
+        """
         if not events:
             assert lead is not None
             with self._one() as conn:
@@ -263,8 +252,7 @@ class Store:
                 self._chains.add(chain)
             with self._one() as conn:
                 row = conn.execute(
-                    audit.pg_chained(lead, len(events)),
-                    {**params, **audit.pg_params(chain, events)},
+                    audit.pg_chained(pg_lead), {**params, **audit.pg_params(chain, events)}
                 ).one()
             return audit.check_appended(row, len(events), chain)
         with self.engine.begin() as conn:
@@ -344,8 +332,8 @@ class Store:
         try:
             if self._pg and events:
                 params = {f"v_{name}": value for name, value in row.items()}
-                lead = _create_statement_pg(tuple(sorted(row)))
-                if self._write(lead, params, spec.tenant, events):
+                lead_key = ("insert", tuple(sorted(row)))
+                if self._write(None, params, spec.tenant, events, pg_lead=lead_key):
                     return Created(cid, state, duplicate=False, published=False)
             else:
                 with self._tx(bool(events)) as conn:
@@ -407,8 +395,11 @@ class Store:
         }
         params = {f"v_{name}": value for name, value in values.items()}
         params.update(w_id=command_id, w_state=expect_state.value, w_version=expect_version)
-        statement = _transition_statement(tuple(sorted(values)))
-        if not self._write(statement, params, chain or _chain_of(events), events):
+        names = tuple(sorted(values))
+        statement = _transition_statement(names)
+        if not self._write(
+            statement, params, chain or _chain_of(events), events, pg_lead=("update", names)
+        ):
             raise StaleVersion(
                 f"command {command_id} is no longer {expect_state} at version {expect_version}"
             )
