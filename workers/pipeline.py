@@ -237,6 +237,7 @@ class Pipeline:
 
     def _run_claimed(self, claimed: Claimed, delivery: Delivery) -> Handled:
         logs.bind(trace_id=claimed.trace_id)
+        # Every value the message carried is scrubbed, declared or not: a superset is safe.
         redactor, audit_redactor = self._redactors(delivery.secrets)
         attempt = Attempt(
             Subject(
@@ -295,9 +296,6 @@ class Pipeline:
                 error=error,
             )
         request = self._bind(claimed, delivery)
-        redactor, attempt.redactor = self._redactors(
-            {k: delivery.secrets[k] for k in claimed.secret_names}
-        )
         attempt.add(
             Phase.BIND,
             Result.OK,
