@@ -12,10 +12,11 @@ import uuid
 from dataclasses import dataclass
 
 import redis
+from opentelemetry.trace import SpanKind
 
 from config.settings import ConfigInvalid, Settings, load_settings
 from config.tenants import TenantsFile, load_tenants
-from producer import policy
+from producer import policy, telemetry, tracing
 from producer.audit.events import AuditEvent, Outcome, Phase, Subject, now_ns
 from producer.audit.trail import Attempt, Trail
 from producer.broker import Publisher, make_celery, resolve_broker_url
@@ -32,7 +33,7 @@ from producer.spec import CommandSpec, cmd_hash
 from producer.states import RETRYABLE, State, is_terminal
 from producer.store.db import make_engine, require_schema
 from producer.store.repository import Store, requeue_fields, utcnow
-from producer.tracing import current_or_new
+from producer.tracing import TraceContext, current_or_new
 
 log = logging.getLogger("execq.producer")
 
@@ -108,6 +109,31 @@ class Producer:
         """
         if not isinstance(spec, CommandSpec):
             raise TypeError(f"submit takes a CommandSpec, not {type(spec).__name__}")
+        attributes = {"execq.tenant": spec.tenant, "execq.executable": spec.argv[0]}
+        with tracing.span("execq.submit", kind=SpanKind.PRODUCER, attributes=attributes) as span:
+            try:
+                result = self._submit(spec)
+            except (PolicyDenied, UnknownTenant) as refusal:
+                tracing.finish_span(
+                    span,
+                    {"execq.command_id": refusal.command_id, "execq.state": "rejected"},
+                    error=type(refusal).__name__,
+                    redactor=None,
+                )
+                raise
+            tracing.finish_span(
+                span,
+                {
+                    "execq.command_id": result.id,
+                    "execq.state": result.state.value,
+                    "execq.duplicate": result.duplicate,
+                },
+                error=None,
+                redactor=None,
+            )
+            return result
+
+    def _submit(self, spec: CommandSpec) -> SubmitResult:
         started = now_ns()
         principal = spec.principal or default_principal()
         if spec.principal is None:
@@ -167,9 +193,7 @@ class Producer:
                 )
             return SubmitResult(created.id, created.state, duplicate=True)
         self.trail.copy(attempt.events)
-        self._publish(
-            created.id, spec.tenant, dict(spec.secrets), {"traceparent": trace.traceparent}
-        )
+        self._publish(created.id, spec.tenant, dict(spec.secrets), _trace_headers(trace))
         return SubmitResult(created.id, State.PENDING, duplicate=False)
 
     def _publish(
@@ -353,7 +377,8 @@ class Producer:
             command_id,
             rec.tenant,
             dict(secrets or {}),
-            {"traceparent": f"00-{rec.trace_id}-{trace.span_id}-01"} if rec.trace_id else {},
+            # The retry continues the command's own trace, under the operator's span if any.
+            _trace_headers(TraceContext(rec.trace_id, trace.span_id)) if rec.trace_id else {},
         )
         return self.store.get(command_id)
 
@@ -370,9 +395,10 @@ class Producer:
         )
 
     def close(self) -> None:
-        """Stop background publishing and release connections."""
+        """Stop background publishing and release connections (and flush execq's own spans)."""
         self.outbox.close()
         self.publisher.close()
+        telemetry.shutdown()
         if self._redis is not None:
             self._redis.close()
         self.store.engine.dispose()
@@ -382,6 +408,13 @@ class Producer:
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
+
+
+def _trace_headers(trace: TraceContext) -> dict[str, str]:
+    headers = {"traceparent": trace.traceparent}
+    if trace.tracestate:
+        headers["tracestate"] = trace.tracestate
+    return headers
 
 
 def default_principal() -> str:

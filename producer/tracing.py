@@ -1,21 +1,31 @@
 """Trace identity of a command: W3C trace context carried from submit into the child.
 
 A submit inside an active OpenTelemetry span joins that trace; otherwise a new trace id is
-made, so every record and child still carries one.
+made, so every record and child still carries one. Spans (`execq.submit`, `execq.run`) are
+recorded when a tracer provider is installed (see `producer.telemetry`); their attributes
+pass through the command's redactor.
 """
 
 from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
-try:  # optional at this layer: a web backend that traces has it installed
-    from opentelemetry import trace as _otel_trace
-except ImportError:  # pragma: no cover - depends on the environment
-    _otel_trace = None
+from opentelemetry import trace as _otel_trace
+from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode
+from opentelemetry.trace.span import TraceFlags, TraceState
+
+from producer.redaction import Redactor
+
+_TRACER = "execq"
 
 _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+# W3C allows 32 list members of at most 256 chars each; anything else is dropped.
+_TRACESTATE = re.compile(r"^[\x20-\x7e]{1,512}$")
 
 
 @dataclass(frozen=True)
@@ -25,6 +35,7 @@ class TraceContext:
     trace_id: str
     span_id: str
     sampled: bool = True
+    tracestate: str | None = None
 
     @property
     def traceparent(self) -> str:
@@ -42,20 +53,104 @@ def new_span_id() -> str:
 
 def current_or_new() -> TraceContext:
     """The active OpenTelemetry span's context when there is one, else a fresh trace."""
-    if _otel_trace is not None:
-        ctx = _otel_trace.get_current_span().get_span_context()
-        if ctx.is_valid:
-            return TraceContext(
-                f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}", bool(ctx.trace_flags & 1)
-            )
+    ctx = _otel_trace.get_current_span().get_span_context()
+    if ctx.is_valid:
+        return TraceContext(
+            f"{ctx.trace_id:032x}",
+            f"{ctx.span_id:016x}",
+            bool(ctx.trace_flags & 1),
+            ctx.trace_state.to_header() or None,
+        )
     return TraceContext(secrets.token_hex(16), new_span_id())
 
 
-def parse_traceparent(value: str | None) -> TraceContext | None:
-    """A TraceContext from a `traceparent` value, or None if it is absent or malformed."""
+def clean_attributes(values: Mapping[str, Any], redactor: Redactor | None) -> dict[str, Any]:
+    """Span attributes without None values, every string through the redactor."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if value is None:
+            continue
+        out[key] = (
+            redactor.scrub(value)[0] if isinstance(value, str) and redactor is not None else value
+        )
+    return out
+
+
+@contextmanager
+def span(
+    name: str,
+    *,
+    kind: SpanKind,
+    parent: TraceContext | None = None,
+    attributes: Mapping[str, Any] | None = None,
+    redactor: Redactor | None = None,
+) -> Iterator[Span]:
+    """A current span: a child of the active span, or of `parent` (a remote context).
+
+    Exceptions are not recorded on the span (their text could carry secrets); callers set
+    an ERROR status with a reason that went through the redactor.
+    """
+    from opentelemetry import context as otel_context  # noqa: PLC0415
+
+    ctx = None
+    current_ctx = _otel_trace.get_current_span().get_span_context()
+    # The explicit parent wins unless the active span (Celery's own) is in the same trace.
+    if parent is not None and (
+        not current_ctx.is_valid or f"{current_ctx.trace_id:032x}" != parent.trace_id
+    ):
+        remote = SpanContext(
+            int(parent.trace_id, 16),
+            int(parent.span_id, 16),
+            is_remote=True,
+            trace_flags=TraceFlags(1 if parent.sampled else 0),
+            trace_state=TraceState.from_header([parent.tracestate]) if parent.tracestate else None,
+        )
+        ctx = _otel_trace.set_span_in_context(NonRecordingSpan(remote), otel_context.Context())
+    with _otel_trace.get_tracer(_TRACER).start_as_current_span(
+        name,
+        context=ctx,
+        kind=kind,
+        attributes=clean_attributes(attributes or {}, redactor),
+        record_exception=False,
+        set_status_on_exception=False,
+    ) as current:
+        yield current
+
+
+def finish_span(
+    current: Span, attributes: Mapping[str, Any], *, error: str | None, redactor: Redactor | None
+) -> None:
+    """Final attributes of a span, and ERROR status with a (redacted) reason on failure."""
+    if not current.is_recording():
+        return
+    current.set_attributes(clean_attributes(attributes, redactor))
+    if error is not None:
+        reason = redactor.scrub(error)[0] if redactor is not None else error
+        current.set_status(Status(StatusCode.ERROR, reason))
+
+
+def child_context(current: Span, fallback: TraceContext) -> TraceContext:
+    """What the child process continues: this span when it is real, else `fallback`'s trace."""
+    ctx = current.get_span_context()
+    if ctx.is_valid and ctx.trace_id == int(fallback.trace_id, 16):
+        return TraceContext(
+            fallback.trace_id,
+            f"{ctx.span_id:016x}",
+            bool(ctx.trace_flags & 1),
+            ctx.trace_state.to_header() or fallback.tracestate,
+        )
+    return TraceContext(fallback.trace_id, new_span_id(), fallback.sampled, fallback.tracestate)
+
+
+def parse_traceparent(value: str | None, tracestate: str | None = None) -> TraceContext | None:
+    """A TraceContext from a `traceparent` value, or None if it is absent or malformed.
+
+    A `tracestate` is kept only when it looks like one (short, printable ASCII).
+    """
     if not value:
         return None
     match = _TRACEPARENT.match(value.strip())
     if match is None or match.group(1) == "0" * 32 or match.group(2) == "0" * 16:
         return None
-    return TraceContext(match.group(1), match.group(2), match.group(3) == "01")
+    state = tracestate if tracestate and _TRACESTATE.match(tracestate) else None
+    return TraceContext(match.group(1), match.group(2), match.group(3) == "01", state)

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -293,3 +294,84 @@ def workers(env: Env) -> Iterator[Callable[..., WorkerProc]]:
     yield start
     for w in started:
         w.stop(signal.SIGKILL if w.proc.poll() is None else signal.SIGTERM, timeout=10)
+
+
+# --- OpenTelemetry ---------------------------------------------------------------------------
+
+
+@dataclass
+class OtlpSink:
+    """A minimal OTLP/HTTP traces receiver: what a collector would get from execq."""
+
+    url: str
+    requests: list[bytes]
+
+    def spans(self) -> list[dict[str, Any]]:
+        from google.protobuf.json_format import MessageToDict
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest,
+        )
+
+        out = []
+        for body in list(self.requests):
+            request = ExportTraceServiceRequest.FromString(body)
+            for rs in request.resource_spans:
+                resource = {a.key: _otlp_value(a.value) for a in rs.resource.attributes}
+                for ss in rs.scope_spans:
+                    for span in ss.spans:
+                        out.append(
+                            {
+                                "name": span.name,
+                                "trace_id": span.trace_id.hex(),
+                                "span_id": span.span_id.hex(),
+                                "parent_span_id": span.parent_span_id.hex(),
+                                "attributes": {
+                                    a.key: _otlp_value(a.value) for a in span.attributes
+                                },
+                                "status": span.status.code,
+                                "status_message": span.status.message,
+                                "resource": resource,
+                                "raw": str(MessageToDict(span)),
+                            }
+                        )
+        return out
+
+    def env(self) -> dict[str, str]:
+        """Worker settings that export every span here within a tenth of a second."""
+        return {
+            "OTEL_TRACES_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": self.url,
+            "OTEL_BSP_SCHEDULE_DELAY": "100",
+        }
+
+
+def _otlp_value(value: Any) -> Any:
+    kind = value.WhichOneof("value")
+    return getattr(value, kind) if kind else None
+
+
+@pytest.fixture
+def otlp_sink() -> Iterator[OtlpSink]:
+    import http.server
+    import threading
+
+    received: list[bytes] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            if self.path == "/v1/traces":
+                received.append(body)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield OtlpSink(f"http://127.0.0.1:{server.server_address[1]}", received)
+    server.shutdown()

@@ -21,8 +21,8 @@ from producer.client import Producer
 from producer.errors import SpecError
 from producer.spec import CommandSpec
 from producer.states import State
-from tests.conftest import Env
-from tests.test_worker import Start
+from tests.conftest import Env, OtlpSink
+from tests.test_worker import Start, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -68,9 +68,9 @@ def cli(
 
 
 def test_a_canary_secret_reaches_the_child_and_is_found_nowhere_else(
-    producer: Producer, workers: Start, env: Env
+    producer: Producer, workers: Start, env: Env, otlp_sink: OtlpSink
 ) -> None:
-    w = workers("alpha")
+    w = workers("alpha", extra_env=otlp_sink.env())
     producer_log = io.StringIO()
     logs.configure(level="DEBUG", stream=producer_log)
     try:
@@ -88,7 +88,7 @@ def test_a_canary_secret_reaches_the_child_and_is_found_nowhere_else(
             "/bin/sh",
             "-c",
             LEAK,
-            extra={"CANARY_TOKEN": CANARY},
+            extra={"CANARY_TOKEN": CANARY, **otlp_sink.env()},
         )
         assert submitted.returncode == 1, submitted.stderr  # the command failed, as it should
         first = json.loads(submitted.stdout)
@@ -112,7 +112,10 @@ def test_a_canary_secret_reaches_the_child_and_is_found_nowhere_else(
     exported = cli(env, "audit", "export")
     shown = cli(env, "audit", "show", second.id, "--json")
     audit_files = "".join(p.read_text() for p in series(env.settings.audit_log))  # type: ignore[arg-type]
+    wait_for(lambda: len(otlp_sink.spans()) >= 6, 15, "the spans of the runs")
+    assert {"execq.submit", "execq.run"} <= {span["name"] for span in otlp_sink.spans()}
     places = {
+        "exported spans": "\n".join(str(span) for span in otlp_sink.spans()),
         "the store (every table)": dump_store(producer),
         "the audit file": audit_files,
         "the worker's log": w.output(),

@@ -50,9 +50,13 @@ def _load() -> tuple[Settings, TenantsFile]:
 
 
 def _producer() -> Any:
+    from producer import telemetry  # noqa: PLC0415
     from producer.client import Producer  # noqa: PLC0415  (keeps `--help` fast)
 
     settings, tenants = _load()
+    telemetry.configure(
+        service_name="execq-cli", attributes={"deployment.environment": settings.env.value}
+    )
     return Producer.from_settings(settings, tenants)
 
 
@@ -358,6 +362,9 @@ def worker(
             as_json=as_json,
         )
     _setup_logging(loglevel, settings)
+    from producer import telemetry  # noqa: PLC0415
+
+    telemetry.exporter_name()  # a bad OTEL_* setting stops the worker now (exit 2)
     config = WorkerConfig(
         settings=settings,
         tenants=tenants,

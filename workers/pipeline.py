@@ -18,14 +18,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from opentelemetry import trace as otel_trace
+from opentelemetry.trace import SpanKind
+
 from config.settings import Settings
 from config.tenants import Tenant
-from producer import logs, policy
+from producer import logs, policy, tracing
 from producer.audit.events import NO_COMMAND_HASH, Phase, Subject, now_ns
 from producer.audit.events import Outcome as Result
 from producer.audit.trail import Attempt, Trail
 from producer.errors import ExecutableRefused, PolicyDenied, SandboxError, StaleVersion
-from producer.redaction import MaskLevel, Redactor
+from producer.redaction import PATTERNS_ONLY, MaskLevel, Redactor
 from producer.spec import CommandSpec, cmd_hash
 from producer.states import State
 from producer.store.repository import Claimed, Store, utcnow
@@ -47,6 +50,7 @@ class Delivery:
     tenant: str
     secrets: Mapping[str, str]
     traceparent: str | None
+    tracestate: str | None = None
 
 
 class BadMessage(ValueError):
@@ -72,8 +76,25 @@ def decode(task_id: str | None, kwargs: Mapping[str, Any], headers: Mapping[str,
     extra = set(kwargs) - {"command_id", "tenant", "secrets"}
     if extra:
         raise BadMessage(f"unexpected fields {sorted(extra)}")
-    tp = headers.get("traceparent")
-    return Delivery(command_id, tenant, secrets, tp if isinstance(tp, str) else None)
+    tp, ts = headers.get("traceparent"), headers.get("tracestate")
+    return Delivery(
+        command_id,
+        tenant,
+        secrets,
+        tp if isinstance(tp, str) else None,
+        ts if isinstance(ts, str) else None,
+    )
+
+
+def _parent(claimed: Claimed, delivery: Delivery) -> TraceContext | None:
+    """The context the run continues: the store's trace id wins over the message's."""
+    parent = parse_traceparent(delivery.traceparent, delivery.tracestate)
+    if claimed.trace_id is None:
+        return parent
+    if parent is not None and parent.trace_id == claimed.trace_id:
+        return parent
+    # A message without headers (republished by the outbox) or with a foreign trace.
+    return TraceContext(claimed.trace_id, new_span_id())
 
 
 def _text(value: str) -> bool:
@@ -163,7 +184,20 @@ class Pipeline:
                 return self.refuse(delivery.command_id, detail)
             log.info("ignored repeated delivery of command %s", delivery.command_id)
             return Handled(delivery.command_id, "ignored", detail="duplicate or stale delivery")
-        return self._run_claimed(claimed, delivery)
+        attributes = {
+            "execq.tenant": claimed.tenant,
+            "execq.command_id": claimed.id,
+            "execq.executable": claimed.argv[0],
+            "execq.attempt": claimed.attempts,
+        }
+        with tracing.span(
+            "execq.run",
+            kind=SpanKind.CONSUMER,
+            parent=_parent(claimed, delivery),
+            attributes=attributes,
+            redactor=PATTERNS_ONLY,
+        ):
+            return self._run_claimed(claimed, delivery)
 
     def _why_not_claimed(self, command_id: str) -> str | None:
         """Why a delivery must be refused, or None for a harmless repeat of a known one."""
@@ -202,6 +236,19 @@ class Pipeline:
             )
         if to is not State.SUCCEEDED:
             attempt.add(Phase.ABORT, Result.FAILED, reason=reason, state=to.value)
+        tracing.finish_span(
+            otel_trace.get_current_span(),
+            {
+                "execq.state": to.value,
+                "execq.exit_code": fields.get("exit_code"),
+                "execq.failure_reason": reason,
+                **{
+                    f"execq.enforced.{k}": str(v) for k, v in (fields.get("enforced") or {}).items()
+                },
+            },
+            error=reason,
+            redactor=attempt.redactor,
+        )
         try:
             self.store.transition(
                 claimed.id,
@@ -332,12 +379,14 @@ class Pipeline:
         env: dict[str, str] = dict(self.tenant.env)
         env.update(claimed.env)
         env.update({k: delivery.secrets[k] for k in claimed.secret_names})
-        parent = parse_traceparent(delivery.traceparent)
-        trace_id = claimed.trace_id or (parent.trace_id if parent else None)
-        if trace_id:
-            span_id = new_span_id()
-            env["TRACEPARENT"] = TraceContext(trace_id, span_id).traceparent
-            logs.bind(trace_id=trace_id, span_id=span_id)
+        parent = _parent(claimed, delivery)
+        if parent is not None:
+            # The child continues the trace under this worker's span (when one is recorded).
+            child = tracing.child_context(otel_trace.get_current_span(), parent)
+            env["TRACEPARENT"] = child.traceparent
+            if child.tracestate:
+                env["TRACESTATE"] = child.tracestate
+            logs.bind(trace_id=child.trace_id, span_id=child.span_id)
         lang = env.pop("LANG", "C.UTF-8")
         return ExecRequest(
             command_id=claimed.id,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from config.settings import Settings
 from config.tenants import Tenant, TenantsFile
+from producer import telemetry
 from producer.audit.trail import Trail
 from producer.broker import Publisher, make_celery
 from producer.store.db import make_engine
@@ -110,6 +111,15 @@ class Runtime:
         if self._store is not None:
             self._store.engine.dispose(close=False)
         self._pid = os.getpid()
+        # Each pool process exports its own spans (an exporter's thread does not survive fork).
+        telemetry.configure(
+            service_name="execq-worker",
+            attributes={
+                "deployment.environment": self.config.settings.env.value,
+                "execq.tenant": self.config.tenant.name,
+            },
+        )
+        telemetry.instrument(celery=True)
         self._store = None
         self._pipeline = None
         self._sandbox = None
@@ -126,3 +136,4 @@ class Runtime:
             self._publisher.close()
         if self._store is not None:
             self._store.engine.dispose()
+        telemetry.shutdown()

@@ -35,8 +35,8 @@ def register(app: Celery, runtime: Callable[[], Runtime]) -> Task:
     def run(self: Task, *args: Any, **kwargs: Any) -> str:
         request = self.request
         headers = {
-            "traceparent": getattr(request, "traceparent", None)
-            or (request.headers or {}).get("traceparent")
+            name: getattr(request, name, None) or (request.headers or {}).get(name)
+            for name in ("traceparent", "tracestate")
         }
         try:
             if args:

@@ -1,0 +1,101 @@
+"""One trace from a web request through the queue and the worker into the child process."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import StatusCode
+
+from producer import telemetry
+from producer.client import Producer
+from producer.errors import ConfigError
+from producer.spec import CommandSpec
+from producer.states import State
+from tests.conftest import OtlpSink
+from tests.test_worker import Start, wait_for
+
+ECHO_TRACE = ["/bin/sh", "-c", 'echo "$TRACEPARENT"; echo "${TRACESTATE:-none}"']
+
+
+def spans_named(sink: OtlpSink, name: str, trace_id: str) -> list[dict]:
+    return [s for s in sink.spans() if s["name"] == name and s["trace_id"] == trace_id]
+
+
+@pytest.mark.slow
+def test_a_web_request_trace_continues_through_the_worker_into_the_child(
+    producer: Producer, workers: Start, otlp_sink: OtlpSink
+) -> None:
+    workers("alpha", extra_env=otlp_sink.env())
+    # The web backend's own tracing; execq exports nothing in this process.
+    web = TracerProvider().get_tracer("web")
+    with web.start_as_current_span("GET /orders/42") as request_span:
+        web_trace = f"{request_span.get_span_context().trace_id:032x}"
+        r = producer.submit(CommandSpec(tenant="alpha", argv=ECHO_TRACE))
+    rec = producer.wait(r.id, timeout=30)
+    assert rec.state is State.SUCCEEDED
+    assert rec.trace_id == web_trace
+    traceparent = (rec.stdout or "").splitlines()[0]
+    match = re.fullmatch(r"00-([0-9a-f]{32})-([0-9a-f]{16})-01", traceparent)
+    assert match is not None and match.group(1) == web_trace
+    # The child's parent is the worker's span, exported with its attributes.
+    wait_for(lambda: spans_named(otlp_sink, "execq.run", web_trace), 15, "the worker span")
+    run = spans_named(otlp_sink, "execq.run", web_trace)[0]
+    assert run["span_id"] == match.group(2)
+    attrs = run["attributes"]
+    assert attrs["execq.tenant"] == "alpha" and attrs["execq.command_id"] == r.id
+    assert attrs["execq.executable"] == "/bin/sh" and attrs["execq.exit_code"] == 0
+    assert attrs["execq.state"] == "succeeded" and "execq.enforced.time" in attrs
+    assert "execq.argv" not in attrs
+    assert run["resource"]["service.name"] == "execq-worker"
+    assert run["resource"]["execq.tenant"] == "alpha"
+    # Celery's own span is in the same trace.
+    names = {s["name"] for s in otlp_sink.spans() if s["trace_id"] == web_trace}
+    assert "run/execq.run" in names
+    assert {e.trace_id for e in producer.audit_events(command_id=r.id)} == {web_trace}
+
+
+@pytest.mark.slow
+def test_a_failed_command_is_an_error_span_and_a_republished_one_keeps_its_trace(
+    producer: Producer, workers: Start, otlp_sink: OtlpSink
+) -> None:
+    r = producer.submit(CommandSpec(tenant="alpha", argv=["/bin/sh", "-c", "exit 4"]))
+    rec = producer.get(r.id)
+    # Lose the message: the reaper republishes it without any trace headers.
+    producer.store.engine.dispose()
+    import redis as redis_lib
+
+    redis_lib.Redis.from_url(producer.broker_url).delete("execq.alpha")
+    workers("alpha", extra_env={**otlp_sink.env(), "EXECQ_LEASE_S": "1"})
+    done = producer.wait(r.id, timeout=90)
+    assert done.state is State.FAILED
+    wait_for(lambda: spans_named(otlp_sink, "execq.run", rec.trace_id or ""), 15, "the span")
+    run = spans_named(otlp_sink, "execq.run", rec.trace_id or "")[0]
+    assert run["status"] == StatusCode.ERROR.value
+    assert run["status_message"] == "exit_code"
+
+
+def test_bad_otel_settings_are_refused_naming_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in (
+        ("OTEL_TRACES_EXPORTER", "zipkin"),
+        ("OTEL_TRACES_SAMPLER", "sometimes"),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+    ):
+        with monkeypatch.context() as m:
+            m.setenv("OTEL_TRACES_EXPORTER", "otlp")
+            m.setenv(name, value)
+            with pytest.raises(ConfigError, match=name):
+                telemetry.exporter_name()
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "2")
+    with pytest.raises(ConfigError, match="OTEL_TRACES_SAMPLER_ARG"):
+        telemetry.exporter_name()
+
+
+def test_without_an_endpoint_nothing_is_exported_by_default() -> None:
+    assert telemetry.exporter_name({}) == "none"
+    assert telemetry.exporter_name({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}) == "otlp"
+    assert telemetry.exporter_name({"OTEL_TRACES_EXPORTER": "console"}) == "console"
+    time.sleep(0)
