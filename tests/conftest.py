@@ -256,9 +256,10 @@ def start_worker(
     concurrency: int | None = None,
     ready_timeout: float = 60,
     extra_env: dict[str, str] | None = None,
+    args: list[str] | None = None,
 ) -> WorkerProc:
     log = env.root / f"worker-{tenant}-{uuid.uuid4().hex[:6]}.log"
-    argv = [sys.executable, "-m", "workers.cli", "worker", "--tenant", tenant]
+    argv = [sys.executable, "-m", "workers.cli", "worker", "--tenant", tenant, *(args or [])]
     if concurrency:
         argv += ["--concurrency", str(concurrency)]
     with log.open("wb") as out:

@@ -345,6 +345,12 @@ def worker(
         int | None, typer.Option(min=1, max=256, help="Pool processes (default: the tenant's).")
     ] = None,
     loglevel: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING…")] = "INFO",
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            min=0, max=65535, help="Serve Prometheus /metrics and /healthz on this port."
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """The worker process itself (SIGTERM = warm shutdown; prints a line with "ready")."""
@@ -365,12 +371,16 @@ def worker(
     from producer import telemetry  # noqa: PLC0415
 
     telemetry.exporter_name()  # a bad OTEL_* setting stops the worker now (exit 2)
+    from workers import metrics  # noqa: PLC0415
+
+    metrics.prepare()  # before any process creates a metric
     config = WorkerConfig(
         settings=settings,
         tenants=tenants,
         tenant=found,
         broker_url=resolve_broker_url(settings),
         concurrency=concurrency or found.concurrency,
+        metrics_port=metrics_port,
     )
     raise typer.Exit(run_worker(config, loglevel=loglevel))
 

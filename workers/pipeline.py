@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from producer.states import State
 from producer.store.repository import Claimed, Store, utcnow
 from producer.tracing import TraceContext, new_span_id, parse_traceparent
 from workers.lease import LeaseKeeper
+from workers.metrics import metrics
 from workers.sandbox import ExecRequest, ExecResult, Limits, Sandbox
 
 log = logging.getLogger("execq.pipeline")
@@ -190,14 +192,31 @@ class Pipeline:
             "execq.executable": claimed.argv[0],
             "execq.attempt": claimed.attempts,
         }
-        with tracing.span(
-            "execq.run",
-            kind=SpanKind.CONSUMER,
-            parent=_parent(claimed, delivery),
-            attributes=attributes,
-            redactor=PATTERNS_ONLY,
-        ):
-            return self._run_claimed(claimed, delivery)
+        m = metrics()
+        tenant = claimed.tenant
+        started = time.monotonic()
+        if claimed.published_at is not None:
+            wait_s = (utcnow() - claimed.published_at).total_seconds()
+            m.queue_wait.labels(tenant).observe(max(0.0, wait_s))
+        m.running.labels(tenant).inc()
+        try:
+            with tracing.span(
+                "execq.run",
+                kind=SpanKind.CONSUMER,
+                parent=_parent(claimed, delivery),
+                attributes=attributes,
+                redactor=PATTERNS_ONLY,
+            ):
+                handled = self._run_claimed(claimed, delivery)
+        finally:
+            m.running.labels(tenant).dec()
+        if handled.state is not None:
+            m.commands.labels(tenant, handled.state.value).inc()
+            m.duration.labels(tenant).observe(time.monotonic() - started)
+            kind = handled.detail.removesuffix("_limit")
+            if handled.detail == "timeout" or handled.detail.endswith("_limit"):
+                m.limit_kills.labels(tenant, kind).inc()
+        return handled
 
     def _why_not_claimed(self, command_id: str) -> str | None:
         """Why a delivery must be refused, or None for a harmless repeat of a known one."""

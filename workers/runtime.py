@@ -9,7 +9,11 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
+
+import redis
+from sqlalchemy import text
 
 from config.settings import Settings
 from config.tenants import Tenant, TenantsFile
@@ -19,6 +23,7 @@ from producer.broker import Publisher, make_celery
 from producer.store.db import make_engine
 from producer.store.repository import Store
 from workers.lease import LeaseKeeper
+from workers.metrics import Health
 from workers.pipeline import Pipeline, workdir_root
 from workers.sandbox import Sandbox
 
@@ -34,6 +39,7 @@ class WorkerConfig:
     tenant: Tenant
     broker_url: str
     concurrency: int
+    metrics_port: int | None = None
 
     @property
     def hostname(self) -> str:
@@ -105,6 +111,37 @@ class Runtime:
     def _check_fork(self) -> None:
         if os.getpid() != self._pid:
             self.after_fork()
+
+    def health(self) -> Health:
+        """`/healthz`: the broker answers PING and the store answers a query."""
+        url = self.config.broker_url
+
+        def broker() -> None:
+            client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+            try:
+                client.ping()
+            finally:
+                client.close()
+
+        def store() -> None:
+            with self.store.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+
+        return Health({"broker": broker, "store": store})
+
+    def queue_depth(self) -> Iterator[tuple[str, float]]:
+        """(tenant, messages waiting) for `execq_queue_depth`; nothing when Redis is down."""
+        try:
+            client = redis.Redis.from_url(
+                self.config.broker_url, socket_connect_timeout=2, socket_timeout=2
+            )
+            try:
+                depth = int(client.llen(self.config.tenant.queue))
+            finally:
+                client.close()
+        except redis.RedisError:
+            return
+        yield self.config.tenant.name, float(depth)
 
     def after_fork(self) -> None:
         """Forget everything inherited from the parent (without closing the parent's sockets)."""

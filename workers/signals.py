@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any
 
 from celery import signals
 
 from producer import logs
+from workers import metrics
 from workers.reaper import Reaper
 from workers.runtime import Runtime
 
@@ -17,7 +19,7 @@ log = logging.getLogger("execq.worker")
 
 def connect(runtime: Runtime, *, capabilities_line: str) -> None:
     """Wire a worker's lifecycle to `runtime` (call once, before the worker starts)."""
-    state: dict[str, Reaper] = {}
+    state: dict[str, Any] = {}
 
     @signals.setup_logging.connect(weak=False)  # type: ignore[untyped-decorator]
     def _setup_logging(loglevel: int | str | None = None, **_: Any) -> None:
@@ -31,8 +33,9 @@ def connect(runtime: Runtime, *, capabilities_line: str) -> None:
         runtime.after_fork()
 
     @signals.worker_process_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]
-    def _process_shutdown(**_: Any) -> None:
+    def _process_shutdown(pid: int | None = None, **_: Any) -> None:
         runtime.close()
+        metrics.process_exited(pid or os.getpid())
 
     @signals.worker_ready.connect(weak=False)  # type: ignore[untyped-decorator]
     def _ready(**_: Any) -> None:
@@ -47,6 +50,13 @@ def connect(runtime: Runtime, *, capabilities_line: str) -> None:
         )
         reaper.start()
         state["reaper"] = reaper
+        if cfg.metrics_port is not None:
+            server = metrics.MetricsServer(
+                cfg.metrics_port, runtime.health(), runtime.queue_depth
+            )
+            server.start()
+            state["metrics"] = server
+            log.info("metrics and health on port %d (/metrics, /healthz)", server.port)
         # Scripts (and `execq up`) wait for this line.
         print(
             f"execq worker for tenant {cfg.tenant.name!r} ready: queue {cfg.tenant.queue}, "
@@ -60,5 +70,9 @@ def connect(runtime: Runtime, *, capabilities_line: str) -> None:
         reaper = state.pop("reaper", None)
         if reaper is not None:
             reaper.stop()
+        server = state.pop("metrics", None)
+        if server is not None:
+            server.stop()
+        metrics.cleanup()
         runtime.close()
         log.info("execq worker for tenant %r stopped", runtime.config.tenant.name)

@@ -79,6 +79,7 @@ _CLAIM = (
         commands.c.retry_safe,
         commands.c.trace_id,
         commands.c.principal,
+        commands.c.published_at,
     )
 )
 _RENEW = (
@@ -185,6 +186,7 @@ class Claimed:
     retry_safe: bool
     trace_id: str | None
     principal: str | None
+    published_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -442,6 +444,7 @@ class Store:
             retry_safe=row.retry_safe,
             trace_id=row.trace_id,
             principal=row.principal,
+            published_at=_utc(row.published_at),
         )
 
     def lookup(self, command_id: str) -> tuple[str, str, int] | None:
