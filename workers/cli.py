@@ -347,9 +347,7 @@ def worker(
     loglevel: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING…")] = "INFO",
     metrics_port: Annotated[
         int | None,
-        typer.Option(
-            min=0, max=65535, help="Serve Prometheus /metrics and /healthz on this port."
-        ),
+        typer.Option(min=0, max=65535, help="Serve Prometheus /metrics and /healthz on this port."),
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
