@@ -90,9 +90,9 @@ def celery_config(settings: Settings, tenants: TenantsFile, broker_url: str) -> 
         # A Redis blip must not kill a running migration or backup.
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         "worker_send_task_events": True,
-        # Flower follows tasks from the worker's events; a "sent" event per submit would
-        # double the producer's Redis round trips.
-        "task_send_sent_event": False,
+        # Flower shows a submitted command as PENDING (and its name and safe kwargsrepr)
+        # from the producer's "sent" event, before any worker has seen it.
+        "task_send_sent_event": True,
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,
         "enable_utc": True,

@@ -385,6 +385,32 @@ def worker(
 
 @app.command()
 @handled
+def flower(
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 5555,
+    address: Annotated[str, typer.Option(help="Address to bind (loopback by default).")] = (
+        "127.0.0.1"
+    ),
+    insecure_dev: Annotated[
+        bool,
+        typer.Option(
+            "--insecure-dev", help="Start without authentication (a trusted machine only)."
+        ),
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Flower for the execq broker; refuses to start unless FLOWER_BASIC_AUTH (or OAuth) is set.
+
+    A revoke or terminate made in Flower reaches the store through the workers: a queued
+    command ends `revoked` and never runs; a running one has its process tree killed.
+    """
+    from workers.flower import run_flower  # noqa: PLC0415
+
+    settings, tenants = _load()
+    run_flower(settings, tenants, port=port, address=address, insecure_dev=insecure_dev)
+
+
+@app.command()
+@handled
 def up(as_json: JsonOpt = False) -> None:
     """The whole local stack (Redis if none, store, a worker per tenant) until Ctrl-C."""
     from workers.stack import Stack  # noqa: PLC0415

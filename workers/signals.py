@@ -10,7 +10,7 @@ from typing import Any
 from celery import signals
 
 from producer import logs
-from workers import metrics
+from workers import metrics, remote
 from workers.reaper import Reaper
 from workers.runtime import Runtime
 
@@ -19,6 +19,7 @@ log = logging.getLogger("execq.worker")
 
 def connect(runtime: Runtime, *, capabilities_line: str) -> None:
     """Wire a worker's lifecycle to `runtime` (call once, before the worker starts)."""
+    remote.install(runtime)
     state: dict[str, Any] = {}
 
     @signals.setup_logging.connect(weak=False)  # type: ignore[untyped-decorator]

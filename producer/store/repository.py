@@ -493,6 +493,20 @@ class Store:
             )
         return result.rowcount == 1
 
+    def flag_cancel(self, command_id: str) -> bool:
+        """Set a running command's cancel flag; True only for the caller that set it."""
+        with self._one() as conn:
+            result = conn.execute(
+                update(commands)
+                .where(
+                    commands.c.id == command_id,
+                    commands.c.state == State.RUNNING.value,
+                    commands.c.cancel_requested.is_(False),
+                )
+                .values(cancel_requested=True)
+            )
+        return result.rowcount == 1
+
     # --- the outbox and the reaper -----------------------------------------------------
 
     def mark_published(self, command_ids: Sequence[str]) -> None:

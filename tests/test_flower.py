@@ -1,0 +1,107 @@
+"""Flower on the execq broker: authenticated only, and its revokes reach the store."""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from producer.client import Producer
+from producer.spec import CommandSpec
+from producer.states import State
+from tests.conftest import Env
+from tests.test_worker import Start, alive, wait_for
+from workers.embedded import _free_port
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+AUTH = "admin:s3cret-flower"
+
+
+def call(
+    url: str, *, method: str = "GET", auth: str | None = None, data: bytes | None = None
+) -> int:
+    request = urllib.request.Request(url, method=method, data=data)
+    if auth:
+        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
+
+
+@pytest.fixture
+def flower(env: Env) -> Iterator[str]:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "workers.cli", "flower", "--port", str(port)],
+        env={**os.environ, **env.vars, "FLOWER_BASIC_AUTH": AUTH},
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: call(base + "/healthcheck") == 200, 30, "Flower to listen")
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_flower_refuses_to_start_without_authentication(env: Env) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "flower", "--port", str(_free_port())],
+        env={k: v for k, v in {**os.environ, **env.vars}.items() if not k.startswith("FLOWER_")},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2 and "FLOWER_BASIC_AUTH" in done.stderr
+
+
+def test_flower_refuses_unauthenticated_api_calls(flower: str) -> None:
+    assert call(flower + "/api/workers") == 401
+    assert call(flower + "/api/task/revoke/x", method="POST", data=b"") == 401
+    assert call(flower + "/api/workers", auth=AUTH) == 200
+
+
+def test_a_flower_revoke_reaches_the_store_and_terminate_kills_the_tree(
+    producer: Producer, workers: Start, flower: str, tmp_path: Path
+) -> None:
+    workers("alpha", concurrency=1)
+    pidfile = tmp_path / "pid"
+    marker = tmp_path / "ran"
+    busy = producer.submit(
+        CommandSpec(tenant="alpha", argv=["/bin/sh", "-c", f"echo $$ > {pidfile}; exec sleep 60"])
+    )
+    queued = producer.submit(CommandSpec(tenant="alpha", argv=["/bin/sh", "-c", f"touch {marker}"]))
+    wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 15, "the busy command")
+    assert producer.get(queued.id).state is State.PENDING
+    # Revoke the queued command in Flower: it never runs.
+    assert call(f"{flower}/api/task/revoke/{queued.id}", method="POST", auth=AUTH, data=b"") == 200
+    wait_for(lambda: producer.get(queued.id).state is State.REVOKED, 15, "the store to say revoked")
+    # Terminate the running one in Flower: its whole tree dies and the store says revoked.
+    payload = int(pidfile.read_text())
+    url = f"{flower}/api/task/revoke/{busy.id}"
+    assert call(url, method="POST", auth=AUTH, data=b"terminate=true") == 200
+    rec = producer.wait(busy.id, timeout=30)
+    assert (rec.state, rec.failure_reason) == (State.REVOKED, "revoked")
+    wait_for(lambda: not alive([payload]), 10, "the payload to die")
+    assert not marker.exists()
+    revokes = [e for e in producer.audit_events(command_id=queued.id) if e.phase == "revoke"]
+    assert [e.operator for e in revokes] == ["remote-control"]
