@@ -22,7 +22,10 @@ def test_every_tenant_has_a_worker_service() -> None:
     assert isinstance(services, dict)
     for name in tenants.tenants:
         svc = services[f"worker-{name}"]
-        assert svc["command"] == ["worker", "--tenant", name]
+        assert svc["command"][:3] == ["worker", "--tenant", name]
+        # Its healthcheck asks the port it serves /healthz on.
+        port = svc["command"][svc["command"].index("--metrics-port") + 1]
+        assert f":{port}/healthz" in " ".join(svc["healthcheck"]["test"])
 
 
 def test_every_service_command_is_a_real_cli_command() -> None:
@@ -49,3 +52,24 @@ def test_workers_stop_grace_is_longer_than_the_largest_timeout() -> None:
     assert isinstance(services, dict)
     grace = services["worker-acme"]["stop_grace_period"]
     assert int(str(grace).rstrip("s")) > tenants.largest_timeout_s
+
+
+def test_traces_go_to_a_collector_that_forwards_them_to_jaeger() -> None:
+    services = compose()["services"]
+    assert isinstance(services, dict)
+    endpoint = services["worker-acme"]["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"]
+    assert endpoint == "http://otel-collector:4318"
+    collector = yaml.safe_load((ROOT / "deploy" / "otel-collector.yaml").read_text())
+    assert "http" in collector["receivers"]["otlp"]["protocols"]
+    exporter = collector["exporters"]["otlp/jaeger"]
+    assert exporter["endpoint"].split(":")[0] in services
+    assert collector["service"]["pipelines"]["traces"]["exporters"] == ["otlp/jaeger"]
+
+
+def test_flower_cannot_start_without_a_password() -> None:
+    services = compose()["services"]
+    assert isinstance(services, dict)
+    flower = services["flower"]
+    assert flower["command"][0] == "flower"
+    assert ":?" in flower["environment"]["FLOWER_BASIC_AUTH"]
+    assert all(p.startswith("127.0.0.1:") for p in flower["ports"])
