@@ -28,7 +28,7 @@ from producer.store.db import make_engine
 from producer.store.migrate import upgrade
 from workers.embedded import EmbeddedRedis, reachable
 
-SYSTEMS = ("celery", "execq-pg", "execq-sqlite")
+SYSTEMS = ("celery", "execq-pg", "execq-pg-traced", "execq-sqlite")
 BURST_MEDIANS = (
     "submit_per_s",
     "redis_cmds_per_cmd",
@@ -109,7 +109,15 @@ def environment(args: argparse.Namespace) -> Iterator[Ctx]:
             if pg is not None:
                 pg.drop()
                 pg = None
-        yield Ctx(redis_url=url, pg=pg, tmp=tmp, timeout_s=args.timeout, warmup=args.warmup)
+        with otlp_sink() as otlp_url:
+            yield Ctx(
+                redis_url=url,
+                pg=pg,
+                tmp=tmp,
+                timeout_s=args.timeout,
+                warmup=args.warmup,
+                otlp_url=otlp_url,
+            )
     finally:
         stop_all()
         with contextlib.suppress(redis.RedisError):
@@ -121,13 +129,40 @@ def environment(args: argparse.Namespace) -> Iterator[Ctx]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def otlp_sink() -> Iterator[str]:
+    """An OTLP/HTTP endpoint that accepts spans and drops them (a collector's cost is not
+    execq's)."""
+    import http.server  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+
+    class Sink(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
 def run(ctx: Ctx, system: str, n: int, rate: float, tag: str) -> Res:
     """One run of one system; errors become a status, the other runs go on."""
-    if system == "execq-pg" and ctx.pg is None:
+    if system.startswith("execq-pg") and ctx.pg is None:
         return {"system": system, "status": "skipped (no PostgreSQL)"}
     try:
         if system == "celery":
             return run_celery(ctx, n, rate, tag)
+        if system == "execq-pg-traced":
+            return run_execq(ctx, "pg", n, rate, tag, traced=True)
         return run_execq(ctx, system.removeprefix("execq-"), n, rate, tag)
     except Exception as exc:
         return {"system": system, "status": f"error: {exc!r}"[:500]}
@@ -213,6 +248,14 @@ def findings(rows: list[Res], runs: list[Res]) -> list[str]:
             f"paced execq-pg / celery: p50 {e['paced_p50_ms'] / c['paced_p50_ms']:.1f}x, "
             f"p99 {e['paced_p99_ms'] / c['paced_p99_ms']:.1f}x; execq-pg p50 per stage: "
             + ", ".join(f"{k} {v:.1f} ms" for k, v in e["paced_stages_p50_ms"].items())
+        )
+    t = by.get("execq-pg-traced")
+    if t and t.get("e2e_per_s") and e.get("e2e_per_s"):
+        out.append(
+            f"tracing (every command sampled, exported over OTLP/HTTP) vs off: e2e "
+            f"{t['e2e_per_s'] / e['e2e_per_s']:.2f}x, worker CPU "
+            f"{t['worker_cpu_ms']:.2f} vs {e['worker_cpu_ms']:.2f} ms/cmd "
+            f"(+{t['worker_cpu_ms'] - e['worker_cpu_ms']:.2f} ms)"
         )
     out += [
         f"!! {r['system']}: {r['failed_commands']} command(s) did not succeed"

@@ -54,6 +54,7 @@ class Ctx:
     tmp: Path
     timeout_s: float
     warmup: int
+    otlp_url: str | None = None  # a local OTLP/HTTP sink for the traced runs
 
 
 def submit_loop(
@@ -199,9 +200,22 @@ def _outcome(res: Res, rows: list[Any]) -> None:
         }
 
 
-def run_execq(ctx: Ctx, backend: str, n: int, rate: float, tag: str, profile: bool = False) -> Res:
-    """The full execq pipeline: Producer.submit → Redis → `execq worker` → store."""
-    res: Res = {"system": f"execq-{backend}", "n": n, "rate": rate, "status": "?"}
+def run_execq(
+    ctx: Ctx,
+    backend: str,
+    n: int,
+    rate: float,
+    tag: str,
+    profile: bool = False,
+    traced: bool = False,
+) -> Res:
+    """The full execq pipeline: Producer.submit → Redis → `execq worker` → store.
+
+    `traced`: the worker samples every command and exports its spans (OTLP/HTTP to a local
+    sink that discards them); otherwise it exports nothing.
+    """
+    system = f"execq-{backend}" + ("-traced" if traced else "")
+    res: Res = {"system": system, "n": n, "rate": rate, "status": "?"}
     db_url = _prepare_store(ctx, backend, tag)
     pg = ctx.pg if backend == "pg" else None
     if pg is not None:
@@ -217,10 +231,17 @@ def run_execq(ctx: Ctx, backend: str, n: int, rate: float, tag: str, profile: bo
         audit_log=ctx.tmp / "audit.jsonl",
     )
     env = {f"EXECQ_{k.upper()}": str(v) for k, v in settings.model_dump(mode="json").items()}
+    otel = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    if traced and ctx.otlp_url:
+        otel.update(
+            OTEL_TRACES_EXPORTER="otlp",
+            OTEL_EXPORTER_OTLP_ENDPOINT=ctx.otlp_url,
+            OTEL_TRACES_SAMPLER="always_on",
+        )
     r = redis.Redis.from_url(ctx.redis_url)
     r.flushdb()
     deadline = time.monotonic() + ctx.timeout_s
-    w = Worker([sys.executable, *EXECQ_ARGV.split()], {**os.environ, **env}, ctx.tmp / f"{tag}.log")
+    w = Worker([sys.executable, *EXECQ_ARGV.split()], {**otel, **env}, ctx.tmp / f"{tag}.log")
     producer: Producer | None = None
     # no pool pre-ping here: on PostgreSQL each ping is one more committed transaction
     poll = sa.create_engine(db_url) if pg else make_engine(db_url)
