@@ -110,16 +110,19 @@ def configure(*, service_name: str, attributes: Mapping[str, str] | None = None)
     return True
 
 
-def instrument(*, celery: bool = False) -> None:
-    """Trace Redis calls and, in a worker, Celery's own spans.
+def instrument(*, engine: Any = None, celery: bool = False) -> None:
+    """Trace the store's queries (this engine), Redis calls and, in a worker, Celery's spans.
 
-    SQLAlchemy is not instrumented: the official instrumentation supports SQLAlchemy < 2.1
-    only (it refuses 2.1, and its asyncio hook needs greenlet).
+    Statements are recorded as SQL text with placeholders, never their parameters.
     """
     if not _state.get("on"):
         return
     from opentelemetry.instrumentation.redis import RedisInstrumentor  # noqa: PLC0415
+    from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor  # noqa: PLC0415
 
+    if engine is not None:
+        # One instrumentor per engine: the instrumentor itself is a process-wide singleton.
+        SQLAlchemyInstrumentor().instrument(engine=engine)
     if not RedisInstrumentor().is_instrumented_by_opentelemetry:
         RedisInstrumentor().instrument()
     if celery:

@@ -51,9 +51,12 @@ def test_a_web_request_trace_continues_through_the_worker_into_the_child(
     assert "execq.argv" not in attrs
     assert run["resource"]["service.name"] == "execq-worker"
     assert run["resource"]["execq.tenant"] == "alpha"
-    # Celery's own span is in the same trace.
-    names = {s["name"] for s in otlp_sink.spans() if s["trace_id"] == web_trace}
-    assert "run/execq.run" in names
+    # Celery's own span and the store's queries are in the same trace, without parameters.
+    in_trace = [s for s in otlp_sink.spans() if s["trace_id"] == web_trace]
+    assert "run/execq.run" in {s["name"] for s in in_trace}
+    queries = [s for s in in_trace if "db.statement" in s["attributes"]]
+    assert any(s["attributes"]["db.statement"].startswith("UPDATE commands") for s in queries)
+    assert not any(r.id in s["raw"] for s in queries)
     assert {e.trace_id for e in producer.audit_events(command_id=r.id)} == {web_trace}
 
 

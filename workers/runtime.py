@@ -70,6 +70,7 @@ class Runtime:
         self._check_fork()
         if self._store is None:
             self._store = Store(make_engine(self.config.settings.database_url, pool_size=2))
+            telemetry.instrument(engine=self._store.engine)
         return self._store
 
     @property
