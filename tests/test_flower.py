@@ -105,3 +105,28 @@ def test_a_flower_revoke_reaches_the_store_and_terminate_kills_the_tree(
     assert not marker.exists()
     revokes = [e for e in producer.audit_events(command_id=queued.id) if e.phase == "revoke"]
     assert [e.operator for e in revokes] == ["remote-control"]
+
+
+def test_flower_shows_the_task_by_name_with_secret_names_but_no_values(
+    producer: Producer, workers: Start, flower: str
+) -> None:
+    import json
+
+    workers("alpha")
+    secret = "fl0wer-canary-9d8e7f"
+    r = producer.submit(
+        CommandSpec(tenant="alpha", argv=["/bin/echo", "hi"], secrets={"API_TOKEN": secret})
+    )
+    assert producer.wait(r.id, timeout=30).state is State.SUCCEEDED
+
+    def listed() -> dict | None:
+        request = urllib.request.Request(f"{flower}/api/tasks")
+        request.add_header("Authorization", "Basic " + base64.b64encode(AUTH.encode()).decode())
+        with urllib.request.urlopen(request, timeout=10) as response:
+            tasks = json.loads(response.read())
+        return tasks.get(r.id)
+
+    wait_for(listed, 20, "Flower to know the task")
+    task = listed()
+    assert task is not None and task["name"] == "execq.run"
+    assert "API_TOKEN" in task["kwargs"] and secret not in json.dumps(task)
