@@ -18,7 +18,7 @@ from config.settings import ConfigInvalid, Settings, load_settings
 from config.tenants import TenantsFile, load_tenants
 from producer import policy, telemetry, tracing
 from producer.audit.events import AuditEvent, Outcome, Phase, Subject, now_ns
-from producer.audit.trail import Attempt, Trail
+from producer.audit.trail import Attempt, Trail, subject_of
 from producer.broker import Publisher, make_celery, resolve_broker_url
 from producer.errors import (
     ConfigError,
@@ -29,10 +29,11 @@ from producer.errors import (
 )
 from producer.outbox import Outbox
 from producer.record import CommandRecord
+from producer.revocation import revoke_event, revoke_pending
 from producer.spec import CommandSpec, cmd_hash
 from producer.states import RETRYABLE, State, is_terminal
 from producer.store.db import make_engine, require_schema
-from producer.store.repository import Store, requeue_fields, utcnow
+from producer.store.repository import Store, requeue_fields
 from producer.tracing import TraceContext, current_or_new
 
 log = logging.getLogger("execq.producer")
@@ -246,31 +247,11 @@ class Producer:
         actor = operator or default_principal()
         for _ in range(5):
             rec = self.store.get(command_id)
-            attempt = self._operator_attempt(rec, actor)
-            attempt.add(
-                Phase.REVOKE,
-                Outcome.OK,
-                operator=actor,
-                ticket=ticket,
-                reason=reason,
-                state=rec.state.value,
-                terminate=terminate,
+            attempt = revoke_event(
+                rec, actor=actor, operator=actor, reason=reason, ticket=ticket, terminate=terminate
             )
             if rec.state is State.PENDING:
-                attempt.add(Phase.ABORT, Outcome.REFUSED, reason="revoked")
-                try:
-                    self.store.transition(
-                        command_id,
-                        expect_state=State.PENDING,
-                        expect_version=rec.version,
-                        to=State.REVOKED,
-                        actor=actor,
-                        reason=reason or "revoked",
-                        events=attempt.events,
-                        failure_reason="revoked",
-                        finished_at=utcnow(),
-                    )
-                except StaleVersion:
+                if not revoke_pending(self.store, rec, attempt, actor=actor, reason=reason):
                     continue  # claimed or changed meanwhile: look again
                 self.trail.copy(attempt.events)
                 return self.store.get(command_id)
@@ -289,17 +270,6 @@ class Producer:
                 return self.store.get(command_id)
             raise InvalidOperation(f"command {command_id} is {rec.state}; nothing to revoke")
         raise InvalidOperation(f"command {command_id} kept changing state; try again")
-
-    def _operator_attempt(self, rec: CommandRecord, operator: str) -> Attempt:
-        subject = Subject(
-            rec.id,
-            rec.tenant,
-            rec.principal or "unknown",
-            cmd_hash(rec.argv),
-            rec.trace_id,
-            rec.attempts,
-        )
-        return Attempt(subject, actor=operator)
 
     def _announce_cancel(self, tenant: str, command_id: str) -> None:
         # A hint only: the worker checks the store's cancel flag before it kills anything,
@@ -346,7 +316,7 @@ class Producer:
                 f"command {command_id} needs its secrets {missing} again to be retried "
                 "(secret values are never stored)"
             )
-        attempt = self._operator_attempt(rec, actor)
+        attempt = Attempt(subject_of(rec), actor=actor)
         attempt.add(
             Phase.RETRY,
             Outcome.OK,

@@ -15,13 +15,11 @@ from typing import Any
 
 import redis
 
-from producer.audit.events import Outcome, Phase, Subject
-from producer.audit.trail import Attempt, Trail
+from producer.audit.trail import Trail
 from producer.client import CANCEL_CHANNEL
-from producer.errors import NotFound, StaleVersion
-from producer.spec import cmd_hash
+from producer.errors import NotFound
+from producer.revocation import revoke_event, revoke_pending
 from producer.states import State
-from producer.store.repository import utcnow
 from workers.runtime import Runtime
 
 log = logging.getLogger("execq.remote")
@@ -65,38 +63,11 @@ def _revoke_in_store(runtime: Runtime, trail: Trail, command_id: str, *, termina
         return
     if rec.tenant != runtime.config.tenant.name:
         return  # that tenant's workers act on it
-    subject = Subject(
-        rec.id,
-        rec.tenant,
-        rec.principal or "unknown",
-        cmd_hash(rec.argv),
-        rec.trace_id,
-        rec.attempts,
-    )
-    attempt = Attempt(subject, actor=runtime.worker_id)
-    attempt.add(
-        Phase.REVOKE,
-        Outcome.OK,
-        operator=ACTOR,
-        reason=REASON,
-        terminate=terminate,
-        state=rec.state.value,
+    attempt = revoke_event(
+        rec, actor=runtime.worker_id, operator=ACTOR, reason=REASON, terminate=terminate
     )
     if rec.state is State.PENDING:
-        attempt.add(Phase.ABORT, Outcome.REFUSED, reason="revoked")
-        try:
-            store.transition(
-                rec.id,
-                expect_state=State.PENDING,
-                expect_version=rec.version,
-                to=State.REVOKED,
-                actor=ACTOR,
-                reason=REASON,
-                events=attempt.events,
-                failure_reason="revoked",
-                finished_at=utcnow(),
-            )
-        except StaleVersion:
+        if not revoke_pending(store, rec, attempt, actor=ACTOR, reason=REASON):
             return  # another worker (or the producer) got there first
         trail.copy(attempt.events)
         log.warning("command %s revoked through remote control", rec.id)

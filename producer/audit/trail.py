@@ -14,7 +14,9 @@ from typing import Any
 from config.settings import Settings
 from producer.audit.events import AuditEvent, Outcome, Phase, Subject, make_event, now_ns
 from producer.audit.sinks import AuditSink, JsonlSink
+from producer.record import CommandRecord
 from producer.redaction import Redactor
+from producer.spec import cmd_hash
 
 log = logging.getLogger("execq.audit")
 
@@ -54,6 +56,18 @@ class Trail:
                     len(events),
                     exc,
                 )
+
+
+def subject_of(rec: CommandRecord) -> Subject:
+    """The audit subject of a stored command (its current attempt)."""
+    return Subject(
+        rec.id,
+        rec.tenant,
+        rec.principal or "unknown",
+        cmd_hash(rec.argv),
+        rec.trace_id,
+        rec.attempts,
+    )
 
 
 class Attempt:
