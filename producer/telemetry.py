@@ -1,6 +1,7 @@
 """OpenTelemetry set-up from the standard `OTEL_*` variables, validated like any setting.
 
-`OTEL_TRACES_EXPORTER` is `otlp`, `console` or `none`; when it is unset, execq exports over
+`OTEL_TRACES_EXPORTER` is `otlp` (`OTEL_EXPORTER_OTLP_PROTOCOL` http/protobuf, the default,
+or grpc), `console` or `none`; when it is unset, execq exports over
 OTLP only if an OTLP endpoint is configured (so an unconfigured host does not retry a
 collector that is not there). Sampling is the SDK's (`OTEL_TRACES_SAMPLER`, default
 parent-based always-on); spans go through a BatchSpanProcessor. A web backend that sets up
@@ -26,7 +27,7 @@ SAMPLERS = {
     "parentbased_always_off",
     "parentbased_traceidratio",
 }
-PROTOCOLS = {"http/protobuf"}
+PROTOCOLS = {"http/protobuf", "grpc"}
 _state: dict[str, Any] = {}
 
 
@@ -48,8 +49,8 @@ def exporter_name(environ: Mapping[str, str] | None = None) -> str:
     )
     if name == "otlp" and protocol not in PROTOCOLS:
         raise ConfigError(
-            f"invalid setting OTEL_EXPORTER_OTLP_PROTOCOL: execq ships the http/protobuf "
-            f"exporter, got {protocol!r} (point it at the collector's port 4318)"
+            f"invalid setting OTEL_EXPORTER_OTLP_PROTOCOL: must be http/protobuf (port 4318) "
+            f"or grpc (port 4317), got {protocol!r}"
         )
     sampler = env.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower()
     if sampler not in SAMPLERS:
@@ -91,8 +92,18 @@ def configure(*, service_name: str, attributes: Mapping[str, str] | None = None)
     )
 
     exporter: SpanExporter
+    protocol = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get(
+        "OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"
+    )
     if name == "console":
         exporter = ConsoleSpanExporter()
+    elif protocol == "grpc":
+        # Created after fork in every pool process: a gRPC channel must not cross fork().
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # noqa: PLC0415
+            OTLPSpanExporter as GrpcExporter,
+        )
+
+        exporter = GrpcExporter()
     else:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # noqa: PLC0415
             OTLPSpanExporter,

@@ -84,7 +84,7 @@ def test_bad_otel_settings_are_refused_naming_the_variable(monkeypatch: pytest.M
     for name, value in (
         ("OTEL_TRACES_EXPORTER", "zipkin"),
         ("OTEL_TRACES_SAMPLER", "sometimes"),
-        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "thrift"),
     ):
         with monkeypatch.context() as m:
             m.setenv("OTEL_TRACES_EXPORTER", "otlp")
@@ -101,4 +101,44 @@ def test_without_an_endpoint_nothing_is_exported_by_default() -> None:
     assert telemetry.exporter_name({}) == "none"
     assert telemetry.exporter_name({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}) == "otlp"
     assert telemetry.exporter_name({"OTEL_TRACES_EXPORTER": "console"}) == "console"
+    grpc = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
+    assert telemetry.exporter_name(grpc) == "otlp"
     time.sleep(0)
+
+
+@pytest.mark.slow
+def test_spans_also_go_over_otlp_grpc(producer: Producer, workers: Start) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+    names: list[str] = []
+
+    class Receiver(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignore[misc]
+        def Export(self, request, context):  # type: ignore[no-untyped-def]
+            for rs in request.resource_spans:
+                for ss in rs.scope_spans:
+                    names.extend(span.name for span in ss.spans)
+            return trace_service_pb2.ExportTraceServiceResponse()
+
+    server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Receiver(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        workers(
+            "alpha",
+            extra_env={
+                "OTEL_TRACES_EXPORTER": "otlp",
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+                "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+                "OTEL_EXPORTER_OTLP_INSECURE": "true",
+                "OTEL_BSP_SCHEDULE_DELAY": "100",
+            },
+        )
+        r = producer.submit(CommandSpec(tenant="alpha", argv=["/bin/echo", "grpc"]))
+        assert producer.wait(r.id, timeout=30).state is State.SUCCEEDED
+        wait_for(lambda: "execq.run" in names, 15, "the span over gRPC")
+    finally:
+        server.stop(0)
