@@ -44,6 +44,10 @@ class Tenant(BaseModel):
         default=None, description="Names a spec's env may set; None allows any safe name."
     )
     max_attempts: Annotated[int, Field(ge=1, le=100)] = 3
+    trace_argv: bool = Field(
+        default=False,
+        description="Put the whole argv (redacted) in span attributes, not just argv[0].",
+    )
     # YAML reads an unquoted `off` as false, which here can only mean "off".
     masking: Annotated[
         Literal["L1", "L2", "L3", "off"],

@@ -66,14 +66,14 @@ def current_or_new() -> TraceContext:
 
 def clean_attributes(values: Mapping[str, Any], redactor: Redactor | None) -> dict[str, Any]:
     """Span attributes without None values, every string through the redactor."""
-    out: dict[str, Any] = {}
-    for key, value in values.items():
-        if value is None:
-            continue
-        out[key] = (
-            redactor.scrub(value)[0] if isinstance(value, str) and redactor is not None else value
-        )
-    return out
+    def clean(value: Any) -> Any:
+        if isinstance(value, str) and redactor is not None:
+            return redactor.scrub(value)[0]
+        if isinstance(value, (list, tuple)):
+            return [clean(item) for item in value]
+        return value
+
+    return {key: clean(value) for key, value in values.items() if value is not None}
 
 
 @contextmanager

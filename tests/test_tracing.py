@@ -142,3 +142,22 @@ def test_spans_also_go_over_otlp_grpc(producer: Producer, workers: Start) -> Non
         wait_for(lambda: "execq.run" in names, 15, "the span over gRPC")
     finally:
         server.stop(0)
+
+
+def test_span_attributes_are_redacted_lists_included_and_none_dropped() -> None:
+    from producer.redaction import Redactor
+    from producer.tracing import clean_attributes
+
+    redactor = Redactor({"TOKEN": "tok-9f8e7d6c5b"})
+    attrs = clean_attributes(
+        {
+            "execq.argv": ["/usr/bin/curl", "-H", "X: tok-9f8e7d6c5b", "mail@example.com"],
+            "execq.failure_reason": None,
+            "execq.exit_code": 0,
+        },
+        redactor,
+    )
+    assert attrs == {
+        "execq.argv": ["/usr/bin/curl", "-H", "X: [secret:TOKEN]", "mai***@***example.com"],
+        "execq.exit_code": 0,
+    }

@@ -192,6 +192,8 @@ class Pipeline:
             "execq.executable": claimed.argv[0],
             "execq.attempt": claimed.attempts,
         }
+        if self.tenant.trace_argv:
+            attributes["execq.argv"] = list(claimed.argv)
         m = metrics()
         tenant = claimed.tenant
         started = time.monotonic()
