@@ -66,6 +66,7 @@ def current_or_new() -> TraceContext:
 
 def clean_attributes(values: Mapping[str, Any], redactor: Redactor | None) -> dict[str, Any]:
     """Span attributes without None values, every string through the redactor."""
+
     def clean(value: Any) -> Any:
         if isinstance(value, str) and redactor is not None:
             return redactor.scrub(value)[0]
