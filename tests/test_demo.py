@@ -51,3 +51,27 @@ def test_the_demo_shows_every_case_and_cleans_up(tmp_path: Path, redis_url: str)
         if p.pid not in before and "workers.cli" in " ".join(p.info["cmdline"] or [])
     ]
     assert leftovers == []
+
+
+def test_the_demo_table_ends_with_an_intact_audit_trail(tmp_path: Path, redis_url: str) -> None:
+    env = {
+        **os.environ,
+        "EXECQ_BROKER_URL": redis_url,
+        "EXECQ_DATABASE_URL": f"sqlite:///{tmp_path}/demo.db",
+        "EXECQ_AUDIT_LOG": str(tmp_path / "audit.jsonl"),
+        "EXECQ_TENANTS_FILE": str(ROOT / "config" / "tenants.yaml"),
+        "EXECQ_WORKDIR_ROOT": str(tmp_path / "work"),
+        "COLUMNS": "200",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "demo"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    # 4 commands x 5 phases, + abort for the 2 that failed, + 3 for the refused one.
+    assert "audit trail: 25 events in 2 chain(s), every link intact" in done.stdout
+    assert "execq audit show" in done.stdout

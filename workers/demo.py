@@ -81,6 +81,7 @@ def run_demo(settings: Settings, tenants: TenantsFile, *, as_json: bool, console
     ]
     code = 0
     enforced: str | None = None
+    audit_line = ""
     try:
         with Producer.from_settings(
             settings.model_copy(update={"broker_url": stack.broker_url}), tenants
@@ -119,6 +120,15 @@ def run_demo(settings: Settings, tenants: TenantsFile, *, as_json: bool, console
                     enforced = ", ".join(f"{k}={v}" for k, v in rec.enforced.items())
                 if row.state is not row.expect:
                     code = 1
+            report = producer.store.audit.verify()
+            if report.ok:
+                audit_line = (
+                    f"audit trail: {report.events} events in {len(report.chains)} chain(s), "
+                    "every link intact"
+                )
+            else:
+                audit_line = f"[red]audit trail BROKEN:[/] {report.problem}"
+                code = 1
     except ExecqError as exc:
         console.print(f"[red]demo failed:[/] {exc}")
         code = 1
@@ -162,10 +172,13 @@ def run_demo(settings: Settings, tenants: TenantsFile, *, as_json: bool, console
     console.print(table)
     if enforced:
         console.print(f"limits enforced on this host: {enforced}")
+    if audit_line:
+        console.print(audit_line)
     first_id = rows[0].command_id
     console.print(
         "Next: [bold]execq status "
         f"{first_id}[/] (one record and its history), "
+        f"[bold]execq audit show {first_id}[/] (its audit events), "
         "[bold]execq list[/], [bold]execq up[/] to keep the stack running, "
         f"worker logs in {stack.log_dir}/."
     )
