@@ -29,7 +29,7 @@ from producer.errors import (
 )
 from producer.outbox import Outbox
 from producer.record import CommandRecord
-from producer.revocation import revoke_event, revoke_pending
+from producer.revocation import CANCEL_CHANNEL, revoke_event, revoke_pending
 from producer.spec import CommandSpec, cmd_hash
 from producer.states import RETRYABLE, State, is_terminal
 from producer.store.db import make_engine, require_schema
@@ -37,8 +37,6 @@ from producer.store.repository import Store, requeue_fields
 from producer.tracing import TraceContext, current_or_new
 
 log = logging.getLogger("execq.producer")
-
-CANCEL_CHANNEL = "execq.cancel.{tenant}"
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import redis
+
 from producer.audit.events import Outcome, Phase
-from producer.audit.trail import Attempt, subject_of
+from producer.audit.trail import Attempt, Trail, subject_of
 from producer.errors import StaleVersion
 from producer.record import CommandRecord
 from producer.states import State
@@ -53,3 +55,43 @@ def revoke_pending(
     except StaleVersion:
         return False
     return True
+
+
+CANCEL_CHANNEL = "execq.cancel.{tenant}"
+
+
+def revoke_remote(
+    store: Store,
+    trail: Trail,
+    rec: CommandRecord,
+    *,
+    broker_url: str,
+    actor: str,
+    operator: str,
+    reason: str,
+    terminate: bool,
+) -> str | None:
+    """A revoke that arrived through Celery (Flower, `celery control`), applied to the store.
+
+    Pending: revoked, never runs. Running with terminate: the cancel flag, announced, so
+    its worker kills the whole tree. Returns what was done, or None (already done, or
+    nothing to do); whoever wins the conditional update writes the audit events, once.
+    """
+    attempt = revoke_event(rec, actor=actor, operator=operator, reason=reason, terminate=terminate)
+    if rec.state is State.PENDING:
+        if not revoke_pending(store, rec, attempt, actor=operator, reason=reason):
+            return None
+        trail.copy(attempt.events)
+        return "revoked"
+    if rec.state is State.RUNNING and terminate and store.flag_cancel(rec.id):
+        store.append_events(attempt.events)
+        trail.copy(attempt.events)
+        client = redis.Redis.from_url(broker_url, socket_connect_timeout=2, socket_timeout=2)
+        try:
+            client.publish(CANCEL_CHANNEL.format(tenant=rec.tenant), rec.id)
+        except redis.RedisError:
+            pass  # the worker re-reads the flag on its next lease renewal
+        finally:
+            client.close()
+        return "terminating"
+    return None

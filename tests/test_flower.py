@@ -104,7 +104,7 @@ def test_a_flower_revoke_reaches_the_store_and_terminate_kills_the_tree(
     wait_for(lambda: not alive([payload]), 10, "the payload to die")
     assert not marker.exists()
     revokes = [e for e in producer.audit_events(command_id=queued.id) if e.phase == "revoke"]
-    assert [e.operator for e in revokes] == ["remote-control"]
+    assert [e.operator for e in revokes] == ["flower"]
 
 
 def test_flower_shows_the_task_by_name_with_secret_names_but_no_values(
@@ -130,3 +130,44 @@ def test_flower_shows_the_task_by_name_with_secret_names_but_no_values(
     task = listed()
     assert task is not None and task["name"] == "execq.run"
     assert "API_TOKEN" in task["kwargs"] and secret not in json.dumps(task)
+
+
+def test_a_flower_revoke_with_no_worker_running_still_reaches_the_store(
+    producer: Producer, workers: Start, flower: str, tmp_path: Path
+) -> None:
+    marker = tmp_path / "ran"
+    r = producer.submit(CommandSpec(tenant="alpha", argv=["/bin/sh", "-c", f"touch {marker}"]))
+    assert call(f"{flower}/api/task/revoke/{r.id}", method="POST", auth=AUTH, data=b"") == 200
+    rec = producer.get(r.id)
+    assert rec.state is State.REVOKED
+    revoke = next(e for e in producer.audit_events(command_id=r.id) if e.phase == "revoke")
+    assert revoke.operator == "flower"
+    workers("alpha")  # it hears the message, and the store says the command is revoked
+    other = producer.submit(CommandSpec(tenant="alpha", argv=["/bin/echo", "after"]))
+    assert producer.wait(other.id, timeout=30).state is State.SUCCEEDED
+    assert not marker.exists() and producer.get(r.id).state is State.REVOKED
+
+
+def test_a_revoke_through_celery_remote_control_reaches_the_store_through_the_workers(
+    producer: Producer, workers: Start, env: Env, tmp_path: Path
+) -> None:
+    from config.tenants import load_tenants
+    from producer.broker import make_celery
+
+    workers("alpha", concurrency=1)
+    pidfile = tmp_path / "pid"
+    marker = tmp_path / "ran"
+    busy = producer.submit(
+        CommandSpec(tenant="alpha", argv=["/bin/sh", "-c", f"echo $$ > {pidfile}; exec sleep 60"])
+    )
+    queued = producer.submit(CommandSpec(tenant="alpha", argv=["/bin/sh", "-c", f"touch {marker}"]))
+    wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 15, "the busy command")
+    app = make_celery(env.settings, load_tenants(env.settings.tenants_file))
+    app.control.revoke(queued.id)
+    wait_for(lambda: producer.get(queued.id).state is State.REVOKED, 15, "the store to say revoked")
+    app.control.revoke(busy.id, terminate=True)
+    assert producer.wait(busy.id, timeout=30).state is State.REVOKED
+    assert not marker.exists()
+    revokes = [e for e in producer.audit_events(command_id=queued.id) if e.phase == "revoke"]
+    assert [e.operator for e in revokes] == ["remote-control"]
+    app.close()

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import redis
 
-from producer.client import CANCEL_CHANNEL
+from producer.revocation import CANCEL_CHANNEL
 from producer.store.repository import Store
 
 log = logging.getLogger("execq.lease")

@@ -13,13 +13,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import redis
-
 from producer.audit.trail import Trail
-from producer.client import CANCEL_CHANNEL
 from producer.errors import NotFound
-from producer.revocation import revoke_event, revoke_pending
-from producer.states import State
+from producer.revocation import revoke_remote
 from workers.runtime import Runtime
 
 log = logging.getLogger("execq.remote")
@@ -56,27 +52,21 @@ def install(runtime: Runtime) -> None:
 
 
 def _revoke_in_store(runtime: Runtime, trail: Trail, command_id: str, *, terminate: bool) -> None:
-    store = runtime.store
     try:
-        rec = store.get(command_id)
+        rec = runtime.store.get(command_id)
     except NotFound:
         return
     if rec.tenant != runtime.config.tenant.name:
         return  # that tenant's workers act on it
-    attempt = revoke_event(
-        rec, actor=runtime.worker_id, operator=ACTOR, reason=REASON, terminate=terminate
+    done = revoke_remote(
+        runtime.store,
+        trail,
+        rec,
+        broker_url=runtime.config.broker_url,
+        actor=runtime.worker_id,
+        operator=ACTOR,
+        reason=REASON,
+        terminate=terminate,
     )
-    if rec.state is State.PENDING:
-        if not revoke_pending(store, rec, attempt, actor=ACTOR, reason=REASON):
-            return  # another worker (or the producer) got there first
-        trail.copy(attempt.events)
-        log.warning("command %s revoked through remote control", rec.id)
-    elif rec.state is State.RUNNING and terminate and store.flag_cancel(rec.id):
-        store.append_events(attempt.events)
-        trail.copy(attempt.events)
-        client = redis.Redis.from_url(runtime.config.broker_url, socket_timeout=2)
-        try:
-            client.publish(CANCEL_CHANNEL.format(tenant=rec.tenant), rec.id)
-        finally:
-            client.close()
-        log.warning("command %s terminated through remote control", rec.id)
+    if done is not None:
+        log.warning("command %s %s through remote control", rec.id, done)
