@@ -168,7 +168,7 @@ def test_revoking_a_pending_command_means_it_never_runs(
 def test_revoke_terminate_kills_a_running_tree_and_records_revoked(
     producer: Producer, workers: Start, tmp_path: Path
 ) -> None:
-    workers("alpha")
+    w = workers("alpha")
     pidfile = tmp_path / "tree"
     r = producer.submit(
         CommandSpec(
@@ -189,6 +189,10 @@ def test_revoke_terminate_kills_a_running_tree_and_records_revoked(
     assert (rec.state, rec.failure_reason) == (State.REVOKED, "revoked")
     pids = [int(p) for p in pidfile.read_text().split()]
     wait_for(lambda: not alive(pids), 5, "the process tree to die")
+    # The lease thread's line about the cancel names the command, like the task's lines.
+    lines = [json.loads(x) for x in w.output().splitlines() if x.startswith("{")]
+    cancel = [x for x in lines if x["event"].startswith("cancel requested for command")]
+    assert cancel and all(x["command_id"] == r.id for x in cancel)
 
 
 def test_retry_requeues_a_failed_command_with_attempts_plus_one(

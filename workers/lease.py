@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import redis
 
+from producer import logs
 from producer.revocation import CANCEL_CHANNEL
 from producer.store.repository import Store
 
@@ -39,6 +40,7 @@ class LeaseKeeper:
     ) -> None:
         self.store = store
         self.redis_url = redis_url
+        self.tenant = tenant
         self.channel = CANCEL_CHANNEL.format(tenant=tenant)
         self.owner = owner
         self.lease_s = lease_s
@@ -117,11 +119,13 @@ class LeaseKeeper:
                 last_renew = time.monotonic()
                 continue
             heard = message is not None and _text(message.get("data")) == held.command_id
-            if heard and self._check_cancel(held):
-                continue
-            if time.monotonic() - last_renew >= self.renew_every_s:
-                self._renew(held)
-                last_renew = time.monotonic()
+            # This thread's log lines name the command they are about, like the task's.
+            with logs.command_context(held.command_id, tenant=self.tenant):
+                if heard and self._check_cancel(held):
+                    continue
+                if time.monotonic() - last_renew >= self.renew_every_s:
+                    self._renew(held)
+                    last_renew = time.monotonic()
 
     def _check_cancel(self, held: _Held) -> bool:
         try:
