@@ -242,7 +242,7 @@ def test_the_console_format_is_readable_and_still_redacted(buffer: io.StringIO) 
 
 def fake_runtime(handle_delivery: Callable[[Delivery], Any]) -> Callable[[], Any]:
     runtime = SimpleNamespace(
-        pipeline=SimpleNamespace(handle=handle_delivery),
+        pipeline=SimpleNamespace(handle=lambda delivery, _redactor=None: handle_delivery(delivery)),
         config=SimpleNamespace(tenant=SimpleNamespace(masking="L1")),
     )
     return lambda: runtime

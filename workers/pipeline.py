@@ -88,6 +88,13 @@ def decode(task_id: str | None, kwargs: Mapping[str, Any], headers: Mapping[str,
     )
 
 
+def redactor_for(tenant: Tenant, secrets: Mapping[str, str]) -> Redactor:
+    """What scrubs a delivery's logs, audit events and spans: its secrets, and masking at the
+    tenant's level — "off" applies to stored output only, so it means L1 here."""
+    level = MaskLevel(tenant.masking)
+    return Redactor(secrets, level=MaskLevel.L1 if level is MaskLevel.OFF else level)
+
+
 def _parent(claimed: Claimed, delivery: Delivery) -> TraceContext | None:
     """The context the run continues: the store's trace id wins over the message's."""
     parent = parse_traceparent(delivery.traceparent, delivery.tracestate)
@@ -161,8 +168,11 @@ class Pipeline:
         self.trail.copy(attempt.events)
         return Handled(cid, "refused", detail=reason)
 
-    def handle(self, delivery: Delivery) -> Handled:
-        """Claim the command and run it, or acknowledge a delivery that must do nothing."""
+    def handle(self, delivery: Delivery, redactor: Redactor | None = None) -> Handled:
+        """Claim the command and run it, or acknowledge a delivery that must do nothing.
+
+        `redactor`: the delivery's, from `redactor_for` (the task has made it already).
+        """
         if delivery.tenant != self.tenant.name:
             log.warning(
                 "refused message for command %s: addressed to tenant %r, this pool serves %r",
@@ -209,7 +219,7 @@ class Pipeline:
                 attributes=attributes,
                 redactor=PATTERNS_ONLY,
             ):
-                handled = self._run_claimed(claimed, delivery)
+                handled = self._run_claimed(claimed, delivery, redactor)
         finally:
             m.running.labels(tenant).dec()
         if handled.state is not None:
@@ -296,17 +306,12 @@ class Pipeline:
         self.trail.copy(attempt.events)
         return Handled(claimed.id, "ran", to, reason or "")
 
-    def _redactors(self, secrets: Mapping[str, str]) -> tuple[Redactor, Redactor]:
-        """(for stored output, for audit events): a tenant may switch masking of its output
-        off, never of what execq itself writes about the command."""
-        level = MaskLevel(self.tenant.masking)
-        output = Redactor(secrets, level=level)
-        return output, output if level is not MaskLevel.OFF else output.with_level(MaskLevel.L1)
-
-    def _run_claimed(self, claimed: Claimed, delivery: Delivery) -> Handled:
+    def _run_claimed(self, claimed: Claimed, delivery: Delivery, given: Redactor | None) -> Handled:
         logs.bind(trace_id=claimed.trace_id)
         # Every value the message carried is scrubbed, declared or not: a superset is safe.
-        redactor, audit_redactor = self._redactors(delivery.secrets)
+        audit_redactor = given or redactor_for(self.tenant, delivery.secrets)
+        # Only stored output follows the tenant's masking as is (it may be off).
+        redactor = audit_redactor.with_level(self.tenant.masking)
         attempt = Attempt(
             Subject(
                 claimed.id,

@@ -11,8 +11,7 @@ from sqlalchemy.exc import OperationalError
 
 from producer import logs
 from producer.broker import TASK_NAME
-from producer.redaction import MaskLevel, Redactor
-from workers.pipeline import BadMessage, Delivery, decode
+from workers.pipeline import BadMessage, Delivery, decode, redactor_for
 from workers.runtime import Runtime
 
 log = logging.getLogger("execq.task")
@@ -54,18 +53,14 @@ def register(app: Celery, runtime: Callable[[], Runtime]) -> Task:
 def handle(runtime: Callable[[], Runtime], delivery: Delivery) -> str:
     """Run one delivery with its secrets scrubbed from every log line, crash included."""
     try:
-        # Log lines are masked at the tenant's level; "off" only ever applies to stored output.
-        level = MaskLevel(runtime().config.tenant.masking)
-        redactor = Redactor(
-            delivery.secrets, level=MaskLevel.L1 if level is MaskLevel.OFF else level
-        )
+        redactor = redactor_for(runtime().config.tenant, delivery.secrets)
     except Exception as exc:
         # Without a redactor no traceback may be logged: it could show the secrets.
         log.error("command %s: its secrets cannot be scrubbed", delivery.command_id)
         raise _crashed(delivery.command_id, exc) from None
     with logs.command_context(delivery.command_id, tenant=delivery.tenant, redactor=redactor):
         try:
-            return runtime().pipeline.handle(delivery).action
+            return runtime().pipeline.handle(delivery, redactor).action
         except OperationalError as exc:
             # The message is acked already; the command is still `pending` in the store, and
             # the outbox publishes it again once the store is back.
