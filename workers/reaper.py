@@ -13,6 +13,7 @@ import logging
 import random
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
@@ -115,38 +116,32 @@ class Reaper:
                 Phase.ABORT, Outcome.FAILED, reason="worker_lost", lease_owner=expired.lease_owner
             )
             rerun = expired.retry_safe and expired.attempts < self.tenant.max_attempts
+            fields: dict[str, Any]
+            if rerun:
+                attempt.add(
+                    Phase.RETRY, Outcome.OK, reason="worker_lost", next_attempt=expired.attempts + 1
+                )
+                to, reason = State.PENDING, "worker lost; retry-safe command re-queued"
+                fields = requeue_fields(expired.attempts + 1)
+            else:
+                to, reason = State.FAILED, "worker_lost"
+                fields = {
+                    "failure_reason": "worker_lost",
+                    "error": "the worker running this command stopped renewing its lease",
+                    "lease_expires_at": None,
+                    "finished_at": utcnow(),
+                }
             try:
-                if rerun:
-                    attempt.add(
-                        Phase.RETRY,
-                        Outcome.OK,
-                        reason="worker_lost",
-                        next_attempt=expired.attempts + 1,
-                    )
-                    self.store.transition(
-                        expired.id,
-                        expect_state=State.RUNNING,
-                        expect_version=expired.version,
-                        to=State.PENDING,
-                        actor=self.actor,
-                        reason="worker lost; retry-safe command re-queued",
-                        events=attempt.events,
-                        **requeue_fields(expired.attempts + 1),
-                    )
-                else:
-                    self.store.transition(
-                        expired.id,
-                        expect_state=State.RUNNING,
-                        expect_version=expired.version,
-                        to=State.FAILED,
-                        actor=self.actor,
-                        reason="worker_lost",
-                        events=attempt.events,
-                        failure_reason="worker_lost",
-                        error="the worker running this command stopped renewing its lease",
-                        lease_expires_at=None,
-                        finished_at=utcnow(),
-                    )
+                self.store.transition(
+                    expired.id,
+                    expect_state=State.RUNNING,
+                    expect_version=expired.version,
+                    to=to,
+                    actor=self.actor,
+                    reason=reason,
+                    events=attempt.events,
+                    **fields,
+                )
             except StaleVersion:
                 continue  # the worker renewed or finished just now, or another reaper won
             self.trail.copy(attempt.events)
