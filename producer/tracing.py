@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace as _otel_trace
 from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode
 from opentelemetry.trace.span import TraceFlags, TraceState
@@ -91,8 +92,6 @@ def span(
     Exceptions are not recorded on the span (their text could carry secrets); callers set
     an ERROR status with a reason that went through the redactor.
     """
-    from opentelemetry import context as otel_context  # noqa: PLC0415
-
     ctx = None
     current_ctx = _otel_trace.get_current_span().get_span_context()
     # The explicit parent wins unless the active span (Celery's own) is in the same trace.

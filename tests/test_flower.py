@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from producer.client import Producer
+from producer.client import Producer, SubmitResult
 from producer.spec import CommandSpec
 from producer.states import State
 from tests.conftest import Env
@@ -61,6 +61,21 @@ def flower(env: Env) -> Iterator[str]:
         proc.wait(10)
 
 
+def busy_and_queued(
+    producer: Producer, workers: Start, tmp_path: Path
+) -> tuple[SubmitResult, SubmitResult, Path, Path]:
+    """A one-process pool running a long command, and a command queued behind it."""
+    workers("alpha", concurrency=1)
+    pidfile = tmp_path / "pid"
+    marker = tmp_path / "ran"
+    busy = producer.submit(
+        CommandSpec(tenant="alpha", argv=["/bin/sh", "-c", f"echo $$ > {pidfile}; exec sleep 60"])
+    )
+    queued = producer.submit(CommandSpec(tenant="alpha", argv=["/bin/sh", "-c", f"touch {marker}"]))
+    wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 15, "the busy command")
+    return busy, queued, pidfile, marker
+
+
 def test_flower_refuses_to_start_without_authentication(env: Env) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "workers.cli", "flower", "--port", str(_free_port())],
@@ -83,14 +98,7 @@ def test_flower_refuses_unauthenticated_api_calls(flower: str) -> None:
 def test_a_flower_revoke_reaches_the_store_and_terminate_kills_the_tree(
     producer: Producer, workers: Start, flower: str, tmp_path: Path
 ) -> None:
-    workers("alpha", concurrency=1)
-    pidfile = tmp_path / "pid"
-    marker = tmp_path / "ran"
-    busy = producer.submit(
-        CommandSpec(tenant="alpha", argv=["/bin/sh", "-c", f"echo $$ > {pidfile}; exec sleep 60"])
-    )
-    queued = producer.submit(CommandSpec(tenant="alpha", argv=["/bin/sh", "-c", f"touch {marker}"]))
-    wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 15, "the busy command")
+    busy, queued, pidfile, marker = busy_and_queued(producer, workers, tmp_path)
     assert producer.get(queued.id).state is State.PENDING
     # Revoke the queued command in Flower: it never runs.
     assert call(f"{flower}/api/task/revoke/{queued.id}", method="POST", auth=AUTH, data=b"") == 200
@@ -154,14 +162,7 @@ def test_a_revoke_through_celery_remote_control_reaches_the_store_through_the_wo
     from config.tenants import load_tenants
     from producer.broker import make_celery
 
-    workers("alpha", concurrency=1)
-    pidfile = tmp_path / "pid"
-    marker = tmp_path / "ran"
-    busy = producer.submit(
-        CommandSpec(tenant="alpha", argv=["/bin/sh", "-c", f"echo $$ > {pidfile}; exec sleep 60"])
-    )
-    queued = producer.submit(CommandSpec(tenant="alpha", argv=["/bin/sh", "-c", f"touch {marker}"]))
-    wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 15, "the busy command")
+    busy, queued, _pidfile, marker = busy_and_queued(producer, workers, tmp_path)
     app = make_celery(env.settings, load_tenants(env.settings.tenants_file))
     app.control.revoke(queued.id)
     wait_for(lambda: producer.get(queued.id).state is State.REVOKED, 15, "the store to say revoked")
