@@ -283,28 +283,18 @@ def _check_head(verifier: Verifier, last: AuditEvent, known: Mapping[str, tuple[
         )
 
 
-def prune_plan(conn: Connection, before_ns: int, *, tenant: str | None) -> dict[str, int]:
-    """Per chain, the last seq of events older than `before_ns` (what prune would remove)."""
+def prune_plan(
+    conn: Connection, before_ns: int, *, tenant: str | None
+) -> dict[str, tuple[int, int]]:
+    """Per chain, (last seq, how many) of the events older than `before_ns`."""
     query = (
-        select(events_t.c.chain, func.max(events_t.c.seq))
+        select(events_t.c.chain, func.max(events_t.c.seq), func.count())
         .where(events_t.c.exec_time_ns < before_ns)
         .group_by(events_t.c.chain)
     )
     if tenant is not None:
         query = query.where(events_t.c.chain == tenant)
-    return {chain: int(seq) for chain, seq in conn.execute(query)}
-
-
-def prune_counts(conn: Connection, before_ns: int, *, tenant: str | None) -> dict[str, int]:
-    """Per chain, how many events are older than `before_ns`."""
-    query = (
-        select(events_t.c.chain, func.count())
-        .where(events_t.c.exec_time_ns < before_ns)
-        .group_by(events_t.c.chain)
-    )
-    if tenant is not None:
-        query = query.where(events_t.c.chain == tenant)
-    return {chain: int(n) for chain, n in conn.execute(query)}
+    return {chain: (int(seq), int(n)) for chain, seq, n in conn.execute(query)}
 
 
 def prune_chain(conn: Connection, chain: str, upto_seq: int, *, actor: str, at: datetime) -> int:

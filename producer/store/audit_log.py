@@ -47,7 +47,8 @@ class AuditLog:
     def prune_plan(self, *, before: datetime, tenant: str | None = None) -> dict[str, int]:
         """How many events `prune` would remove from each chain."""
         with self._auto.connect() as conn:
-            return sql.prune_counts(conn, _ns(before), tenant=tenant)
+            plan = sql.prune_plan(conn, _ns(before), tenant=tenant)
+        return {chain: count for chain, (_, count) in plan.items()}
 
     def prune(self, *, before: datetime, actor: str, tenant: str | None = None) -> dict[str, int]:
         """Delete events older than `before`, chain by chain, keeping each chain verifiable.
@@ -58,7 +59,7 @@ class AuditLog:
         with self._auto.connect() as conn:
             plan = sql.prune_plan(conn, _ns(before), tenant=tenant)
         done: dict[str, int] = {}
-        for chain, upto in sorted(plan.items()):
+        for chain, (upto, _) in sorted(plan.items()):
             with self.engine.begin() as conn:
                 count = sql.prune_chain(conn, chain, upto, actor=actor, at=datetime.now(UTC))
                 subject = Subject("", chain, actor, NO_COMMAND_HASH, None)
