@@ -48,6 +48,12 @@ class Settings(BaseSettings):
         default=Path(".execq/work"), description="Where private command directories are made."
     )
     publish_timeout_s: float = Field(default=2.0, gt=0, le=60)
+    retry_backoff_s: float = Field(
+        default=1.0, gt=0, le=3600, description="First automatic retry's delay; doubles each time."
+    )
+    retry_backoff_max_s: float = Field(
+        default=300.0, gt=0, le=3600, description="Longest delay between automatic retries."
+    )
     log_format: LogFormat = Field(
         default="auto", description="`json` lines, `console` lines, or `auto` (json unless a tty)."
     )

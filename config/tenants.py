@@ -44,6 +44,15 @@ class Tenant(BaseModel):
         default=None, description="Names a spec's env may set; None allows any safe name."
     )
     max_attempts: Annotated[int, Field(ge=1, le=100)] = 3
+    max_retries: Annotated[int, Field(ge=0, le=20)] = Field(
+        default=5, description="Ceiling of a spec's max_retries (automatic re-runs)."
+    )
+    snapshot_roots: tuple[str, ...] = Field(
+        default=(), description="Directories under which a spec's snapshot_paths may lie."
+    )
+    snapshot_max_mb: Annotated[int, Field(ge=1, le=1024)] = Field(
+        default=16, description="Most file content one command's snapshot may hold."
+    )
     trace_argv: bool = Field(
         default=False,
         description="Put the whole argv (redacted) in span attributes, not just argv[0].",
@@ -65,6 +74,14 @@ class Tenant(BaseModel):
         for path in value:
             if not path.startswith("/"):
                 raise ValueError(f"{path!r} is not an absolute path")
+        return value
+
+    @field_validator("snapshot_roots")
+    @classmethod
+    def _roots(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for path in value:
+            if not path.startswith("/") or path.rstrip("/") == "":
+                raise ValueError(f"{path!r} is not an absolute directory other than /")
         return value
 
     @field_validator("deny_args")

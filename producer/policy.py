@@ -60,6 +60,11 @@ def _check_argv(kind: str, argv: tuple[str, ...], tenant: Tenant) -> None:
         )
 
 
+def check_compensate(argv: tuple[str, ...], tenant: Tenant) -> None:
+    """The compensation's argv against the policy the worker holds when it runs."""
+    _check_argv("compensate", argv, tenant)
+
+
 def check(spec: CommandSpec, tenants: TenantsFile) -> Tenant:
     """Return the spec's tenant if the spec may run, else raise PolicyDenied naming the rule."""
     tenant = tenant_for(spec.tenant, tenants)
@@ -73,15 +78,33 @@ def check_tenant(spec: CommandSpec, tenant: Tenant) -> None:
     if spec.compensate is not None:
         _check_argv("compensate", spec.compensate, tenant)
     ceilings = tenant.limits
+    comp = spec.compensate_limits
     for name, asked, ceiling in (
         ("timeout_s", spec.timeout_s, ceilings.timeout_s),
         ("cpu_s", spec.cpu_s, ceilings.cpu_s),
         ("memory_mb", spec.memory_mb, ceilings.memory_mb),
+        ("compensate_limits.timeout_s", comp.timeout_s if comp else None, ceilings.timeout_s),
+        ("compensate_limits.cpu_s", comp.cpu_s if comp else None, ceilings.cpu_s),
+        ("compensate_limits.memory_mb", comp.memory_mb if comp else None, ceilings.memory_mb),
     ):
         if asked is not None and asked > ceiling:
             raise PolicyDenied(
                 f"{name}={asked} is above tenant {tenant.name!r}'s ceiling of {ceiling}",
-                rule=f"limits.{name}",
+                rule=f"limits.{name.rpartition('.')[2]}",
+            )
+    if spec.max_retries > tenant.max_retries:
+        raise PolicyDenied(
+            f"max_retries={spec.max_retries} is above tenant {tenant.name!r}'s ceiling of "
+            f"{tenant.max_retries}",
+            rule="max_retries",
+        )
+    for path in spec.snapshot_paths:
+        if not snapshot_allowed(path, tenant):
+            roots = ", ".join(tenant.snapshot_roots) or "none configured"
+            raise PolicyDenied(
+                f"snapshot path {path!r} is not under tenant {tenant.name!r}'s snapshot_roots "
+                f"({roots})",
+                rule="snapshot_roots",
             )
     if tenant.allowed_env is not None:
         extra = sorted(set(spec.env) - set(tenant.allowed_env))
@@ -90,6 +113,20 @@ def check_tenant(spec: CommandSpec, tenant: Tenant) -> None:
                 f"env {extra} not in tenant {tenant.name!r}'s allowed_env",
                 rule="allowed_env",
             )
+
+
+def snapshot_allowed(path: str, tenant: Tenant) -> bool:
+    """Whether `path` lies under one of the tenant's snapshot roots once symlinks resolve.
+
+    Resolved now, not only when written: a symlink planted under a root must not let a
+    snapshot (and its restore, which runs with the worker's rights) reach outside it.
+    """
+    target = os.path.realpath(path)
+    for root in tenant.snapshot_roots:
+        real_root = os.path.realpath(root)
+        if target == real_root or target.startswith(real_root.rstrip("/") + "/"):
+            return True
+    return False
 
 
 def effective_limits(

@@ -61,6 +61,16 @@ class CommandRecord:
     published_at: datetime | None
     lease_expires_at: datetime | None
     cancel_requested: bool
+    compensate_limits: dict[str, Any] | None = None
+    snapshot_paths: list[str] | None = None
+    max_retries: int = 0
+    retry_at: datetime | None = None
+    compensation: dict[str, Any] | None = None
+    revert_count: int = 0
+    needs_attention: bool = False
+    batch_id: str | None = None
+    batch_step: int | None = None
+    held: bool = False
     transitions: list[TransitionRecord] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:

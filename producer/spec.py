@@ -97,6 +97,27 @@ def _check_argv(kind: str, argv: tuple[str, ...]) -> None:
         raise ValueError(f"{kind}[0] must be an absolute path, got {argv[0]!r}")
 
 
+MAX_SNAPSHOT_PATHS = 32
+MAX_RETRIES = 20
+
+
+class CompensateLimits(BaseModel):
+    """The compensation's own limits (each capped by the tenant's ceilings like the command's)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    timeout_s: float | None = Field(default=None, gt=0)
+    cpu_s: int | None = Field(default=None, gt=0)
+    memory_mb: int | None = Field(default=None, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _int_timeout(cls, data: Any) -> Any:
+        if isinstance(data, dict) and type(data.get("timeout_s")) is int:
+            data = {**data, "timeout_s": float(data["timeout_s"])}
+        return data
+
+
 class CommandSpec(BaseModel):
     """One command to run: argv (never a shell string), limits, env and how to undo it."""
 
@@ -111,8 +132,14 @@ class CommandSpec(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)
     secrets: dict[str, str] = Field(default_factory=dict, repr=False)
     compensate: tuple[str, ...] | None = None
+    compensate_limits: CompensateLimits | None = None
+    # Files or small directories archived before the command runs and restored by its
+    # rollback (before `compensate` runs, if there is one as well).
+    snapshot_paths: tuple[str, ...] = ()
     rollback_on_failure: bool = False
     retry_safe: bool = False
+    # Automatic re-runs of a failed retry-safe command, with exponential backoff and jitter.
+    max_retries: int = Field(default=0, ge=0, le=MAX_RETRIES)
     principal: str | None = Field(default=None, max_length=200)
 
     def __init__(self, **data: Any) -> None:
@@ -133,7 +160,7 @@ class CommandSpec(BaseModel):
         # Callers naturally pass lists; strict mode would refuse them for tuple fields.
         if isinstance(data, dict):
             data = dict(data)
-            for key in ("argv", "compensate"):
+            for key in ("argv", "compensate", "snapshot_paths"):
                 if isinstance(data.get(key), list):
                     data[key] = tuple(data[key])
             for key in ("timeout_s",):
@@ -159,6 +186,19 @@ class CommandSpec(BaseModel):
     def _compensate(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
         if value is not None:
             _check_argv("compensate", value)
+        return value
+
+    @field_validator("snapshot_paths")
+    @classmethod
+    def _snapshot_paths(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(value) > MAX_SNAPSHOT_PATHS:
+            raise ValueError(f"{len(value)} paths, more than {MAX_SNAPSHOT_PATHS}")
+        for path in value:
+            _utf8_size(path, "snapshot path")
+            if "\x00" in path or not path.startswith("/") or len(path) > 4096:
+                raise ValueError(f"{path!r} is not an absolute path")
+            if any(part in (".", "..") for part in path.split("/")):
+                raise ValueError(f"{path!r} must not contain . or .. components")
         return value
 
     @field_validator("idempotency_key")
@@ -187,8 +227,12 @@ class CommandSpec(BaseModel):
         both = set(self.env) & set(self.secrets)
         if both:
             raise ValueError(f"{sorted(both)} given both as env and as secrets")
-        if self.rollback_on_failure and self.compensate is None:
-            raise ValueError("rollback_on_failure needs a compensate command")
+        if self.rollback_on_failure and self.compensate is None and not self.snapshot_paths:
+            raise ValueError("rollback_on_failure needs a compensate command or snapshot_paths")
+        if self.compensate_limits is not None and self.compensate is None:
+            raise ValueError("compensate_limits given without a compensate command")
+        if self.max_retries and not self.retry_safe:
+            raise ValueError("max_retries needs retry_safe=True: only those may run again")
         return self
 
     def __repr__(self) -> str:
@@ -201,7 +245,7 @@ class CommandSpec(BaseModel):
 
     def canonical(self) -> dict[str, Any]:
         """What makes two specs "the same command": everything but secret values."""
-        return {
+        out: dict[str, Any] = {
             "tenant": self.tenant,
             "argv": list(self.argv),
             "timeout_s": self.timeout_s,
@@ -213,6 +257,15 @@ class CommandSpec(BaseModel):
             "rollback_on_failure": self.rollback_on_failure,
             "retry_safe": self.retry_safe,
         }
+        # Newer fields enter the canonical form only when used, so the keys (and hashes) of
+        # specs stored before they existed still match.
+        if self.compensate_limits is not None:
+            out["compensate_limits"] = self.compensate_limits.model_dump()
+        if self.snapshot_paths:
+            out["snapshot_paths"] = list(self.snapshot_paths)
+        if self.max_retries:
+            out["max_retries"] = self.max_retries
+        return out
 
     def spec_hash(self) -> str:
         """SHA-256 of the canonical spec: an idempotency key reused with another spec differs."""

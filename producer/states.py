@@ -51,14 +51,28 @@ TERMINAL: frozenset[State] = frozenset(
 RETRYABLE: frozenset[State] = frozenset({State.FAILED, State.REVOKED, State.REVERTED})
 
 
-def can_transition(src: State | None, dst: State) -> bool:
-    """Whether the table allows `src -> dst`."""
+# What an operator may roll back: a compensation undoes what ran (or half ran); a failed
+# compensation (revert_failed) is tried again the same way.
+ROLLBACKABLE: frozenset[State] = frozenset({State.SUCCEEDED, State.FAILED, State.REVERT_FAILED})
+
+# `execq override`: a person settles a command by hand. Without --force only a failed
+# compensation may be settled; with --force (and a second person's approval) also these.
+OVERRIDE_TO: frozenset[State] = frozenset({State.REVERTED, State.FAILED})
+FORCE_OVERRIDE_FROM: frozenset[State] = frozenset(
+    {State.REVERT_FAILED, State.REVERTING, State.SUCCEEDED, State.FAILED, State.REVOKED}
+)
+
+
+def can_transition(src: State | None, dst: State, *, override: bool = False) -> bool:
+    """Whether the table allows `src -> dst` (or a forced override does)."""
+    if override:
+        return src in FORCE_OVERRIDE_FROM and dst in OVERRIDE_TO and src is not dst
     return dst in TRANSITIONS[src]
 
 
-def check_transition(src: State | None, dst: State) -> None:
+def check_transition(src: State | None, dst: State, *, override: bool = False) -> None:
     """Raise IllegalTransition unless the table allows `src -> dst`."""
-    if not can_transition(src, dst):
+    if not can_transition(src, dst, override=override):
         raise IllegalTransition(f"a command cannot go from {src or 'nothing'} to {dst}")
 
 

@@ -45,6 +45,7 @@ tenants:
     limits: {{timeout_s: 20, cpu_s: 10, memory_mb: 256, processes: 64, output_kb: 64,
               file_mb: 16}}
     env: {{TENANT_GREETING: hello-alpha}}
+    snapshot_roots: [/tmp]
   beta:
     concurrency: 1
     executables: [/bin/echo, /bin/sh, /bin/sleep, /bin/true]

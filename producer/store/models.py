@@ -14,6 +14,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -35,6 +36,8 @@ class Command(Base):
         Index("ix_commands_state_lease", "state", "lease_expires_at"),
         Index("ix_commands_outbox", "state", "published_at"),
         Index("ix_commands_created", "created_at"),
+        Index("ix_commands_attention", "needs_attention", "tenant"),
+        Index("ix_commands_batch", "batch_id", "batch_step"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
@@ -52,6 +55,21 @@ class Command(Base):
     compensate: Mapped[list[str] | None] = mapped_column(JSON)
     rollback_on_failure: Mapped[bool] = mapped_column(Boolean, default=False)
     retry_safe: Mapped[bool] = mapped_column(Boolean, default=False)
+    compensate_limits: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    snapshot_paths: Mapped[list[str] | None] = mapped_column(JSON)
+    max_retries: Mapped[int] = mapped_column(Integer, default=0)
+    # When the next automatic retry of a retry-safe command is due (backoff), for display.
+    retry_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The latest compensation's own result; the command's exit code and output stay as they
+    # were, so a reverted command still shows why it was reverted.
+    compensation: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    revert_count: Mapped[int] = mapped_column(Integer, default=0)
+    # Set when a compensation fails: a person must look (`execq list --needs-attention`).
+    needs_attention: Mapped[bool] = mapped_column(Boolean, default=False)
+    batch_id: Mapped[str | None] = mapped_column(String(36))
+    batch_step: Mapped[int | None] = mapped_column(Integer)
+    # A later step of a batch waits, pending but held, until the step before it succeeds.
+    held: Mapped[bool] = mapped_column(Boolean, default=False)
 
     state: Mapped[str] = mapped_column(String(16))
     version: Mapped[int] = mapped_column(Integer, default=1)
@@ -172,3 +190,45 @@ class AuditAnchor(Base):
     pruned_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     pruned_events: Mapped[int] = mapped_column(BigInteger)
     actor: Mapped[str] = mapped_column(String(200))
+
+
+class Snapshot(Base):
+    """The archive of a command's `snapshot_paths`, taken before it ran, for its rollback."""
+
+    __tablename__ = "snapshots"
+
+    command_id: Mapped[str] = mapped_column(String(36), ForeignKey("commands.id"), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(40))
+    # The paths are local to the host that archived them: only that host restores them.
+    host: Mapped[str] = mapped_column(String(200))
+    archive: Mapped[bytes] = mapped_column(LargeBinary)
+    files: Mapped[int] = mapped_column(Integer)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Batch(Base):
+    """A saga: steps (ordinary commands, linked by batch_id) run in order, undone in reverse."""
+
+    __tablename__ = "batches"
+    __table_args__ = (
+        UniqueConstraint("tenant", "idempotency_key", name="uq_batches_tenant_key"),
+        Index("ix_batches_tenant_state", "tenant", "state"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(40))
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    spec_hash: Mapped[str] = mapped_column(String(64))
+    principal: Mapped[str | None] = mapped_column(String(200))
+    trace_id: Mapped[str | None] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16))
+    version: Mapped[int] = mapped_column(Integer)
+    steps: Mapped[int] = mapped_column(Integer)
+    failed_step: Mapped[int | None] = mapped_column(Integer)
+    compensate_on_revoke: Mapped[bool] = mapped_column(Boolean)
+    error: Mapped[str | None] = mapped_column(Text)
+    last_actor: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

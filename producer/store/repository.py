@@ -8,7 +8,7 @@ import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any, cast
 
@@ -38,22 +38,42 @@ from producer.spec import CommandSpec
 from producer.states import State, check_transition
 from producer.store import audit
 from producer.store.audit_log import AuditLog
+from producer.store.batches import BatchStore
+from producer.store.clock import as_utc as _utc
+from producer.store.clock import utcnow
 from producer.store.models import Command, Transition
+from producer.store.snapshots import SnapshotStore
 
 commands = cast(Table, Command.__table__)
 transitions = cast(Table, Transition.__table__)
 
 
 # Hot statements are built once: constructing a statement costs more CPU than running it.
+# What every claim returns (a command's or a compensation's).
+_LEASED = (
+    commands.c.id,
+    commands.c.tenant,
+    commands.c.version,
+    commands.c.attempts,
+    commands.c.argv,
+    commands.c.env,
+    commands.c.trace_id,
+    commands.c.principal,
+    commands.c.snapshot_paths,
+    commands.c.batch_id,
+)
 _CLAIM = (
     update(commands)
     .where(
         commands.c.id == bindparam("w_id"),
         commands.c.tenant == bindparam("w_tenant"),
         commands.c.state == State.PENDING.value,
+        # A held step of a batch waits for the step before it, whatever message arrives.
+        commands.c.held.is_(False),
     )
     .values(
         state=State.RUNNING.value,
+        retry_at=None,
         version=commands.c.version + 1,
         updated_at=bindparam("v_now"),
         started_at=bindparam("v_now"),
@@ -66,27 +86,49 @@ _CLAIM = (
         last_reason=None,
     )
     .returning(
-        commands.c.id,
-        commands.c.tenant,
-        commands.c.version,
-        commands.c.attempts,
-        commands.c.argv,
-        commands.c.env,
+        *_LEASED,
         commands.c.secret_names,
         commands.c.timeout_s,
         commands.c.cpu_s,
         commands.c.memory_mb,
         commands.c.retry_safe,
-        commands.c.trace_id,
-        commands.c.principal,
         commands.c.published_at,
+        commands.c.max_retries,
+        commands.c.rollback_on_failure,
+    )
+)
+# A compensation is claimed without a change of state (the command stays `reverting`): the
+# lease makes the claim, so only one delivery can run it, and the finishing transition
+# (reverting -> reverted | revert_failed) is the one version bump.
+_CLAIM_REVERT = (
+    update(commands)
+    .where(
+        commands.c.id == bindparam("w_id"),
+        commands.c.tenant == bindparam("w_tenant"),
+        commands.c.state == State.REVERTING.value,
+        commands.c.lease_owner.is_(None),
+    )
+    .values(
+        lease_owner=bindparam("v_worker"),
+        lease_expires_at=bindparam("v_expires"),
+        lease_pid=None,
+        cancel_requested=False,
+        revert_count=commands.c.revert_count + 1,
+    )
+    .returning(
+        *_LEASED,
+        commands.c.compensate,
+        commands.c.compensate_limits,
+        commands.c.revert_count,
+        commands.c.last_actor,
+        commands.c.last_reason,
     )
 )
 _RENEW = (
     update(commands)
     .where(
         commands.c.id == bindparam("w_id"),
-        commands.c.state == State.RUNNING.value,
+        commands.c.state.in_([State.RUNNING.value, State.REVERTING.value]),
         commands.c.lease_owner == bindparam("w_owner"),
     )
     .values(
@@ -122,6 +164,16 @@ def _chain_of(events: Sequence[AuditEvent]) -> str:
     return events[0].tenant if events else ""
 
 
+# Failure reasons of a command that ran (and so may have changed something): the ones a
+# rollback_on_failure undoes. Limit kills are `<kind>_limit`.
+RAN_AND_FAILED = ("exit_code", "signal", "timeout", "worker_lost")
+
+
+def ran_and_failed(reason: str | None) -> bool:
+    """Whether a failure reason means the command ran (and so may have changed something)."""
+    return reason is not None and (reason in RAN_AND_FAILED or reason.endswith("_limit"))
+
+
 def requeue_fields(attempts: int) -> dict[str, Any]:
     """What a re-queued command starts from (retry, lost-worker re-run): no result, no lease."""
     return {
@@ -144,19 +196,11 @@ def requeue_fields(attempts: int) -> dict[str, Any]:
         "started_at": None,
         "finished_at": None,
         "worker": None,
+        "compensation": None,
+        "retry_at": None,
+        # A batch step revoked while it waited its turn runs when an operator retries it.
+        "held": False,
     }
-
-
-def utcnow() -> datetime:
-    """Timezone-aware now; every timestamp in the store is UTC."""
-    return datetime.now(UTC)
-
-
-def _utc(value: datetime | None) -> datetime | None:
-    # SQLite hands back naive datetimes for timezone-aware columns.
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
 
 
 @dataclass(frozen=True)
@@ -187,6 +231,31 @@ class Claimed:
     trace_id: str | None
     principal: str | None
     published_at: datetime | None = None
+    max_retries: int = 0
+    rollback_on_failure: bool = False
+    snapshot_paths: tuple[str, ...] = ()
+    batch_id: str | None = None
+
+
+@dataclass(frozen=True)
+class ClaimedRevert:
+    """A command whose compensation this worker now runs (state stays reverting)."""
+
+    id: str
+    tenant: str
+    version: int
+    attempts: int
+    argv: list[str]
+    env: dict[str, str]
+    compensate: list[str] | None
+    compensate_limits: dict[str, Any] | None
+    snapshot_paths: tuple[str, ...]
+    trace_id: str | None
+    principal: str | None
+    revert_count: int
+    batch_id: str | None
+    requested_by: str
+    why: str | None
 
 
 @dataclass(frozen=True)
@@ -202,6 +271,9 @@ class Expired:
     principal: str | None
     trace_id: str | None
     lease_owner: str | None
+    state: State = State.RUNNING
+    rollback_on_failure: bool = False
+    batch_id: str | None = None
 
 
 class Store:
@@ -218,8 +290,10 @@ class Store:
         ref = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: _dispose_after_fork(ref))
         self._pg = engine.dialect.name == "postgresql"
-        self._chains: set[str] = set()
-        self.audit = AuditLog(engine)  # chains whose head row is known to exist
+        self._chains: set[str] = set()  # chains whose head row is known to exist
+        self.audit = AuditLog(engine)
+        self.snapshots = SnapshotStore(engine)
+        self.batches = BatchStore(engine)
 
     @contextmanager
     def _tx(self, atomic: bool) -> Iterator[Connection]:
@@ -289,11 +363,12 @@ class Store:
         trace_id: str | None = None,
         command_id: str | None = None,
         events: Sequence[AuditEvent] = (),
+        batch: tuple[str, int, bool] | None = None,
     ) -> Created:
         """Insert a command; a known (tenant, key) returns the first one or raises a conflict.
 
         `events` (its parse/authz audit events) are appended in the same transaction; a
-        repeated key writes none.
+        repeated key writes none. `batch`: (batch id, step number, held) for a batch's step.
         """
         check_transition(None, state)
         now = utcnow()
@@ -315,6 +390,16 @@ class Store:
             "compensate": list(spec.compensate) if spec.compensate else None,
             "rollback_on_failure": spec.rollback_on_failure,
             "retry_safe": spec.retry_safe,
+            "compensate_limits": (
+                spec.compensate_limits.model_dump() if spec.compensate_limits else None
+            ),
+            "snapshot_paths": list(spec.snapshot_paths) or None,
+            "max_retries": spec.max_retries,
+            "revert_count": 0,
+            "needs_attention": False,
+            "batch_id": batch[0] if batch else None,
+            "batch_step": batch[1] if batch else None,
+            "held": batch[2] if batch else False,
             "state": state.value,
             "version": 1,
             "attempts": 1,
@@ -379,14 +464,15 @@ class Store:
         reason: str | None = None,
         events: Sequence[AuditEvent] = (),
         chain: str | None = None,
+        override: bool = False,
         **fields: Any,
     ) -> int:
         """Move (id, state, version) to `to`, or raise StaleVersion; returns the new version.
 
         `events` are appended to `chain` (default: their tenant's) in the same transaction,
-        and only if the transition happens.
+        and only if the transition happens. `override`: an operator's forced settlement.
         """
-        check_transition(expect_state, to)
+        check_transition(expect_state, to, override=override)
         values = {
             "state": to.value,
             "version": expect_version + 1,
@@ -416,18 +502,7 @@ class Store:
         one claimer can see `pending`, and the version is bumped in the same statement.
         """
         check_transition(State.PENDING, State.RUNNING)
-        now = utcnow()
-        with self._one() as conn:
-            row = conn.execute(
-                _CLAIM,
-                {
-                    "w_id": command_id,
-                    "w_tenant": tenant,
-                    "v_now": now,
-                    "v_worker": worker,
-                    "v_expires": now + timedelta(seconds=lease_s),
-                },
-            ).one_or_none()
+        row = self._lease(_CLAIM, command_id, tenant, worker, lease_s, with_now=True)
         if row is None:
             return None
         return Claimed(
@@ -445,7 +520,59 @@ class Store:
             trace_id=row.trace_id,
             principal=row.principal,
             published_at=_utc(row.published_at),
+            max_retries=row.max_retries or 0,
+            rollback_on_failure=bool(row.rollback_on_failure),
+            snapshot_paths=tuple(row.snapshot_paths or ()),
+            batch_id=row.batch_id,
         )
+
+    def claim_revert(
+        self, command_id: str, *, tenant: str, worker: str, lease_s: float
+    ) -> ClaimedRevert | None:
+        """Take the lease of a `reverting` command nobody runs yet; None if not that."""
+        row = self._lease(_CLAIM_REVERT, command_id, tenant, worker, lease_s, with_now=False)
+        if row is None:
+            return None
+        return ClaimedRevert(
+            id=row.id,
+            tenant=row.tenant,
+            version=row.version,
+            attempts=row.attempts,
+            argv=list(row.argv),
+            env=dict(row.env or {}),
+            compensate=list(row.compensate) if row.compensate else None,
+            compensate_limits=row.compensate_limits,
+            snapshot_paths=tuple(row.snapshot_paths or ()),
+            trace_id=row.trace_id,
+            principal=row.principal,
+            revert_count=row.revert_count,
+            batch_id=row.batch_id,
+            requested_by=row.last_actor,
+            why=row.last_reason,
+        )
+
+    def _lease(
+        self,
+        statement: Update,
+        command_id: str,
+        tenant: str,
+        worker: str,
+        lease_s: float,
+        *,
+        with_now: bool,
+    ) -> Any:
+        """Run a claim statement for (id, tenant); the returned row, or None if it lost."""
+        now = utcnow()
+        params = {
+            "w_id": command_id,
+            "w_tenant": tenant,
+            "v_worker": worker,
+            "v_expires": now + timedelta(seconds=lease_s),
+        }
+        if with_now:
+            params["v_now"] = now
+        with self._one() as conn:
+            return conn.execute(statement, params).one_or_none()
 
     def lookup(self, command_id: str) -> tuple[str, str, int] | None:
         """(tenant, state, version) of a command, or None; a cheap read for logging refusals."""
@@ -490,6 +617,20 @@ class Store:
                 update(commands)
                 .where(commands.c.id == command_id, commands.c.state == State.RUNNING.value)
                 .values(cancel_requested=True)
+            )
+        return result.rowcount == 1
+
+    def release(self, command_id: str) -> bool:
+        """Let a held batch step run (it is pending already); True for the one caller that did."""
+        with self._one() as conn:
+            result = conn.execute(
+                update(commands)
+                .where(
+                    commands.c.id == command_id,
+                    commands.c.state == State.PENDING.value,
+                    commands.c.held.is_(True),
+                )
+                .values(held=False, published_at=None)
             )
         return result.rowcount == 1
 
@@ -545,7 +686,11 @@ class Store:
             ),
         )
         cond = and_(
-            commands.c.state == State.PENDING.value,
+            or_(
+                and_(commands.c.state == State.PENDING.value, commands.c.held.is_(False)),
+                # A compensation nobody has started yet travels the same way.
+                and_(commands.c.state == State.REVERTING.value, commands.c.lease_owner.is_(None)),
+            ),
             or_(
                 never_published,
                 commands.c.published_at < now - timedelta(seconds=republish_after_s),
@@ -564,7 +709,10 @@ class Store:
 
     def expired_leases(self, *, tenant: str | None, limit: int) -> list[Expired]:
         """Running commands whose lease ran out: what the reaper needs to decide and audit."""
-        cond = and_(commands.c.state == State.RUNNING.value, commands.c.lease_expires_at < utcnow())
+        cond = and_(
+            commands.c.state.in_([State.RUNNING.value, State.REVERTING.value]),
+            commands.c.lease_expires_at < utcnow(),
+        )
         if tenant is not None:
             cond = and_(cond, commands.c.tenant == tenant)
         with self._one() as conn:
@@ -579,6 +727,9 @@ class Store:
                     commands.c.principal,
                     commands.c.trace_id,
                     commands.c.lease_owner,
+                    commands.c.state,
+                    commands.c.rollback_on_failure,
+                    commands.c.batch_id,
                 )
                 .where(cond)
                 .limit(limit)
@@ -594,9 +745,47 @@ class Store:
                 r.principal,
                 r.trace_id,
                 r.lease_owner,
+                State(r.state),
+                bool(r.rollback_on_failure),
+                r.batch_id,
             )
             for r in rows
         ]
+
+    def awaiting_rollback(self, *, tenant: str, older_than_s: float, limit: int) -> list[str]:
+        """Failed commands with rollback_on_failure whose compensation was never queued.
+
+        The worker queues it right after recording the failure; this finds the ones a crash
+        between those two writes left behind.
+        """
+        with self._one() as conn:
+            rows = conn.execute(
+                select(commands.c.id)
+                .where(
+                    commands.c.tenant == tenant,
+                    commands.c.state == State.FAILED.value,
+                    commands.c.rollback_on_failure.is_(True),
+                    commands.c.compensation.is_(None),
+                    # Only a command that ran can have changed something to undo.
+                    or_(
+                        commands.c.failure_reason.in_(RAN_AND_FAILED),
+                        commands.c.failure_reason.like("%\\_limit", escape="\\"),
+                    ),
+                    commands.c.updated_at < utcnow() - timedelta(seconds=older_than_s),
+                )
+                .limit(limit)
+            ).all()
+        return [r.id for r in rows]
+
+    def attention_counts(self) -> dict[str, int]:
+        """How many commands need a person, per tenant."""
+        with self._one() as conn:
+            rows = conn.execute(
+                select(commands.c.tenant, func.count())
+                .where(commands.c.needs_attention.is_(True))
+                .group_by(commands.c.tenant)
+            ).all()
+        return {r[0]: int(r[1]) for r in rows}
 
     # --- reads ---------------------------------------------------------------------------
 
@@ -626,14 +815,33 @@ class Store:
         return _record(row._mapping, history)
 
     def list(
-        self, *, tenant: str | None = None, state: State | None = None, limit: int = 50
+        self,
+        *,
+        tenant: str | None = None,
+        state: State | None = None,
+        since: datetime | None = None,
+        needs_attention: bool = False,
+        batch_id: str | None = None,
+        limit: int = 50,
     ) -> list[CommandRecord]:
-        """Newest first, optionally filtered by tenant and state."""
-        query = select(commands).order_by(commands.c.created_at.desc()).limit(limit)
+        """Newest first (a batch's steps in step order), optionally filtered."""
+        if batch_id is not None:
+            query = (
+                select(commands)
+                .where(commands.c.batch_id == batch_id)
+                .order_by(commands.c.batch_step)
+                .limit(limit)
+            )
+        else:
+            query = select(commands).order_by(commands.c.created_at.desc()).limit(limit)
         if tenant is not None:
             query = query.where(commands.c.tenant == tenant)
         if state is not None:
             query = query.where(commands.c.state == state.value)
+        if since is not None:
+            query = query.where(commands.c.created_at >= since)
+        if needs_attention:
+            query = query.where(commands.c.needs_attention.is_(True))
         with self._one() as conn:
             return [_record(r._mapping, []) for r in conn.execute(query)]
 
@@ -647,8 +855,17 @@ _RECORD_FIELDS = tuple(f.name for f in fields(CommandRecord) if f.name != "trans
 _TIMESTAMPS = frozenset(
     {"created_at", "updated_at", "started_at", "finished_at", "published_at", "lease_expires_at"}
 )
+_TIMESTAMPS = _TIMESTAMPS | {"retry_at"}
 _FLAGS = frozenset(
-    {"output_truncated", "redacted", "retry_safe", "rollback_on_failure", "cancel_requested"}
+    {
+        "output_truncated",
+        "redacted",
+        "retry_safe",
+        "rollback_on_failure",
+        "cancel_requested",
+        "needs_attention",
+        "held",
+    }
 )
 
 
