@@ -123,8 +123,14 @@ class Publisher:
         *,
         secrets: Mapping[str, str] | None = None,
         headers: Mapping[str, str] | None = None,
+        countdown: float | None = None,
     ) -> None:
-        """Send one message; raises BrokerUnavailable quickly instead of retrying for long."""
+        """Send one message; raises BrokerUnavailable quickly instead of retrying for long.
+
+        `countdown`: deliver no earlier than this many seconds from now (retry backoff). The
+        delay stays far below the visibility timeout; a redelivery would be harmless anyway,
+        since only one delivery can claim a command.
+        """
         queue = self.tenants.tenants[tenant].queue
         kwargs: dict[str, Any] = {"command_id": command_id, "tenant": tenant}
         if secrets:
@@ -140,6 +146,7 @@ class Publisher:
                 queue=queue,
                 declare=[],
                 retry=False,
+                countdown=countdown,
                 headers=dict(headers or {}),
                 # What Flower and task events show: never the secret values.
                 argsrepr="()",

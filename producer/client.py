@@ -3,35 +3,41 @@
 from __future__ import annotations
 
 import builtins
-import getpass
 import logging
 import os
 import socket
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
 
 import redis
 from opentelemetry.trace import SpanKind
 
 from config.settings import ConfigInvalid, Settings, load_settings
 from config.tenants import TenantsFile, load_tenants
-from producer import policy, telemetry, tracing
+from producer import batching, policy, rollback, saga, telemetry, tracing
 from producer.audit.events import AuditEvent, Outcome, Phase, Subject, now_ns
 from producer.audit.trail import Attempt, Trail, subject_of
+from producer.batching import BatchResult
 from producer.broker import Publisher, make_celery, resolve_broker_url
 from producer.errors import (
     ConfigError,
     InvalidOperation,
+    NotFound,
     PolicyDenied,
     StaleVersion,
     UnknownTenant,
 )
+from producer.identity import default_principal
 from producer.outbox import Outbox
 from producer.record import CommandRecord
 from producer.revocation import CANCEL_CHANNEL, revoke_event, revoke_pending
+from producer.saga import BatchRecord
 from producer.spec import CommandSpec, cmd_hash
-from producer.states import RETRYABLE, State, is_terminal
+from producer.states import FORCE_OVERRIDE_FROM, OVERRIDE_TO, RETRYABLE, State, is_terminal
 from producer.store.db import make_engine, require_schema
 from producer.store.repository import Store, requeue_fields
 from producer.tracing import TraceContext, current_or_new
@@ -132,15 +138,14 @@ class Producer:
             )
             return result
 
-    def _submit(self, spec: CommandSpec) -> SubmitResult:
+    def _intake(self, spec: CommandSpec, trace: TraceContext) -> tuple[CommandSpec, Attempt]:
+        """The spec with its principal, and its attempt holding the `parse` event."""
         started = now_ns()
         principal = spec.principal or default_principal()
         if spec.principal is None:
             spec = spec.model_copy(update={"principal": principal})
-        trace = current_or_new()
-        command_id = str(uuid.uuid4())
         attempt = Attempt(
-            Subject(command_id, spec.tenant, principal, cmd_hash(spec.argv), trace.trace_id),
+            Subject(str(uuid.uuid4()), spec.tenant, principal, cmd_hash(spec.argv), trace.trace_id),
             actor=self.actor,
         )
         attempt.add(
@@ -152,6 +157,12 @@ class Producer:
             secret_names=sorted(spec.secrets),
             idempotency_key=spec.idempotency_key,
         )
+        return spec, attempt
+
+    def _submit(self, spec: CommandSpec) -> SubmitResult:
+        trace = current_or_new()
+        spec, attempt = self._intake(spec, trace)
+        principal, command_id = attempt.subject.principal, attempt.subject.command_id
         try:
             policy.check(spec, self.tenants)
         except (PolicyDenied, UnknownTenant) as refusal:
@@ -211,10 +222,18 @@ class Producer:
         return self.store.get(command_id, with_transitions=with_transitions)
 
     def list(
-        self, *, tenant: str | None = None, state: State | None = None, limit: int = 50
+        self,
+        *,
+        tenant: str | None = None,
+        state: State | None = None,
+        since: datetime | None = None,
+        needs_attention: bool = False,
+        limit: int = 50,
     ) -> list[CommandRecord]:
-        """Newest commands first."""
-        return self.store.list(tenant=tenant, state=state, limit=limit)
+        """Newest commands first, filtered by tenant, state, creation time, needing attention."""
+        return self.store.list(
+            tenant=tenant, state=state, since=since, needs_attention=needs_attention, limit=limit
+        )
 
     def wait(self, command_id: str, timeout: float = 30.0) -> CommandRecord:
         """Block until the command is in a terminal state; raises TimeoutError after `timeout`."""
@@ -350,6 +369,195 @@ class Producer:
         )
         return self.store.get(command_id)
 
+    def rollback(
+        self,
+        command_id: str,
+        *,
+        operator: str | None = None,
+        reason: str | None = None,
+        ticket: str | None = None,
+        expect_version: int | None = None,
+    ) -> CommandRecord:
+        """succeeded/failed/revert_failed -> reverting: queue the command's compensation.
+
+        Only one rollback can run for a command: of several operators asking at once, one
+        starts it and the others get InvalidOperation saying so (each refusal is audited).
+        `expect_version`: refuse unless the command is still at the version you looked at.
+        """
+        actor = operator or default_principal()
+        rec = self.store.get(command_id, with_transitions=True)
+        problem = rollback.refusal(rec, expect_version=expect_version)
+        if problem is None:
+            try:
+                events = rollback.begin(
+                    self.store,
+                    rec,
+                    actor=actor,
+                    trigger="operator",
+                    reason=reason,
+                    operator=actor,
+                    ticket=ticket,
+                )
+            except StaleVersion:
+                # Someone else moved it first (most likely another operator's rollback).
+                rec = self.store.get(command_id, with_transitions=True)
+                problem = rollback.refusal(rec, expect_version=expect_version) or (
+                    f"command {command_id} changed while rolling it back; look at it again"
+                )
+        if problem is not None:
+            self._refused(rec, Phase.ROLLBACK, problem, operator=actor, ticket=ticket)
+            raise InvalidOperation(problem)
+        self.trail.copy(events)
+        self._publish(command_id, rec.tenant, {}, rollback.headers_for(rec.trace_id))
+        return self.store.get(command_id)
+
+    def override(
+        self,
+        command_id: str,
+        *,
+        ticket: str | None,
+        operator: str | None,
+        reason: str | None,
+        resolution: State | str = State.REVERTED,
+        force: bool = False,
+        approver: str | None = None,
+    ) -> CommandRecord:
+        """Settle a command by hand: revert_failed -> reverted | failed.
+
+        Ticket, operator and reason are all required. With `force`, a command in another
+        state (a stuck `reverting`, or `succeeded`, `failed`, `revoked`) may be settled too,
+        but only with a second person's `approver`. Refusals are audited like the override.
+        """
+        rec = self.store.get(command_id)
+        actor = (operator or "").strip() or default_principal()
+        problem = _override_problem(rec, ticket, operator, reason, resolution, force, approver)
+        if problem is not None:
+            self._refused(rec, Phase.OVERRIDE, problem, operator=actor, ticket=ticket)
+            raise InvalidOperation(problem)
+        to = State(resolution)
+        attempt = Attempt(subject_of(rec), actor=actor)
+        attempt.add(
+            Phase.OVERRIDE,
+            Outcome.OK,
+            operator=actor,
+            ticket=ticket,
+            reason=reason,
+            from_state=rec.state.value,
+            resolution=to.value,
+            forced=force,
+            approver=approver if force else None,
+        )
+        try:
+            self.store.transition(
+                command_id,
+                expect_state=rec.state,
+                expect_version=rec.version,
+                to=to,
+                actor=actor,
+                reason=f"override ({ticket}): {reason}",
+                events=attempt.events,
+                override=force,
+                needs_attention=False,
+                # Settled: recorded with the compensation, and never rolled back automatically.
+                compensation={
+                    **(rec.compensation or {}),
+                    "settled_by": actor,
+                    "ticket": ticket,
+                    "resolution": to.value,
+                    "forced": force,
+                },
+                lease_owner=None,
+                lease_pid=None,
+                lease_expires_at=None,
+            )
+        except StaleVersion:
+            raise InvalidOperation(
+                f"command {command_id} changed while overriding it; look at it again"
+            ) from None
+        self.trail.copy(attempt.events)
+        return self.store.get(command_id)
+
+    def _refused(
+        self,
+        rec: CommandRecord,
+        phase: Phase,
+        problem: str,
+        *,
+        operator: str,
+        ticket: str | None,
+    ) -> None:
+        """An operator action that was refused is audited too: who tried what, and why not."""
+        attempt = Attempt(subject_of(rec), actor=operator)
+        attempt.add(phase, Outcome.REFUSED, operator=operator, ticket=ticket, reason=problem)
+        self.store.append_events(attempt.events)
+        self.trail.copy(attempt.events)
+
+    # --- batches -------------------------------------------------------------------------
+
+    def submit_batch(
+        self,
+        tenant: str,
+        steps: Sequence[CommandSpec | Mapping[str, Any]],
+        *,
+        idempotency_key: str | None = None,
+        compensate_on_revoke: bool = False,
+        principal: str | None = None,
+    ) -> BatchResult:
+        """Submit steps that run in order; if step k fails, steps k-1 … 1 are compensated.
+
+        Each step is an ordinary command (its own record, audit events and idempotency key
+        `KEY#n` when the batch has a key). Every step is checked against policy before any is
+        stored: a refused step raises PolicyDenied and nothing runs.
+        """
+        return batching.submit(
+            self,
+            tenant,
+            steps,
+            idempotency_key=idempotency_key,
+            compensate_on_revoke=compensate_on_revoke,
+            principal=principal,
+        )
+
+    def get_batch(self, batch_id: str) -> BatchRecord:
+        """A batch and its steps; raises NotFound."""
+        found = saga.load(self.store, batch_id)
+        if found is None:
+            raise NotFound(f"no batch with id {batch_id!r}")
+        return found
+
+    def wait_batch(self, batch_id: str, timeout: float = 60.0) -> BatchRecord:
+        """Block until the batch is settled; raises TimeoutError after `timeout`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.get_batch(batch_id)
+            if found.batch.terminal:
+                return found
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"batch {batch_id} still {found.batch.state} after {timeout:g} s"
+                )
+            time.sleep(0.05)
+
+    def revoke_batch(
+        self,
+        batch_id: str,
+        *,
+        compensate: bool | None = None,
+        operator: str | None = None,
+        reason: str | None = None,
+        ticket: str | None = None,
+    ) -> BatchRecord:
+        """Stop a batch: pending steps never run, the running one is terminated, and (with
+        `compensate`, default the batch's compensate_on_revoke) completed ones are undone."""
+        return batching.revoke(
+            self,
+            batch_id,
+            compensate=compensate,
+            operator=operator or default_principal(),
+            reason=reason,
+            ticket=ticket,
+        )
+
     def audit_events(
         self,
         *,
@@ -378,19 +586,43 @@ class Producer:
         self.close()
 
 
+def _override_problem(
+    rec: CommandRecord,
+    ticket: str | None,
+    operator: str | None,
+    reason: str | None,
+    resolution: State | str,
+    force: bool,
+    approver: str | None,
+) -> str | None:
+    """Why an override must be refused, naming what to change; None when it may go ahead."""
+    given = {"ticket": ticket, "operator": operator, "reason": reason}
+    missing = [f"--{name}" for name, value in given.items() if not (value or "").strip()]
+    if missing:
+        return (
+            f"override of {rec.id} needs {', '.join(missing)}: ticket, operator and reason are "
+            "all required (they go into the audit trail)"
+        )
+    if resolution not in {s.value for s in OVERRIDE_TO}:
+        return f"--resolution must be reverted or failed, not {resolution!r}"
+    if force:
+        if not (approver or "").strip():
+            return "--force needs --approver: a second person who approves the override"
+        if approver.strip() == (operator or "").strip():  # type: ignore[union-attr]
+            return "--approver must be someone other than --operator"
+        if rec.state not in FORCE_OVERRIDE_FROM or rec.state.value == resolution:
+            return f"command {rec.id} is {rec.state}; even --force cannot make it {resolution}"
+        return None
+    if rec.state is not State.REVERT_FAILED:
+        return (
+            f"command {rec.id} is {rec.state}; override settles only revert_failed commands "
+            "(a stuck or different case needs --force with a second person's --approver)"
+        )
+    return None
+
+
 def _trace_headers(trace: TraceContext) -> dict[str, str]:
     headers = {"traceparent": trace.traceparent}
     if trace.tracestate:
         headers["tracestate"] = trace.tracestate
     return headers
-
-
-def default_principal() -> str:
-    """Who submits when the spec does not say: the service (OTEL_SERVICE_NAME) or OS user."""
-    service = os.environ.get("OTEL_SERVICE_NAME", "").strip()
-    if service:
-        return service[:200]
-    try:
-        return getpass.getuser()
-    except Exception:  # no passwd entry in some containers
-        return "unknown"

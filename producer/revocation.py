@@ -9,7 +9,8 @@ from producer.audit.trail import Attempt, Trail, subject_of
 from producer.errors import StaleVersion
 from producer.record import CommandRecord
 from producer.states import State
-from producer.store.repository import Store, utcnow
+from producer.store.clock import utcnow
+from producer.store.repository import Store
 
 
 def revoke_event(

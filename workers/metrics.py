@@ -100,7 +100,11 @@ class MetricsServer:
     """`/metrics` (every process's samples, plus queue depth) and `/healthz`, in a thread."""
 
     def __init__(
-        self, port: int, health: Health, queue_depth: Callable[[], Iterator[tuple[str, float]]]
+        self,
+        port: int,
+        health: Health,
+        queue_depth: Callable[[], Iterator[tuple[str, float]]],
+        needs_attention: Callable[[], Iterator[tuple[str, float]]] | None = None,
     ) -> None:
         from prometheus_client import CollectorRegistry, generate_latest  # noqa: PLC0415
         from prometheus_client.core import GaugeMetricFamily  # noqa: PLC0415
@@ -117,6 +121,15 @@ class MetricsServer:
                 for tenant, depth in queue_depth():
                     family.add_metric([tenant], depth)
                 yield family
+                if needs_attention is not None:
+                    attention = GaugeMetricFamily(
+                        "execq_needs_attention",
+                        "Commands whose compensation failed, waiting for a person.",
+                        labels=["tenant"],
+                    )
+                    for tenant, count in needs_attention():
+                        attention.add_metric([tenant], count)
+                    yield attention
 
         registry.register(QueueDepth())
 

@@ -12,10 +12,13 @@ bound to what the tenant allows.
 from __future__ import annotations
 
 import logging
+import random
 import re
+import socket
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,35 +27,34 @@ from opentelemetry.trace import SpanKind
 
 from config.settings import Settings
 from config.tenants import Tenant
-from producer import logs, policy, tracing
+from producer import logs, policy, rollback, saga, tracing
 from producer.audit.events import NO_COMMAND_HASH, Phase, Subject, now_ns
 from producer.audit.events import Outcome as Result
-from producer.audit.trail import Attempt, Trail
+from producer.audit.trail import Attempt, Trail, subject_of
+from producer.broker import Publisher
 from producer.errors import ExecutableRefused, PolicyDenied, SandboxError, StaleVersion
-from producer.redaction import PATTERNS_ONLY, MaskLevel, Redactor
-from producer.spec import CommandSpec, cmd_hash
+from producer.redaction import PATTERNS_ONLY, Redactor
+from producer.spec import CommandSpec
 from producer.states import State
-from producer.store.repository import Claimed, Store, utcnow
-from producer.tracing import TraceContext, new_span_id, parse_traceparent
+from producer.store.clock import utcnow
+from producer.store.repository import (
+    Claimed,
+    ClaimedRevert,
+    Store,
+    ran_and_failed,
+    requeue_fields,
+)
+from workers import snapshot
+from workers.binding import Delivery, exec_request, parent_context, redactor_for
+from workers.compensation import CompensationRun
 from workers.lease import LeaseKeeper
 from workers.metrics import metrics
-from workers.sandbox import ExecRequest, ExecResult, Limits, Sandbox
+from workers.sandbox import ExecRequest, ExecResult, Sandbox
 
 log = logging.getLogger("execq.pipeline")
 
 COMMAND_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """A message's content after validation; still only a claim to be checked in the store."""
-
-    command_id: str
-    tenant: str
-    secrets: Mapping[str, str]
-    traceparent: str | None
-    tracestate: str | None = None
 
 
 class BadMessage(ValueError):
@@ -88,24 +90,6 @@ def decode(task_id: str | None, kwargs: Mapping[str, Any], headers: Mapping[str,
     )
 
 
-def redactor_for(tenant: Tenant, secrets: Mapping[str, str]) -> Redactor:
-    """What scrubs a delivery's logs, audit events and spans: its secrets, and masking at the
-    tenant's level — "off" applies to stored output only, so it means L1 here."""
-    level = MaskLevel(tenant.masking)
-    return Redactor(secrets, level=MaskLevel.L1 if level is MaskLevel.OFF else level)
-
-
-def _parent(claimed: Claimed, delivery: Delivery) -> TraceContext | None:
-    """The context the run continues: the store's trace id wins over the message's."""
-    parent = parse_traceparent(delivery.traceparent, delivery.tracestate)
-    if claimed.trace_id is None:
-        return parent
-    if parent is not None and parent.trace_id == claimed.trace_id:
-        return parent
-    # A message without headers (republished by the outbox) or with a foreign trace.
-    return TraceContext(claimed.trace_id, new_span_id())
-
-
 def _text(value: str) -> bool:
     """No NUL and valid UTF-8: what an environment variable (and the redactor) can hold."""
     if "\x00" in value:
@@ -122,9 +106,10 @@ class Handled:
     """What one delivery did, for logs and tests."""
 
     command_id: str
-    action: str  # "ran", "ignored", "refused"
+    action: str  # "ran", "ignored", "refused", "compensated"
     state: State | None = None
     detail: str = ""
+    retry_in: float | None = None  # seconds until an automatic retry's message is due
 
 
 class Pipeline:
@@ -140,6 +125,7 @@ class Pipeline:
         lease: LeaseKeeper,
         worker_id: str,
         trail: Trail | None = None,
+        publisher: Publisher | None = None,
     ) -> None:
         self.settings = settings
         self.tenant = tenant
@@ -148,6 +134,8 @@ class Pipeline:
         self.lease = lease
         self.worker_id = worker_id
         self.trail = trail or Trail()
+        # Re-queues (retries, rollbacks, a batch's next step); without one the outbox does.
+        self.publisher = publisher
 
     def refuse(self, command_id: str | None, reason: str, **detail: Any) -> Handled:
         """Audit a delivery that is refused before any command is claimed (parse + abort).
@@ -190,6 +178,14 @@ class Pipeline:
             lease_s=self.settings.lease_s,
         )
         if claimed is None:
+            reverting = self.store.claim_revert(
+                delivery.command_id,
+                tenant=self.tenant.name,
+                worker=self.worker_id,
+                lease_s=self.settings.lease_s,
+            )
+            if reverting is not None:
+                return self._compensate(reverting, delivery)
             detail = self._why_not_claimed(delivery.command_id)
             if detail is not None:
                 log.warning("refused delivery of command %s: %s", delivery.command_id, detail)
@@ -215,13 +211,14 @@ class Pipeline:
             with tracing.span(
                 "execq.run",
                 kind=SpanKind.CONSUMER,
-                parent=_parent(claimed, delivery),
+                parent=parent_context(claimed.trace_id, delivery),
                 attributes=attributes,
                 redactor=PATTERNS_ONLY,
             ):
                 handled = self._run_claimed(claimed, delivery, redactor)
         finally:
             m.running.labels(tenant).dec()
+        self._follow_up(claimed, delivery, handled)
         if handled.state is not None:
             m.commands.labels(tenant, handled.state.value).inc()
             m.duration.labels(tenant).observe(time.monotonic() - started)
@@ -229,6 +226,12 @@ class Pipeline:
             if handled.detail == "timeout" or handled.detail.endswith("_limit"):
                 m.limit_kills.labels(tenant, kind).inc()
         return handled
+
+    def _compensate(self, claimed: ClaimedRevert, delivery: Delivery) -> Handled:
+        state = CompensationRun(self, claimed, delivery).run()
+        if state is not None and claimed.batch_id is not None:
+            self._advance_batch(claimed.batch_id)
+        return Handled(claimed.id, "compensated", state)
 
     def _why_not_claimed(self, command_id: str) -> str | None:
         """Why a delivery must be refused, or None for a harmless repeat of a known one."""
@@ -246,8 +249,13 @@ class Pipeline:
         attempt: Attempt,
         to: State,
         redactor: Redactor | None = None,
+        *,
+        retry_in: float | None = None,
+        snapshot_changes: dict[str, Any] | None = None,
         **fields: Any,
     ) -> Handled:
+        """Record how the attempt ended. `retry_in`: it goes back to pending for an automatic
+        retry that many seconds from now; `snapshot_changes`: what it changed there."""
         if redactor is not None:
             # Nothing the command printed, or any error about it, may carry its secrets.
             redacted = False
@@ -264,9 +272,19 @@ class Pipeline:
                 stderr_bytes=fields.get("stderr_bytes"),
                 output_truncated=fields.get("output_truncated", False),
                 redacted=fields.get("redacted", False),
+                snapshot_changes=snapshot_changes,
             )
         if to is not State.SUCCEEDED:
             attempt.add(Phase.ABORT, Result.FAILED, reason=reason, state=to.value)
+        if retry_in is not None:
+            attempt.add(
+                Phase.RETRY,
+                Result.OK,
+                reason=reason,
+                next_attempt=claimed.attempts + 1,
+                max_retries=claimed.max_retries,
+                delay_s=round(retry_in, 3),
+            )
         tracing.finish_span(
             otel_trace.get_current_span(),
             {
@@ -289,22 +307,67 @@ class Pipeline:
                 actor=self.worker_id,
                 reason=reason,
                 events=attempt.events,
-                finished_at=utcnow(),
-                lease_expires_at=None,
-                **fields,
+                **{"finished_at": utcnow(), "lease_expires_at": None, **fields},
             )
         except StaleVersion:
             # The reaper presumed this worker dead and moved on; its decision stands, and the
             # trail says what this attempt did all the same.
             log.error("result of command %s discarded: its lease was taken over", claimed.id)
-            if attempt.events[-1].phase == Phase.ABORT:
+            while attempt.events[-1].phase in (Phase.ABORT, Phase.RETRY):
                 attempt.events.pop()
             attempt.add(Phase.ABORT, Result.FAILED, reason="lease_lost", discarded=True)
             self.store.append_events(attempt.events)
             self.trail.copy(attempt.events)
             return Handled(claimed.id, "ran", None, "lease lost")
         self.trail.copy(attempt.events)
-        return Handled(claimed.id, "ran", to, reason or "")
+        return Handled(claimed.id, "ran", to, reason or "", retry_in=retry_in)
+
+    def _follow_up(self, claimed: Claimed, delivery: Delivery, handled: Handled) -> None:
+        """After the attempt is recorded: re-queue a retry, start a rollback, move a batch on.
+
+        Each is a separate write after the attempt's own; a crash in between is repaired by
+        the reaper (an unpublished pending command, a failure whose rollback never started).
+        """
+        try:
+            if handled.state is State.PENDING and handled.retry_in is not None:
+                self._send(claimed.id, delivery, countdown=handled.retry_in)
+            elif (
+                handled.state is State.FAILED
+                and claimed.rollback_on_failure
+                and ran_and_failed(handled.detail)
+                and self.publisher is not None
+            ):
+                rollback.after_failure(
+                    self.store, self.publisher, claimed.id, actor=self.worker_id, trail=self.trail
+                )
+            if claimed.batch_id is not None and handled.state is not None:
+                self._advance_batch(claimed.batch_id)
+        except Exception:
+            log.exception("follow-up of command %s failed; the reaper will retry it", claimed.id)
+
+    def _send(self, command_id: str, delivery: Delivery, *, countdown: float | None) -> None:
+        if self.publisher is None:
+            return
+        headers = {"traceparent": delivery.traceparent} if delivery.traceparent else {}
+        rollback.send(
+            self.store,
+            self.publisher,
+            command_id,
+            self.tenant.name,
+            headers=headers,
+            countdown=countdown,
+            secrets=delivery.secrets,
+        )
+
+    def _advance_batch(self, batch_id: str) -> None:
+        if self.publisher is None:
+            return
+        try:
+            saga.advance(
+                self.store, self.publisher, batch_id, actor=self.worker_id, trail=self.trail
+            )
+        except Exception:
+            log.exception("batch %s could not move on; the reaper will retry", batch_id)
 
     def _run_claimed(self, claimed: Claimed, delivery: Delivery, given: Redactor | None) -> Handled:
         logs.bind(trace_id=claimed.trace_id)
@@ -313,14 +376,7 @@ class Pipeline:
         # Only stored output follows the tenant's masking as is (it may be off).
         redactor = audit_redactor.with_level(self.tenant.masking)
         attempt = Attempt(
-            Subject(
-                claimed.id,
-                claimed.tenant,
-                claimed.principal or "unknown",
-                cmd_hash(claimed.argv),
-                claimed.trace_id,
-                claimed.attempts,
-            ),
+            subject_of(claimed),
             actor=self.worker_id,
             redactor=audit_redactor,
         )
@@ -334,6 +390,7 @@ class Pipeline:
                 timeout_s=claimed.timeout_s,
                 cpu_s=claimed.cpu_s,
                 memory_mb=claimed.memory_mb,
+                snapshot_paths=claimed.snapshot_paths,
             )
             policy.check_tenant(spec, self.tenant)
         except PolicyDenied as denied:
@@ -369,12 +426,28 @@ class Pipeline:
                 error=error,
             )
         request = self._bind(claimed, delivery)
+        archive: bytes | None = None
+        if claimed.snapshot_paths:
+            try:
+                archive = self._snapshot(claimed)
+            except (snapshot.SnapshotError, OSError) as exc:
+                # Without its safety net the command does not run.
+                attempt.add(Phase.BIND, Result.REFUSED, reason=str(exc), rule="snapshot")
+                return self._finish(
+                    claimed,
+                    attempt,
+                    State.FAILED,
+                    redactor,
+                    failure_reason="snapshot_failed",
+                    error=str(exc),
+                )
         attempt.add(
             Phase.BIND,
             Result.OK,
             limits=asdict(request.limits),
             env_names=sorted(request.env),
             worker=self.worker_id,
+            snapshot_paths=len(claimed.snapshot_paths) or None,
         )
         # execute
         started = now_ns()
@@ -393,36 +466,38 @@ class Pipeline:
         # archive
         if lost:
             log.error("command %s stopped: its lease was taken over", claimed.id)
-        return self._archive(claimed, attempt, started, result, redactor)
+        return self._archive(claimed, attempt, started, result, redactor, archive)
+
+    def _snapshot(self, claimed: Claimed) -> bytes:
+        """Archive the snapshot paths into the store, unless an earlier attempt did."""
+        stored = self.store.snapshots.load(claimed.id)
+        if stored is not None:
+            return stored.archive
+        taken = snapshot.take(
+            claimed.snapshot_paths, max_bytes=self.tenant.snapshot_max_mb * 1024 * 1024
+        )
+        self.store.snapshots.save(
+            claimed.id,
+            tenant=claimed.tenant,
+            host=socket.gethostname(),
+            archive=taken.archive,
+            files=taken.files,
+            size=taken.bytes,
+        )
+        return taken.archive
 
     def _bind(self, claimed: Claimed, delivery: Delivery) -> ExecRequest:
-        limits = policy.effective_limits(
+        env = dict(claimed.env)
+        env.update({k: delivery.secrets[k] for k in claimed.secret_names})
+        return exec_request(
             self.tenant,
+            command_id=claimed.id,
+            argv=tuple(claimed.argv),
+            env=env,
+            parent=parent_context(claimed.trace_id, delivery),
             timeout_s=claimed.timeout_s,
             cpu_s=claimed.cpu_s,
             memory_mb=claimed.memory_mb,
-        )
-        env: dict[str, str] = dict(self.tenant.env)
-        env.update(claimed.env)
-        env.update({k: delivery.secrets[k] for k in claimed.secret_names})
-        parent = _parent(claimed, delivery)
-        if parent is not None:
-            # The child continues the trace under this worker's span (when one is recorded).
-            child = tracing.child_context(otel_trace.get_current_span(), parent)
-            env["TRACEPARENT"] = child.traceparent
-            if child.tracestate:
-                env["TRACESTATE"] = child.tracestate
-            logs.bind(trace_id=child.trace_id, span_id=child.span_id)
-        lang = env.pop("LANG", "C.UTF-8")
-        return ExecRequest(
-            command_id=claimed.id,
-            argv=tuple(claimed.argv),
-            allowed_executables=self.tenant.executables,
-            # The policy's EffectiveLimits and the sandbox's Limits have the same fields; the
-            # two types stay apart because producer must not import workers.
-            limits=Limits(**asdict(limits)),
-            env=env,
-            lang=lang,
         )
 
     def _archive(
@@ -432,6 +507,7 @@ class Pipeline:
         started_ns: int,
         result: ExecResult,
         redactor: Redactor,
+        archive: bytes | None = None,
     ) -> Handled:
         fields: dict[str, Any] = {
             "exit_code": result.exit_code,
@@ -464,7 +540,55 @@ class Pipeline:
         )
         if reason is not None:
             fields["failure_reason"] = reason
-        return self._finish(claimed, attempt, to, redactor, **fields)
+        changed = None
+        if archive is not None:
+            try:
+                changed = snapshot.diff(archive).summary(limit=10)
+            except (snapshot.SnapshotError, OSError) as exc:
+                changed = {"error": str(exc)[:200]}
+        if (
+            to is State.FAILED
+            and claimed.retry_safe
+            and ran_and_failed(reason)
+            and claimed.attempts <= claimed.max_retries
+        ):
+            delay = backoff_s(self.settings, claimed.attempts)
+            now = utcnow()
+            fields.update(requeue_fields(claimed.attempts + 1) | _kept(fields))
+            fields.update(
+                error=(
+                    f"attempt {claimed.attempts} failed ({reason}); automatic retry "
+                    f"{claimed.attempts} of {claimed.max_retries} in {delay:.1f} s"
+                ),
+                retry_at=now + timedelta(seconds=delay),
+                published_at=now,
+            )
+            return self._finish(
+                claimed,
+                attempt,
+                State.PENDING,
+                redactor,
+                retry_in=delay,
+                snapshot_changes=changed,
+                **fields,
+            )
+        return self._finish(claimed, attempt, to, redactor, snapshot_changes=changed, **fields)
+
+
+def _kept(fields: dict[str, Any]) -> dict[str, Any]:
+    """What a failed attempt leaves visible while its automatic retry waits."""
+    names = ("exit_code", "signal", "stdout", "stderr", "stdout_bytes", "stderr_bytes")
+    return {k: fields[k] for k in (*names, "output_truncated", "enforced", "failure_reason")}
+
+
+def backoff_s(settings: Settings, attempt: int) -> float:
+    """Exponential backoff with jitter: about base·2^(attempt-1), capped, never in lockstep.
+
+    The jitter takes the delay uniformly from half to all of it, so many commands failing at
+    once (a database restart) do not come back at once.
+    """
+    ceiling = min(settings.retry_backoff_max_s, settings.retry_backoff_s * 2 ** (attempt - 1))
+    return float(ceiling * random.uniform(0.5, 1.0))  # noqa: S311 (timing jitter, not security)
 
 
 def workdir_root(settings: Settings) -> Path:

@@ -13,19 +13,22 @@ import logging
 import random
 import threading
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import redis
 
 from config.settings import Settings
 from config.tenants import Tenant
-from producer.audit.events import Outcome, Phase, Subject
-from producer.audit.trail import Attempt, Trail
+from producer import rollback, saga
+from producer.audit.events import Outcome, Phase
+from producer.audit.trail import Attempt, Trail, subject_of
 from producer.broker import Publisher
 from producer.errors import BrokerUnavailable, StaleVersion
-from producer.spec import cmd_hash
 from producer.states import State
-from producer.store.repository import Store, requeue_fields, utcnow
+from producer.store.clock import utcnow
+from producer.store.repository import Expired, Store, requeue_fields
+from workers.metrics import metrics
 
 log = logging.getLogger("execq.reaper")
 
@@ -93,25 +96,38 @@ class Reaper:
                 log.info("reaper: %s", report)
 
     def run_once(self) -> ReapReport:
-        """One pass: expired leases, then the outbox."""
+        """One pass: expired leases, rollbacks and batches left behind, then the outbox."""
         lost, requeued = self._expired_leases()
+        self._left_behind()
         published = self._outbox() if self._take_turn() else 0
         return ReapReport(lost=lost, requeued=requeued, published=published)
+
+    def _left_behind(self) -> None:
+        """Repairs for a worker that died between two writes: a failure whose rollback was
+        never queued, a batch whose step ended without the batch moving on."""
+        grace = 2 * self.interval_s
+        for command_id in self.store.awaiting_rollback(
+            tenant=self.tenant.name, older_than_s=grace, limit=50
+        ):
+            rollback.after_failure(
+                self.store, self.publisher, command_id, actor=self.actor, trail=self.trail
+            )
+        older = utcnow() - timedelta(seconds=grace)
+        for batch_id in self.store.batches.unfinished(
+            tenant=self.tenant.name, older_than=older, limit=50
+        ):
+            saga.advance(self.store, self.publisher, batch_id, actor=self.actor, trail=self.trail)
 
     def _expired_leases(self) -> tuple[int, int]:
         lost = requeued = 0
         for expired in self.store.expired_leases(tenant=self.tenant.name, limit=100):
             attempt = Attempt(
-                Subject(
-                    expired.id,
-                    expired.tenant,
-                    expired.principal or "unknown",
-                    cmd_hash(expired.argv),
-                    expired.trace_id,
-                    expired.attempts,
-                ),
+                subject_of(expired),
                 actor=self.actor,
             )
+            if expired.state is State.REVERTING:
+                self._lost_compensation(expired, attempt)
+                continue
             attempt.add(
                 Phase.ABORT, Outcome.FAILED, reason="worker_lost", lease_owner=expired.lease_owner
             )
@@ -151,7 +167,57 @@ class Reaper:
             else:
                 lost += 1
                 log.warning("command %s failed: worker lost", expired.id)
+                if expired.rollback_on_failure:
+                    rollback.after_failure(
+                        self.store,
+                        self.publisher,
+                        expired.id,
+                        actor=self.actor,
+                        trail=self.trail,
+                        trigger="worker_lost",
+                    )
+            if expired.batch_id is not None:
+                saga.advance(
+                    self.store, self.publisher, expired.batch_id, actor=self.actor, trail=self.trail
+                )
         return lost, requeued
+
+    def _lost_compensation(self, expired: Expired, attempt: Attempt) -> None:
+        """A compensation whose worker died: never re-run blindly (it may have half-run);
+        revert_failed, for a person to look at and roll back again or override."""
+        attempt.add(
+            Phase.COMPENSATE, Outcome.FAILED, reason="worker_lost", lease_owner=expired.lease_owner
+        )
+        try:
+            self.store.transition(
+                expired.id,
+                expect_state=State.REVERTING,
+                expect_version=expired.version,
+                to=State.REVERT_FAILED,
+                actor=self.actor,
+                reason="worker_lost",
+                events=attempt.events,
+                compensation={
+                    "state": State.REVERT_FAILED.value,
+                    "failure_reason": "worker_lost",
+                    "error": "the worker running the compensation stopped renewing its lease",
+                    "worker": expired.lease_owner,
+                    "finished_at": utcnow().isoformat(),
+                },
+                needs_attention=True,
+                lease_owner=None,
+                lease_pid=None,
+                lease_expires_at=None,
+            )
+        except StaleVersion:
+            return
+        self.trail.copy(attempt.events)
+        metrics().rollbacks.labels(expired.tenant, "failed").inc()
+        log.warning("command %s needs attention: its compensation's worker was lost", expired.id)
+        if expired.batch_id is not None:
+            saga.advance(
+                self.store, self.publisher, expired.batch_id, actor=self.actor, trail=self.trail
+            )
 
     def _take_turn(self) -> bool:
         try:

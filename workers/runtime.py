@@ -75,7 +75,7 @@ class Runtime:
 
     @property
     def publisher(self) -> Publisher:
-        """A publisher for the reaper (main process only)."""
+        """This process's publisher: the reaper's, and a pool process's re-queues."""
         self._check_fork()
         if self._publisher is None:
             app = make_celery(
@@ -106,6 +106,7 @@ class Runtime:
                 lease=self._lease,
                 worker_id=self.worker_id,
                 trail=Trail.from_settings(cfg.settings),
+                publisher=self.publisher,
             )
         return self._pipeline
 
@@ -143,6 +144,15 @@ class Runtime:
         except redis.RedisError:
             return
         yield self.config.tenant.name, float(depth)
+
+    def needs_attention(self) -> Iterator[tuple[str, float]]:
+        """(tenant, commands needing a person) for `execq_needs_attention`, read at scrape."""
+        tenant = self.config.tenant.name
+        try:
+            count = self.store.attention_counts().get(tenant, 0)
+        except Exception:  # the store is down: /healthz says so; no sample beats a wrong one
+            return
+        yield tenant, float(count)
 
     def after_fork(self) -> None:
         """Forget everything inherited from the parent (without closing the parent's sockets)."""

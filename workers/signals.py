@@ -52,7 +52,9 @@ def connect(runtime: Runtime, *, capabilities_line: str) -> None:
         reaper.start()
         state["reaper"] = reaper
         if cfg.metrics_port is not None:
-            server = metrics.MetricsServer(cfg.metrics_port, runtime.health(), runtime.queue_depth)
+            server = metrics.MetricsServer(
+                cfg.metrics_port, runtime.health(), runtime.queue_depth, runtime.needs_attention
+            )
             server.start()
             state["metrics"] = server
             log.info("metrics and health on port %d (/metrics, /healthz)", server.port)

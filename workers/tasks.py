@@ -11,7 +11,8 @@ from sqlalchemy.exc import OperationalError
 
 from producer import logs
 from producer.broker import TASK_NAME
-from workers.pipeline import BadMessage, Delivery, decode, redactor_for
+from workers.binding import Delivery, redactor_for
+from workers.pipeline import BadMessage, decode
 from workers.runtime import Runtime
 
 log = logging.getLogger("execq.task")

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from config.settings import Settings
 from producer.audit.events import AuditEvent, Outcome, Phase, Subject, make_event, now_ns
 from producer.audit.sinks import AuditSink, JsonlSink
-from producer.record import CommandRecord
 from producer.redaction import Redactor
 from producer.spec import cmd_hash
 
@@ -58,8 +57,25 @@ class Trail:
                 )
 
 
-def subject_of(rec: CommandRecord) -> Subject:
-    """The audit subject of a stored command (its current attempt)."""
+class Claim(Protocol):
+    """What a record or a worker's claim tells about its command."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def tenant(self) -> str: ...
+    @property
+    def principal(self) -> str | None: ...
+    @property
+    def argv(self) -> list[str]: ...
+    @property
+    def trace_id(self) -> str | None: ...
+    @property
+    def attempts(self) -> int: ...
+
+
+def subject_of(rec: Claim) -> Subject:
+    """The audit subject of a command, from its record or a claim (its current attempt)."""
     return Subject(
         rec.id,
         rec.tenant,
