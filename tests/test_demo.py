@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,11 +38,17 @@ def test_the_demo_shows_every_case_and_cleans_up(tmp_path: Path, redis_url: str)
     cases = {c["case"]: c for c in json.loads(done.stdout)}
     assert {c: cases[c]["state"] for c in cases} == {
         "success": "succeeded",
-        "failure": "failed",
+        "failure": "reverted",
         "timeout": "failed",
         "policy": "rejected",
         "duplicate": "succeeded",
+        "saga": "reverted",
     }
+    # The failure keeps its own exit code; its compensation removed what it created.
+    assert cases["failure"]["exit_code"] == 3
+    assert cases["failure"]["note"].endswith("its file is gone")
+    # The saga's third step failed: steps 2 and 1 were undone, in that order.
+    assert cases["saga"]["note"].startswith("step 1 → step 2 → undo 2 → undo 1")
     assert cases["timeout"]["failure_reason"] == "timeout"
     assert cases["timeout"]["note"] == "tree killed, 0 process(es) left"
     assert cases["duplicate"]["note"] == "2nd submit: same id, nothing queued"
@@ -72,6 +79,8 @@ def test_the_demo_table_ends_with_an_intact_audit_trail(tmp_path: Path, redis_ur
         timeout=180,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    # 4 commands x 5 phases, + abort for the 2 that failed, + 3 for the refused one.
-    assert "audit trail: 25 events in 2 chain(s), every link intact" in done.stdout
+    # Every phase, rollback and compensation of the cases, one chain per tenant used.
+    found = re.search(r"audit trail: (\d+) events in 2 chain\(s\), every link intact", done.stdout)
+    assert found is not None, done.stdout
+    assert int(found.group(1)) >= 40
     assert "execq audit show" in done.stdout

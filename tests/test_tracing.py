@@ -80,6 +80,38 @@ def test_a_failed_command_is_an_error_span_and_a_republished_one_keeps_its_trace
     assert run["status_message"] == "exit_code"
 
 
+@pytest.mark.slow
+def test_a_rollback_is_a_span_in_the_command_s_own_trace(
+    producer: Producer, workers: Start, otlp_sink: OtlpSink
+) -> None:
+    workers("alpha", extra_env=otlp_sink.env())
+    r = producer.submit(
+        CommandSpec(
+            tenant="alpha",
+            argv=["/bin/sh", "-c", "exit 5"],
+            compensate=["/bin/sh", "-c", 'echo "$TRACEPARENT"'],
+            rollback_on_failure=True,
+        )
+    )
+    wait_for(lambda: producer.get(r.id).state is State.REVERTED, 30, "the rollback")
+    rec = producer.get(r.id)
+    trace_id = rec.trace_id or ""
+    wait_for(lambda: spans_named(otlp_sink, "execq.compensate", trace_id), 15, "its span")
+    span = spans_named(otlp_sink, "execq.compensate", trace_id)[0]
+    assert span["attributes"]["execq.command_id"] == r.id
+    assert span["attributes"]["execq.state"] == "reverted"
+    # The compensation's child continues the same trace, under the compensation's span.
+    assert rec.compensation is not None
+    assert rec.compensation["stdout"].strip() == f"00-{trace_id}-{span['span_id']}-01"
+    # The operator's rollback of another command joins that command's trace too.
+    ok = producer.submit(CommandSpec(tenant="alpha", argv=["/bin/true"], compensate=["/bin/true"]))
+    producer.wait(ok.id, timeout=30)
+    producer.rollback(ok.id, operator="alice")
+    wait_for(lambda: producer.get(ok.id).state is State.REVERTED, 30, "the second rollback")
+    second = producer.get(ok.id).trace_id or ""
+    wait_for(lambda: spans_named(otlp_sink, "execq.compensate", second), 15, "its span")
+
+
 def test_bad_otel_settings_are_refused_naming_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     for name, value in (
         ("OTEL_TRACES_EXPORTER", "zipkin"),

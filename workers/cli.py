@@ -12,21 +12,23 @@ import shlex
 import signal
 import sys
 import time
-from typing import Annotated, Any
+from datetime import UTC, datetime
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
 from config.settings import ConfigInvalid, Settings, load_settings
-from config.tenants import TenantsFile, load_tenants
 from producer.errors import (
     StoreError,
 )
-from producer.record import CommandRecord
 from producer.spec import CommandSpec
 from producer.states import State
+from workers import cli_batch, cli_revert
 from workers.cli_audit import audit_app
-from workers.clikit import JsonOpt, err, fail, handled, out
+from workers.cli_batch import batch_app
+from workers.cli_show import STATE_STYLE, load, open_producer, print_record
+from workers.clikit import JsonOpt, OperatorOpt, ReasonOpt, TicketOpt, err, fail, handled, out
 
 app = typer.Typer(
     name="execq",
@@ -42,22 +44,7 @@ app = typer.Typer(
 db_app = typer.Typer(help="The results store.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(audit_app, name="audit")
-
-
-def _load() -> tuple[Settings, TenantsFile]:
-    settings = load_settings()
-    return settings, load_tenants(settings.tenants_file)
-
-
-def _producer() -> Any:
-    from producer import telemetry  # noqa: PLC0415
-    from producer.client import Producer  # noqa: PLC0415  (keeps `--help` fast)
-
-    settings, tenants = _load()
-    telemetry.configure(
-        service_name="execq-cli", attributes={"deployment.environment": settings.env.value}
-    )
-    return Producer.from_settings(settings, tenants)
+app.add_typer(batch_app, name="batch")
 
 
 def _setup_logging(level: str = "WARNING", settings: Settings | None = None) -> None:
@@ -66,67 +53,6 @@ def _setup_logging(level: str = "WARNING", settings: Settings | None = None) -> 
     # JSON lines for machines (workers, log pipelines); readable lines on a terminal.
     fmt = settings.log_format if settings is not None else "auto"
     logs.configure(level=level, json=fmt == "json" or (fmt == "auto" and not sys.stderr.isatty()))
-
-
-# --- printing ----------------------------------------------------------------------------
-
-STATE_STYLE = {
-    State.SUCCEEDED: "green",
-    State.FAILED: "red",
-    State.REJECTED: "magenta",
-    State.REVOKED: "yellow",
-    State.RUNNING: "cyan",
-    State.PENDING: "blue",
-    State.REVERTED: "green",
-    State.REVERT_FAILED: "bold red",
-    State.REVERTING: "cyan",
-}
-
-
-def _print_record(rec: CommandRecord, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(rec.to_json(), default=str))
-        return
-    table = Table(show_header=False, box=None, pad_edge=False)
-    table.add_column(style="bold")
-    table.add_column(overflow="fold")
-    style = STATE_STYLE.get(rec.state, "")
-    table.add_row("id", rec.id)
-    table.add_row("tenant", rec.tenant)
-    table.add_row("argv", shlex.join(rec.argv))
-    table.add_row("state", f"[{style}]{rec.state}[/]")
-    for name in (
-        "exit_code",
-        "failure_reason",
-        "error",
-        "attempts",
-        "version",
-        "trace_id",
-        "worker",
-        "created_at",
-        "started_at",
-        "finished_at",
-    ):
-        value = getattr(rec, name)
-        if value is not None:
-            table.add_row(name, str(value))
-    if rec.enforced:
-        table.add_row("enforced", ", ".join(f"{k}={v}" for k, v in rec.enforced.items()))
-    out.print(table)
-    for label, text, size in (
-        ("stdout", rec.stdout, rec.stdout_bytes),
-        ("stderr", rec.stderr, rec.stderr_bytes),
-    ):
-        if text:
-            out.print(f"[bold]{label}[/] ({size} bytes):")
-            out.print(text.rstrip("\n"), markup=False, highlight=False)
-    for t in rec.transitions:
-        out.print(
-            f"  {t.at:%H:%M:%S.%f} {t.from_state or '-'} → {t.to_state} by {t.actor}"
-            + (f" ({t.reason})" if t.reason else ""),
-            markup=False,
-            highlight=False,
-        )
 
 
 # --- commands ----------------------------------------------------------------------------
@@ -150,9 +76,22 @@ def submit(
         str | None, typer.Option(help="Undo command line (split like a shell, run without one).")
     ] = None,
     rollback_on_failure: Annotated[
-        bool, typer.Option(help="Run --compensate if it fails.")
+        bool,
+        typer.Option(
+            help="Roll back automatically if it fails (needs --compensate or --snapshot)."
+        ),
     ] = False,
-    retry_safe: Annotated[bool, typer.Option(help="May be re-run after a lost worker.")] = False,
+    retry_safe: Annotated[
+        bool, typer.Option(help="May be re-run (after a lost worker, or by --max-retries).")
+    ] = False,
+    max_retries: Annotated[
+        int,
+        typer.Option(min=0, max=20, help="Automatic re-runs with backoff (needs --retry-safe)."),
+    ] = 0,
+    snapshot: Annotated[
+        list[str] | None,
+        typer.Option(help="Archive this path first; the rollback restores it. Repeat."),
+    ] = None,
     wait: Annotated[
         bool, typer.Option(help="Wait for the end; exit 1 unless it succeeded.")
     ] = False,
@@ -181,8 +120,10 @@ def submit(
         compensate=tuple(shlex.split(compensate)) if compensate else None,
         rollback_on_failure=rollback_on_failure,
         retry_safe=retry_safe,
+        max_retries=max_retries,
+        snapshot_paths=tuple(snapshot or ()),
     )
-    with _producer() as producer:
+    with open_producer() as producer:
         result = producer.submit(spec)
         if not wait:
             if as_json:
@@ -208,7 +149,7 @@ def submit(
         if as_json:
             print(json.dumps({**rec.to_json(), "duplicate": result.duplicate}, default=str))
         else:
-            _print_record(rec, False)
+            print_record(rec, False)
         if rec.state is not State.SUCCEEDED:
             raise typer.Exit(1)
 
@@ -221,8 +162,8 @@ def status(
     as_json: JsonOpt = False,
 ) -> None:
     """Show one command: state, exit code, output, enforced limits, history."""
-    with _producer() as producer:
-        _print_record(producer.get(command_id, with_transitions=history), as_json)
+    with open_producer() as producer:
+        print_record(producer.get(command_id, with_transitions=history), as_json)
 
 
 @app.command("wait")
@@ -235,9 +176,9 @@ def wait_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Wait until a command ends; exit 0 only if it succeeded."""
-    with _producer() as producer:
+    with open_producer() as producer:
         rec = producer.wait(command_id, timeout=timeout)
-        _print_record(rec, as_json)
+        print_record(rec, as_json)
         if rec.state is not State.SUCCEEDED:
             raise typer.Exit(1)
 
@@ -247,12 +188,22 @@ def wait_cmd(
 def list_cmd(
     tenant: Annotated[str | None, typer.Option(help="Only this tenant.")] = None,
     state: Annotated[State | None, typer.Option(help="Only this state.")] = None,
+    since: Annotated[
+        datetime | None, typer.Option(help="Only commands created since (ISO 8601, UTC).")
+    ] = None,
+    needs_attention: Annotated[
+        bool, typer.Option(help="Only commands whose compensation failed (revert_failed).")
+    ] = False,
     limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50,
     as_json: JsonOpt = False,
 ) -> None:
     """List commands, newest first."""
-    with _producer() as producer:
-        records = producer.list(tenant=tenant, state=state, limit=limit)
+    if since is not None and since.tzinfo is None:
+        since = since.replace(tzinfo=UTC)
+    with open_producer() as producer:
+        records = producer.list(
+            tenant=tenant, state=state, since=since, needs_attention=needs_attention, limit=limit
+        )
     if as_json:
         print(json.dumps([r.to_json() for r in records], default=str))
         return
@@ -280,15 +231,20 @@ def _s(value: object) -> str:
 @handled
 def retry(
     command_id: Annotated[str, typer.Argument(metavar="ID")],
-    operator: Annotated[str | None, typer.Option(help="Who retries (default: OS user).")] = None,
-    reason: Annotated[str | None, typer.Option(help="Why, for the history.")] = None,
-    ticket: Annotated[str | None, typer.Option(help="Change or incident ticket.")] = None,
+    operator: OperatorOpt = None,
+    reason: ReasonOpt = None,
+    ticket: TicketOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Queue a failed, revoked or reverted command again (attempts + 1); audited."""
-    with _producer() as producer:
+    with open_producer() as producer:
         rec = producer.retry(command_id, operator=operator, reason=reason, ticket=ticket)
-        _print_record(rec, as_json)
+        print_record(rec, as_json)
+
+
+app.command("rollback")(cli_revert.rollback)
+app.command("override")(cli_revert.override)
+app.command("submit-batch")(cli_batch.submit_batch)
 
 
 @app.command()
@@ -298,19 +254,19 @@ def revoke(
     terminate: Annotated[
         bool, typer.Option(help="Kill it (whole process tree) if it runs.")
     ] = False,
-    operator: Annotated[str | None, typer.Option(help="Who revokes (default: OS user).")] = None,
-    reason: Annotated[str | None, typer.Option(help="Why, for the history.")] = None,
-    ticket: Annotated[str | None, typer.Option(help="Change or incident ticket.")] = None,
+    operator: OperatorOpt = None,
+    reason: ReasonOpt = None,
+    ticket: TicketOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Revoke a command: pending never runs; running is killed with --terminate; audited."""
-    with _producer() as producer:
+    with open_producer() as producer:
         rec = producer.revoke(
             command_id, terminate=terminate, operator=operator, reason=reason, ticket=ticket
         )
         if rec.state is State.RUNNING:
             rec = producer.wait(command_id, timeout=30)
-        _print_record(rec, as_json)
+        print_record(rec, as_json)
 
 
 @db_app.command("upgrade")
@@ -356,7 +312,7 @@ def worker(
     from workers.app import run_worker  # noqa: PLC0415
     from workers.runtime import WorkerConfig  # noqa: PLC0415
 
-    settings, tenants = _load()
+    settings, tenants = load()
     found = tenants.get(tenant)
     if found is None:
         fail(
@@ -405,7 +361,7 @@ def flower(
     """
     from workers.flower import run_flower  # noqa: PLC0415
 
-    settings, tenants = _load()
+    settings, tenants = load()
     run_flower(settings, tenants, port=port, address=address, insecure_dev=insecure_dev)
 
 
@@ -415,7 +371,7 @@ def up(as_json: JsonOpt = False) -> None:
     """The whole local stack (Redis if none, store, a worker per tenant) until Ctrl-C."""
     from workers.stack import Stack  # noqa: PLC0415
 
-    settings, tenants = _load()
+    settings, tenants = load()
     stack = Stack(settings, tenants)
     stack.start()
     info = {
@@ -457,7 +413,7 @@ def demo(as_json: JsonOpt = False) -> None:
     """The main job: success, failure, a killed process tree, a refusal, a duplicate key."""
     from workers.demo import run_demo  # noqa: PLC0415
 
-    settings, tenants = _load()
+    settings, tenants = load()
     _setup_logging("WARNING")
     raise typer.Exit(run_demo(settings, tenants, as_json=as_json, console=out))
 

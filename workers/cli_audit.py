@@ -192,7 +192,7 @@ def prune_cmd(
     Each pruned chain keeps an anchor (the hash the first kept event links to) and gets a
     `prune` event saying who removed how many events.
     """
-    from producer.client import default_principal  # noqa: PLC0415
+    from producer.identity import default_principal  # noqa: PLC0415
 
     cutoff = _when(before, "--before")
     assert cutoff is not None

@@ -17,6 +17,12 @@ out = Console()
 err = Console(stderr=True)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+# Who did an operator action and why: the history and the audit trail record them.
+OperatorOpt = Annotated[
+    str | None, typer.Option(help="Who does this (default: OTEL_SERVICE_NAME or the OS user).")
+]
+ReasonOpt = Annotated[str | None, typer.Option(help="Why, for the history and audit trail.")]
+TicketOpt = Annotated[str | None, typer.Option(help="Change or incident ticket.")]
 F = TypeVar("F", bound=Callable[..., Any])
 
 

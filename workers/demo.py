@@ -1,9 +1,16 @@
-"""`execq demo` (`make run`): every guarantee of the foundation, shown on a live local stack."""
+"""`execq demo` (`make run`): every guarantee, shown on a live local stack.
+
+Success, a failure rolled back automatically, a timeout that kills a process tree, a policy
+refusal, a duplicate key, and a saga whose third step fails (the first two undone in
+reverse order); then the audit trail is verified.
+"""
 
 from __future__ import annotations
 
 import json
 import shlex
+import shutil
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -16,6 +23,7 @@ from config.settings import Settings
 from config.tenants import TenantsFile
 from producer.client import Producer
 from producer.errors import ExecqError, PolicyDenied
+from producer.record import CommandRecord
 from producer.spec import CommandSpec
 from producer.states import State
 from workers.stack import Stack
@@ -52,6 +60,56 @@ def _alive_with_marker(marker: str) -> int:
     return count
 
 
+def _settled(producer: Producer, command_id: str) -> CommandRecord:
+    """Wait for a command, and for the rollback a failure starts, to end."""
+    rec = producer.wait(command_id, timeout=60)
+    deadline = time.monotonic() + 30
+    while rec.rollback_on_failure and rec.state is State.FAILED and rec.compensation is None:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+        rec = producer.get(command_id)
+    return producer.wait(command_id, timeout=60)
+
+
+def _submit_saga(producer: Producer, scratch: str) -> str:
+    """Three steps; the third fails, so the first two are undone, second first."""
+    site = f"{scratch}/site"
+    log = f"{scratch}/saga.log"
+
+    def step(n: int, action: str, undo: str) -> dict[str, object]:
+        return {
+            "argv": ["/bin/sh", "-c", f"{action} && echo 'step {n}' >> {log}"],
+            "compensate": ["/bin/sh", "-c", f"{undo} && echo 'undo {n}' >> {log}"],
+        }
+
+    return producer.submit_batch(
+        "acme",
+        [
+            step(1, f"mkdir {site}", f"rm -r {site}"),
+            step(2, f"touch {site}/index.html", f"rm {site}/index.html"),
+            step(3, f"ls /nonexistent-{uuid.uuid4().hex[:6]}", "true"),
+        ],
+    ).id
+
+
+def _saga_row(producer: Producer, batch_id: str, scratch: str) -> Row:
+    found = producer.wait_batch(batch_id, timeout=60)
+    row = Row("saga", "acme", ("3 steps:", "mkdir", "touch", "ls (fails)"), State.REVERTED)
+    row.command_id = batch_id
+    row.state = State(found.batch.state)
+    try:
+        lines = Path(f"{scratch}/saga.log").read_text().split()
+    except OSError:
+        lines = []
+    order = " → ".join(" ".join(lines[i : i + 2]) for i in range(0, len(lines), 2))
+    row.reason = found.batch.error or ""
+    row.note = f"{order}; site removed" if not Path(f"{scratch}/site").exists() else order
+    if order != "step 1 → step 2 → undo 2 → undo 1":
+        row.state = None  # not what a saga must do: shown red
+    return row
+
+
 def run_demo(settings: Settings, tenants: TenantsFile, *, as_json: bool, console: Console) -> int:
     """Start a stack, run the sample commands, print their final states, stop; 0 if as expected."""
     run = uuid.uuid4().hex[:8]
@@ -67,9 +125,17 @@ def run_demo(settings: Settings, tenants: TenantsFile, *, as_json: bool, console
     )
     # A sleep duration no other process on the host uses: how we find the tree afterwards.
     marker = f"300.{int(run, 16) % 1_000_000:06d}"
+    # Where the rollback and saga cases change files (0700, unpredictable name).
+    scratch = tempfile.mkdtemp(prefix=f"execq-demo-{run}-")
     rows = [
         Row("success", "acme", ("/bin/echo", "hello from execq"), State.SUCCEEDED),
-        Row("failure", "acme", ("/bin/ls", f"/nonexistent-{run}"), State.FAILED),
+        # Fails after changing something; its compensation undoes the change by itself.
+        Row(
+            "failure",
+            "acme",
+            ("/bin/sh", "-c", f"touch {scratch}/flag && exit 3"),
+            State.REVERTED,
+        ),
         Row(
             "timeout",
             "acme",
@@ -92,6 +158,9 @@ def run_demo(settings: Settings, tenants: TenantsFile, *, as_json: bool, console
                     kwargs["timeout_s"] = 2.0
                 if row.title == "duplicate":
                     kwargs["idempotency_key"] = f"demo-{run}-restart"
+                if row.title == "failure":
+                    kwargs["compensate"] = ("/bin/rm", "-f", f"{scratch}/flag")
+                    kwargs["rollback_on_failure"] = True
                 spec = CommandSpec(tenant=row.tenant, argv=row.argv, **kwargs)
                 try:
                     first = producer.submit(spec)
@@ -106,9 +175,10 @@ def run_demo(settings: Settings, tenants: TenantsFile, *, as_json: bool, console
                 except PolicyDenied as denied:
                     row.command_id = denied.command_id
                     row.note = "refused at submit, recorded"
+            saga = _submit_saga(producer, scratch)
             for row in rows:
                 assert row.command_id is not None
-                rec = producer.wait(row.command_id, timeout=60)
+                rec = _settled(producer, row.command_id)
                 row.state, row.exit_code = rec.state, rec.exit_code
                 row.reason = rec.failure_reason or ""
                 if row.title == "timeout":
@@ -118,8 +188,16 @@ def run_demo(settings: Settings, tenants: TenantsFile, *, as_json: bool, console
                         code = 1
                 if row.title == "success" and rec.enforced:
                     enforced = ", ".join(f"{k}={v}" for k, v in rec.enforced.items())
+                if row.title == "failure":
+                    gone = not Path(f"{scratch}/flag").exists()
+                    row.note = f"exit {rec.exit_code}, then rolled back by itself: " + (
+                        "its file is gone" if gone else "its file is STILL THERE"
+                    )
+                    code = code if gone else 1
                 if row.state is not row.expect:
                     code = 1
+            rows.append(_saga_row(producer, saga, scratch))
+            code = code if rows[-1].state is rows[-1].expect else 1
             report = producer.store.audit.verify()
             if report.ok:
                 audit_line = (
@@ -135,6 +213,7 @@ def run_demo(settings: Settings, tenants: TenantsFile, *, as_json: bool, console
     finally:
         say("stopping everything the demo started…")
         stack.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
     if as_json:
         print(
             json.dumps(
