@@ -19,9 +19,7 @@ import typer
 from rich.table import Table
 
 from config.settings import ConfigInvalid, Settings, load_settings
-from producer.errors import (
-    StoreError,
-)
+from producer.errors import NotFound, StoreError
 from producer.spec import CommandSpec
 from producer.states import State
 from workers import cli_batch, cli_revert
@@ -161,9 +159,19 @@ def status(
     history: Annotated[bool, typer.Option(help="Show every state change.")] = True,
     as_json: JsonOpt = False,
 ) -> None:
-    """Show one command: state, exit code, output, enforced limits, history."""
+    """Show one command (state, exit code, output, limits, compensation, history), or a batch."""
     with open_producer() as producer:
-        print_record(producer.get(command_id, with_transitions=history), as_json)
+        try:
+            rec = producer.get(command_id, with_transitions=history)
+        except NotFound:
+            # A batch id is as likely as a command id here: show that instead.
+            try:
+                found = producer.get_batch(command_id)
+            except NotFound:
+                raise NotFound(f"no command or batch with id {command_id!r}") from None
+            cli_batch.print_batch(found, as_json)
+            return
+        print_record(rec, as_json)
 
 
 @app.command("wait")

@@ -7,6 +7,11 @@ Audit: the producer wrote `parse` and `authz` at submit. Here one attempt writes
 `execute` and `archive` (and `abort` when it fails), all in the transaction that records how
 it ended. A policy re-check that fails now is a refused `bind`: the command can no longer be
 bound to what the tenant allows.
+
+The same message also carries a compensation: when the command is `reverting` the delivery
+claims the compensation instead (workers/compensation.py). After an attempt is recorded, the
+follow-ups run: an automatic retry's message (with backoff), the rollback a failure asks
+for, and the next move of the command's batch.
 """
 
 from __future__ import annotations
