@@ -20,7 +20,7 @@ from producer.broker import Publisher
 from producer.errors import BrokerUnavailable, InvalidOperation, StaleVersion
 from producer.record import CommandRecord
 from producer.states import ROLLBACKABLE, State
-from producer.store.repository import Store
+from producer.store.repository import Store, ran_and_failed
 from producer.tracing import TraceContext, new_span_id
 
 log = logging.getLogger("execq.rollback")
@@ -48,14 +48,6 @@ def refusal(rec: CommandRecord, *, expect_version: int | None = None) -> str | N
             "it changed since you looked (see `execq status`)"
         )
     return None
-
-
-def ran_and_failed(reason: str | None) -> bool:
-    """Whether a failure means the command ran (so `rollback_on_failure` undoes it): a non-zero
-    exit, a signal, a limit or the timeout, or its worker lost while it ran. A refusal before
-    it started (policy, secrets, snapshot, sandbox) changed nothing: there is nothing to undo."""
-    text = reason or ""
-    return text in ("exit_code", "signal", "timeout", "worker_lost") or text.endswith("_limit")
 
 
 def _last_actor(rec: CommandRecord) -> str:

@@ -55,14 +55,15 @@ class Command(Base):
     compensate: Mapped[list[str] | None] = mapped_column(JSON)
     rollback_on_failure: Mapped[bool] = mapped_column(Boolean, default=False)
     retry_safe: Mapped[bool] = mapped_column(Boolean, default=False)
-    compensate_limits: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    snapshot_paths: Mapped[list[str] | None] = mapped_column(JSON)
+    # none_as_null: a None must be SQL NULL, not JSON `null`, for `IS NULL` queries to see it.
+    compensate_limits: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
+    snapshot_paths: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True))
     max_retries: Mapped[int] = mapped_column(Integer, default=0)
     # When the next automatic retry of a retry-safe command is due (backoff), for display.
     retry_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # The latest compensation's own result; the command's exit code and output stay as they
     # were, so a reverted command still shows why it was reverted.
-    compensation: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    compensation: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
     revert_count: Mapped[int] = mapped_column(Integer, default=0)
     # Set when a compensation fails: a person must look (`execq list --needs-attention`).
     needs_attention: Mapped[bool] = mapped_column(Boolean, default=False)

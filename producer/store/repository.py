@@ -38,7 +38,9 @@ from producer.spec import CommandSpec
 from producer.states import State, check_transition
 from producer.store import audit
 from producer.store.audit_log import AuditLog
+from producer.store.batches import RUNNING as BATCH_RUNNING
 from producer.store.batches import BatchStore
+from producer.store.batches import batches as batches_table
 from producer.store.clock import as_utc as _utc
 from producer.store.clock import utcnow
 from producer.store.models import Command, Transition
@@ -170,7 +172,9 @@ RAN_AND_FAILED = ("exit_code", "signal", "timeout", "worker_lost")
 
 
 def ran_and_failed(reason: str | None) -> bool:
-    """Whether a failure reason means the command ran (and so may have changed something)."""
+    """Whether a failure means the command ran (so `rollback_on_failure` undoes it): a non-zero
+    exit, a signal, a limit or the timeout, or its worker lost while it ran. A refusal before
+    it started (policy, secrets, snapshot, sandbox) changed nothing: there is nothing to undo."""
     return reason is not None and (reason in RAN_AND_FAILED or reason.endswith("_limit"))
 
 
@@ -629,6 +633,10 @@ class Store:
                     commands.c.id == command_id,
                     commands.c.state == State.PENDING.value,
                     commands.c.held.is_(True),
+                    # Checked in the same statement: a batch revoked a moment ago keeps it held.
+                    commands.c.batch_id.in_(
+                        select(batches_table.c.id).where(batches_table.c.state == BATCH_RUNNING)
+                    ),
                 )
                 .values(held=False, published_at=None)
             )
