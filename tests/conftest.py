@@ -377,3 +377,35 @@ def otlp_sink() -> Iterator[OtlpSink]:
     thread.start()
     yield OtlpSink(f"http://127.0.0.1:{server.server_address[1]}", received)
     server.shutdown()
+
+
+# --- helpers shared by test modules ---------------------------------------------------------
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 30, what: str = "") -> None:
+    """Poll `predicate` until it is true; AssertionError naming `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def run_cli(
+    env: Env, *args: str, extra: dict[str, str] | None = None, timeout: float = 90
+) -> subprocess.CompletedProcess[str]:
+    """`execq ARGS…` as a subprocess with the test stack's settings."""
+    return subprocess.run(
+        [sys.executable, "-m", "workers.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+        env={**os.environ, **env.vars, **(extra or {})},
+        timeout=timeout,
+        check=False,
+    )
+
+
+def append(log: Path, text: str) -> list[str]:
+    """argv that appends one line to `log`: the visible trace of one run."""
+    return ["/bin/sh", "-c", f"echo '{text}' >> '{log}'"]

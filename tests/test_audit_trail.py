@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from producer.errors import PolicyDenied, UnknownTenant
 from producer.spec import CommandSpec, cmd_hash
 from producer.states import State
 from tests.conftest import Env, WorkerProc
+from tests.conftest import run_cli as cli
 from tests.test_worker import Start, wait_for
 
 pytestmark = pytest.mark.slow
@@ -47,18 +46,6 @@ def file_events(env: Env) -> list[dict]:
     path = env.settings.audit_log
     assert path is not None
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def cli(env: Env, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "workers.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, **env.vars},
-        timeout=60,
-        check=False,
-    )
 
 
 def test_a_successful_command_writes_each_phase_once_to_the_store_and_the_file(

@@ -13,6 +13,7 @@ from producer import policy
 from producer.errors import IllegalTransition, PolicyDenied, SpecError
 from producer.spec import CommandSpec
 from producer.states import State, can_transition, check_transition
+from producer.store.clock import utcnow
 from producer.store.repository import Store
 
 
@@ -144,8 +145,33 @@ def test_only_one_of_many_claims_takes_a_compensation(store: Store) -> None:
     assert store.claim_revert(other, tenant="alpha", worker="w", lease_s=30) is None
 
 
+def _batch(store: Store, batch_id: str) -> None:
+    now = utcnow()
+    store.batches.create(
+        {
+            "id": batch_id,
+            "tenant": "alpha",
+            "idempotency_key": None,
+            "spec_hash": "0" * 64,
+            "principal": "t",
+            "trace_id": None,
+            "state": "running",
+            "version": 1,
+            "steps": 2,
+            "failed_step": None,
+            "compensate_on_revoke": False,
+            "error": None,
+            "last_actor": "t",
+            "created_at": now,
+            "updated_at": now,
+            "finished_at": None,
+        }
+    )
+
+
 def test_a_held_batch_step_cannot_be_claimed_until_released(store: Store) -> None:
     spec = CommandSpec(tenant="alpha", argv=["/bin/true"])
+    _batch(store, "b" * 36)
     cid = store.create(spec, actor="t", batch=("b" * 36, 2, True)).id
     assert store.claim(cid, tenant="alpha", worker="w", lease_s=30) is None
     assert not [c for c, _ in _unpublished(store) if c == cid]
@@ -153,6 +179,17 @@ def test_a_held_batch_step_cannot_be_claimed_until_released(store: Store) -> Non
     assert not store.release(cid)  # only one caller releases it
     assert [c for c, _ in _unpublished(store) if c == cid] == [cid]
     assert store.claim(cid, tenant="alpha", worker="w", lease_s=30) is not None
+
+
+def test_a_step_of_a_batch_no_longer_running_is_never_released(store: Store) -> None:
+    _batch(store, "c" * 36)
+    cid = store.create(
+        CommandSpec(tenant="alpha", argv=["/bin/true"]), actor="t", batch=("c" * 36, 2, True)
+    ).id
+    batch = store.batches.get("c" * 36)
+    assert batch is not None and store.batches.move(batch, "revoked", actor="op")
+    assert not store.release(cid)
+    assert store.get(cid).held
 
 
 def _unpublished(store: Store) -> list[tuple[str, str]]:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -22,6 +20,7 @@ from producer.errors import SpecError
 from producer.spec import CommandSpec
 from producer.states import State
 from tests.conftest import Env, OtlpSink
+from tests.conftest import run_cli as cli
 from tests.test_worker import Start, wait_for
 
 pytestmark = pytest.mark.slow
@@ -51,20 +50,6 @@ def dump_store(producer: Producer) -> str:
             for row in conn.execute(select(table)):
                 parts.append(f"{table.name}: {tuple(row)!r}")
     return "\n".join(parts)
-
-
-def cli(
-    env: Env, *args: str, extra: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "workers.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, **env.vars, **(extra or {})},
-        timeout=90,
-        check=False,
-    )
 
 
 def test_a_canary_secret_reaches_the_child_and_is_found_nowhere_else(

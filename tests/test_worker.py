@@ -21,7 +21,7 @@ from producer.client import Producer
 from producer.errors import InvalidOperation, PolicyDenied
 from producer.spec import CommandSpec
 from producer.states import State
-from tests.conftest import PYTHON, Env, WorkerProc
+from tests.conftest import PYTHON, Env, WorkerProc, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -38,14 +38,6 @@ def alive(pids: list[int]) -> list[int]:
         except psutil.NoSuchProcess:
             pass
     return left
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 15, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def test_a_command_runs_and_its_output_and_limits_are_recorded(
