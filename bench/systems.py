@@ -166,7 +166,7 @@ def _prepare_store(ctx: Ctx, backend: str, tag: str) -> str:
     engine = make_engine(url)
     if backend == "pg":
         with engine.begin() as conn:
-            conn.execute(sa.text("TRUNCATE transitions, commands"))
+            conn.execute(sa.text("TRUNCATE snapshots, transitions, commands, batches"))
     else:
         upgrade(engine)
     engine.dispose()
