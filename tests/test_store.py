@@ -210,3 +210,17 @@ def test_every_version_bump_writes_history_whoever_writes_the_row(store: Store) 
         (None, State.PENDING, 1, "t", None),
         (State.PENDING, State.REVOKED, 2, "dba", "manual fix"),
     ]
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_the_benchmark_can_empty_a_store_whatever_tables_reference_commands(
+    store: Store,
+) -> None:
+    import sqlalchemy as sa
+
+    from bench.systems import _TRUNCATED
+
+    store.create(spec("k"), actor="t")
+    with store.engine.begin() as conn:
+        conn.execute(sa.text(f"TRUNCATE {_TRUNCATED}"))
+    assert store.count() == 0
