@@ -20,7 +20,8 @@ from producer.broker import Publisher
 from producer.errors import BrokerUnavailable, InvalidOperation, StaleVersion
 from producer.record import CommandRecord
 from producer.states import ROLLBACKABLE, State
-from producer.store.repository import Store, ran_and_failed
+from producer.store.repository import Store
+from producer.store.sweeps import ran_and_failed
 from producer.tracing import TraceContext, new_span_id
 
 log = logging.getLogger("execq.rollback")

@@ -29,8 +29,8 @@ from producer.errors import ExecutableRefused, PolicyDenied, SandboxError, Stale
 from producer.redaction import PATTERNS_ONLY
 from producer.spec import cmd_hash
 from producer.states import State
+from producer.store.claims import ClaimedRevert
 from producer.store.clock import utcnow
-from producer.store.repository import ClaimedRevert
 from workers import snapshot
 from workers.binding import Delivery, exec_request, parent_context, redactor_for
 from workers.metrics import metrics

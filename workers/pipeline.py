@@ -41,14 +41,10 @@ from producer.errors import ExecutableRefused, PolicyDenied, SandboxError, Stale
 from producer.redaction import PATTERNS_ONLY, Redactor
 from producer.spec import CommandSpec
 from producer.states import State
+from producer.store.claims import Claimed, ClaimedRevert
 from producer.store.clock import utcnow
-from producer.store.repository import (
-    Claimed,
-    ClaimedRevert,
-    Store,
-    ran_and_failed,
-    requeue_fields,
-)
+from producer.store.repository import Store, requeue_fields
+from producer.store.sweeps import ran_and_failed
 from workers import snapshot
 from workers.binding import Delivery, exec_request, parent_context, redactor_for
 from workers.compensation import CompensationRun

@@ -27,7 +27,8 @@ from producer.broker import Publisher
 from producer.errors import BrokerUnavailable, StaleVersion
 from producer.states import State
 from producer.store.clock import utcnow
-from producer.store.repository import Expired, Store, requeue_fields
+from producer.store.repository import Store, requeue_fields
+from producer.store.sweeps import Expired
 from workers.metrics import metrics
 
 log = logging.getLogger("execq.reaper")

@@ -1,0 +1,149 @@
+"""The store's reads of commands: one record, lists, counts (Store mixes these in)."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import fields
+from datetime import datetime
+from typing import Any, cast
+
+from sqlalchemy import Connection, Table, func, select
+
+from producer.errors import NotFound
+from producer.record import CommandRecord, TransitionRecord
+from producer.states import State
+from producer.store.clock import as_utc as _utc
+from producer.store.models import Command, Transition
+
+commands = cast(Table, Command.__table__)
+transitions = cast(Table, Transition.__table__)
+
+
+class Reads:
+    """Read-only queries; `_one` is the Store's connection for one statement."""
+
+    def _one(self) -> AbstractContextManager[Connection]:
+        raise NotImplementedError
+
+    def lookup(self, command_id: str) -> tuple[str, str, int] | None:
+        """(tenant, state, version) of a command, or None; a cheap read for logging refusals."""
+        with self._one() as conn:
+            row = conn.execute(
+                select(commands.c.tenant, commands.c.state, commands.c.version).where(
+                    commands.c.id == command_id
+                )
+            ).one_or_none()
+        return None if row is None else (row.tenant, row.state, row.version)
+
+    def attention_counts(self) -> dict[str, int]:
+        """How many commands need a person, per tenant."""
+        with self._one() as conn:
+            rows = conn.execute(
+                select(commands.c.tenant, func.count())
+                .where(commands.c.needs_attention.is_(True))
+                .group_by(commands.c.tenant)
+            ).all()
+        return {r[0]: int(r[1]) for r in rows}
+
+    # --- reads ---------------------------------------------------------------------------
+
+    def get(self, command_id: str, *, with_transitions: bool = False) -> CommandRecord:
+        """The record of one command, or NotFound."""
+        with self._one() as conn:
+            row = conn.execute(select(commands).where(commands.c.id == command_id)).one_or_none()
+            if row is None:
+                raise NotFound(f"no command with id {command_id!r}")
+            history: list[TransitionRecord] = []
+            if with_transitions:
+                for t in conn.execute(
+                    select(transitions)
+                    .where(transitions.c.command_id == command_id)
+                    .order_by(transitions.c.id)
+                ):
+                    history.append(
+                        TransitionRecord(
+                            from_state=State(t.from_state) if t.from_state else None,
+                            to_state=State(t.to_state),
+                            version=t.version,
+                            at=_utc(t.at) or t.at,
+                            actor=t.actor,
+                            reason=t.reason,
+                        )
+                    )
+        return _record(row._mapping, history)
+
+    def list(
+        self,
+        *,
+        tenant: str | None = None,
+        state: State | None = None,
+        since: datetime | None = None,
+        needs_attention: bool = False,
+        batch_id: str | None = None,
+        limit: int = 50,
+    ) -> list[CommandRecord]:
+        """Newest first (a batch's steps in step order), optionally filtered."""
+        if batch_id is not None:
+            query = (
+                select(commands)
+                .where(commands.c.batch_id == batch_id)
+                .order_by(commands.c.batch_step)
+                .limit(limit)
+            )
+        else:
+            query = select(commands).order_by(commands.c.created_at.desc()).limit(limit)
+        if tenant is not None:
+            query = query.where(commands.c.tenant == tenant)
+        if state is not None:
+            query = query.where(commands.c.state == state.value)
+        if since is not None:
+            query = query.where(commands.c.created_at >= since)
+        if needs_attention:
+            query = query.where(commands.c.needs_attention.is_(True))
+        with self._one() as conn:
+            return [_record(r._mapping, []) for r in conn.execute(query)]
+
+    def count(self) -> int:
+        """How many commands the store holds."""
+        with self._one() as conn:
+            return int(conn.execute(select(func.count()).select_from(commands)).scalar_one())
+
+
+_RECORD_FIELDS = tuple(f.name for f in fields(CommandRecord) if f.name != "transitions")
+_TIMESTAMPS = frozenset(
+    {
+        "created_at",
+        "updated_at",
+        "started_at",
+        "finished_at",
+        "published_at",
+        "lease_expires_at",
+        "retry_at",
+    }
+)
+_FLAGS = frozenset(
+    {
+        "output_truncated",
+        "redacted",
+        "retry_safe",
+        "rollback_on_failure",
+        "cancel_requested",
+        "needs_attention",
+        "held",
+    }
+)
+
+
+def _record(m: Any, history: list[TransitionRecord]) -> CommandRecord:
+    values: dict[str, Any] = {}
+    for name in _RECORD_FIELDS:
+        value = m[name]
+        if name in _TIMESTAMPS:
+            value = _utc(value)
+        elif name in _FLAGS:
+            value = bool(value)
+        values[name] = value
+    values["state"] = State(values["state"])
+    values["secret_names"] = list(values["secret_names"] or [])
+    values["env"] = dict(values["env"] or {})
+    return CommandRecord(**values, transitions=history)
