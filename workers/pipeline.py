@@ -17,7 +17,6 @@ for, and the next move of the command's batch.
 from __future__ import annotations
 
 import logging
-import random
 import re
 import socket
 import time
@@ -32,7 +31,7 @@ from opentelemetry.trace import SpanKind
 
 from config.settings import Settings
 from config.tenants import Tenant
-from producer import logs, policy, rollback, saga, tracing
+from producer import logs, policy, tracing
 from producer.audit.events import NO_COMMAND_HASH, Phase, Subject, now_ns
 from producer.audit.events import Outcome as Result
 from producer.audit.trail import Attempt, Trail, subject_of
@@ -48,6 +47,7 @@ from producer.store.sweeps import ran_and_failed
 from workers import snapshot
 from workers.binding import Delivery, exec_request, parent_context, redactor_for
 from workers.compensation import CompensationRun
+from workers.followups import FollowUps, backoff_s, kept_while_waiting
 from workers.lease import LeaseKeeper
 from workers.metrics import metrics
 from workers.sandbox import ExecRequest, ExecResult, Sandbox
@@ -136,7 +136,7 @@ class Pipeline:
         self.worker_id = worker_id
         self.trail = trail or Trail()
         # Re-queues (retries, rollbacks, a batch's next step); without one the outbox does.
-        self.publisher = publisher
+        self.follow_ups = FollowUps(store, publisher, tenant.name, worker_id, self.trail)
 
     def refuse(self, command_id: str | None, reason: str, **detail: Any) -> Handled:
         """Audit a delivery that is refused before any command is claimed (parse + abort).
@@ -219,7 +219,7 @@ class Pipeline:
                 handled = self._run_claimed(claimed, delivery, redactor)
         finally:
             m.running.labels(tenant).dec()
-        self._follow_up(claimed, delivery, handled)
+        self.follow_ups.after_attempt(claimed, delivery, handled)
         if handled.state is not None:
             m.commands.labels(tenant, handled.state.value).inc()
             m.duration.labels(tenant).observe(time.monotonic() - started)
@@ -231,7 +231,7 @@ class Pipeline:
     def _compensate(self, claimed: ClaimedRevert, delivery: Delivery) -> Handled:
         state = CompensationRun(self, claimed, delivery).run()
         if state is not None and claimed.batch_id is not None:
-            self._advance_batch(claimed.batch_id)
+            self.follow_ups.advance_batch(claimed.batch_id)
         return Handled(claimed.id, "compensated", state)
 
     def _why_not_claimed(self, command_id: str) -> str | None:
@@ -322,53 +322,6 @@ class Pipeline:
             return Handled(claimed.id, "ran", None, "lease lost")
         self.trail.copy(attempt.events)
         return Handled(claimed.id, "ran", to, reason or "", retry_in=retry_in)
-
-    def _follow_up(self, claimed: Claimed, delivery: Delivery, handled: Handled) -> None:
-        """After the attempt is recorded: re-queue a retry, start a rollback, move a batch on.
-
-        Each is a separate write after the attempt's own; a crash in between is repaired by
-        the reaper (an unpublished pending command, a failure whose rollback never started).
-        """
-        try:
-            if handled.state is State.PENDING and handled.retry_in is not None:
-                self._send(claimed.id, delivery, countdown=handled.retry_in)
-            elif (
-                handled.state is State.FAILED
-                and claimed.rollback_on_failure
-                and ran_and_failed(handled.detail)
-                and self.publisher is not None
-            ):
-                rollback.after_failure(
-                    self.store, self.publisher, claimed.id, actor=self.worker_id, trail=self.trail
-                )
-            if claimed.batch_id is not None and handled.state is not None:
-                self._advance_batch(claimed.batch_id)
-        except Exception:
-            log.exception("follow-up of command %s failed; the reaper will retry it", claimed.id)
-
-    def _send(self, command_id: str, delivery: Delivery, *, countdown: float | None) -> None:
-        if self.publisher is None:
-            return
-        headers = {"traceparent": delivery.traceparent} if delivery.traceparent else {}
-        rollback.send(
-            self.store,
-            self.publisher,
-            command_id,
-            self.tenant.name,
-            headers=headers,
-            countdown=countdown,
-            secrets=delivery.secrets,
-        )
-
-    def _advance_batch(self, batch_id: str) -> None:
-        if self.publisher is None:
-            return
-        try:
-            saga.advance(
-                self.store, self.publisher, batch_id, actor=self.worker_id, trail=self.trail
-            )
-        except Exception:
-            log.exception("batch %s could not move on; the reaper will retry", batch_id)
 
     def _run_claimed(self, claimed: Claimed, delivery: Delivery, given: Redactor | None) -> Handled:
         logs.bind(trace_id=claimed.trace_id)
@@ -555,7 +508,7 @@ class Pipeline:
         ):
             delay = backoff_s(self.settings, claimed.attempts)
             now = utcnow()
-            fields.update(requeue_fields(claimed.attempts + 1) | _kept(fields))
+            fields.update(requeue_fields(claimed.attempts + 1) | kept_while_waiting(fields))
             fields.update(
                 error=(
                     f"attempt {claimed.attempts} failed ({reason}); automatic retry "
@@ -574,22 +527,6 @@ class Pipeline:
                 **fields,
             )
         return self._finish(claimed, attempt, to, redactor, snapshot_changes=changed, **fields)
-
-
-def _kept(fields: dict[str, Any]) -> dict[str, Any]:
-    """What a failed attempt leaves visible while its automatic retry waits."""
-    names = ("exit_code", "signal", "stdout", "stderr", "stdout_bytes", "stderr_bytes")
-    return {k: fields[k] for k in (*names, "output_truncated", "enforced", "failure_reason")}
-
-
-def backoff_s(settings: Settings, attempt: int) -> float:
-    """Exponential backoff with jitter: about base·2^(attempt-1), capped, never in lockstep.
-
-    The jitter takes the delay uniformly from half to all of it, so many commands failing at
-    once (a database restart) do not come back at once.
-    """
-    ceiling = min(settings.retry_backoff_max_s, settings.retry_backoff_s * 2 ** (attempt - 1))
-    return float(ceiling * random.uniform(0.5, 1.0))  # noqa: S311 (timing jitter, not security)
 
 
 def workdir_root(settings: Settings) -> Path:
