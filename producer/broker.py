@@ -17,6 +17,7 @@ from kombu import Exchange, Queue  # type: ignore[attr-defined]
 from config.settings import EMBEDDED_BROKER, Settings
 from config.tenants import TenantsFile
 from producer.errors import BrokerUnavailable, ConfigError
+from producer.signing import Signer
 
 log = logging.getLogger("execq.broker")
 
@@ -112,9 +113,10 @@ def make_celery(
 class Publisher:
     """Publishes `execq.run` messages: task id = command id, queue = the tenant's queue."""
 
-    def __init__(self, app: Celery, tenants: TenantsFile) -> None:
+    def __init__(self, app: Celery, tenants: TenantsFile, signer: Signer | None = None) -> None:
         self.app = app
         self.tenants = tenants
+        self.signer = signer
 
     def publish(
         self,
@@ -135,6 +137,13 @@ class Publisher:
         kwargs: dict[str, Any] = {"command_id": command_id, "tenant": tenant}
         if secrets:
             kwargs["secrets"] = dict(secrets)
+        sent_headers = dict(headers or {})
+        if self.signer is not None:
+            sent_headers.update(
+                self.signer.sign(
+                    command_id, TASK_NAME, kwargs, sent_headers, not_before_s=countdown or 0.0
+                )
+            )
         try:
             self.app.send_task(
                 TASK_NAME,
@@ -147,7 +156,7 @@ class Publisher:
                 declare=[],
                 retry=False,
                 countdown=countdown,
-                headers=dict(headers or {}),
+                headers=sent_headers,
                 # What Flower and task events show: never the secret values.
                 argsrepr="()",
                 kwargsrepr=repr(

@@ -37,6 +37,7 @@ from producer.record import CommandRecord
 from producer.reverting import Reverting
 from producer.revocation import CANCEL_CHANNEL, revoke_event, revoke_pending
 from producer.saga import BatchRecord
+from producer.signing import signer_from_env
 from producer.spec import CommandSpec, cmd_hash
 from producer.states import RETRYABLE, State, is_terminal
 from producer.store.db import make_engine, require_schema
@@ -95,7 +96,9 @@ class Producer(Reverting):
         engine = make_engine(settings.database_url)
         require_schema(engine)
         url = resolve_broker_url(settings)
-        publisher = Publisher(make_celery(settings, tenants, broker_url=url), tenants)
+        publisher = Publisher(
+            make_celery(settings, tenants, broker_url=url), tenants, signer_from_env()
+        )
         return cls(
             settings=settings,
             tenants=tenants,

@@ -223,13 +223,22 @@ def test_a_duplicate_key_queues_nothing_new(producer: Producer, workers: Start) 
     assert third.duplicate and third.state is State.SUCCEEDED
 
 
-def _publish_raw(url: str, queue: str, task_id: str, kwargs: dict[str, object]) -> None:
-    """Push a hand-made Celery message, as anyone with Redis access could."""
+def _publish_raw(
+    url: str,
+    queue: str,
+    task_id: str,
+    kwargs: dict[str, object],
+    headers: dict[str, object] | None = None,
+    *,
+    exchange: str = "execq",
+) -> None:
+    """Push a hand-made Celery message, as anyone with Redis access could (through the
+    anonymous exchange `""` it lands in the queue's list even before any worker bound it)."""
     with Connection(url) as conn:
         producer = conn.Producer(serializer="json")
         producer.publish(
             [[], kwargs, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}],
-            exchange="execq",
+            exchange=exchange,
             routing_key=queue,
             declare=[],
             headers={
@@ -245,6 +254,7 @@ def _publish_raw(url: str, queue: str, task_id: str, kwargs: dict[str, object]) 
                 "eta": None,
                 "expires": None,
                 "origin": "forger",
+                **(headers or {}),
             },
         )
 

@@ -336,6 +336,16 @@ def worker(
     from workers import metrics  # noqa: PLC0415
 
     metrics.prepare()  # before any process creates a metric
+    from producer.signing import signer_from_env  # noqa: PLC0415
+
+    signer = signer_from_env()
+    if signer is None and settings.env.value == "prod":
+        fail(
+            "EXECQ_ENV=prod needs signed messages: set EXECQ_SIGNING_KEY or "
+            "EXECQ_SIGNING_KEY_FILE (the same key on producers and workers)",
+            2,
+            as_json=as_json,
+        )
     config = WorkerConfig(
         settings=settings,
         tenants=tenants,
@@ -343,6 +353,7 @@ def worker(
         broker_url=resolve_broker_url(settings),
         concurrency=concurrency or found.concurrency,
         metrics_port=metrics_port,
+        signer=signer,
     )
     raise typer.Exit(run_worker(config, loglevel=loglevel))
 

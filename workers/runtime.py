@@ -20,6 +20,7 @@ from config.tenants import Tenant, TenantsFile
 from producer import telemetry
 from producer.audit.trail import Trail
 from producer.broker import Publisher, make_celery
+from producer.signing import Signer
 from producer.store.db import make_engine
 from producer.store.repository import Store
 from workers.lease import LeaseKeeper
@@ -39,6 +40,8 @@ class WorkerConfig:
     tenant: Tenant
     broker_url: str
     concurrency: int
+    # None: messages are not signed (refused in prod at start, see `execq worker`).
+    signer: Signer | None = None
     metrics_port: int | None = None
 
     @property
@@ -81,7 +84,7 @@ class Runtime:
             app = make_celery(
                 self.config.settings, self.config.tenants, broker_url=self.config.broker_url
             )
-            self._publisher = Publisher(app, self.config.tenants)
+            self._publisher = Publisher(app, self.config.tenants, self.config.signer)
         return self._publisher
 
     @property

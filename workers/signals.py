@@ -61,7 +61,9 @@ def connect(runtime: Runtime, *, capabilities_line: str) -> None:
         # Scripts (and `execq up`) wait for this line.
         print(
             f"execq worker for tenant {cfg.tenant.name!r} ready: queue {cfg.tenant.queue}, "
-            f"concurrency {cfg.concurrency}; enforced: {capabilities_line}",
+            f"concurrency {cfg.concurrency}; signed messages: "
+            f"{'required' if cfg.signer else 'OFF (no EXECQ_SIGNING_KEY)'}; "
+            f"enforced: {capabilities_line}",
             flush=True,
         )
         sys.stdout.flush()

@@ -11,6 +11,7 @@ from sqlalchemy.exc import OperationalError
 
 from producer import logs
 from producer.broker import TASK_NAME
+from producer.signing import EXPIRES, SIGNATURE, BadSignature
 from workers.binding import Delivery, redactor_for
 from workers.pipeline import BadMessage, decode
 from workers.runtime import Runtime
@@ -36,11 +37,17 @@ def register(app: Celery, runtime: Callable[[], Runtime]) -> Task:
         request = self.request
         headers = {
             name: getattr(request, name, None) or (request.headers or {}).get(name)
-            for name in ("traceparent", "tracestate")
+            for name in ("traceparent", "tracestate", SIGNATURE, EXPIRES)
         }
         try:
             if args:
                 raise BadMessage("positional arguments are never sent by execq")
+            signer = runtime().config.signer
+            if signer is not None:
+                try:
+                    signer.verify(request.id, TASK_NAME, kwargs, headers)
+                except BadSignature as exc:
+                    raise BadMessage(f"refused: {exc}") from None
             delivery = decode(request.id, kwargs, headers)
         except BadMessage as exc:
             log.warning("refused message %s: %s", request.id, exc)

@@ -1,0 +1,99 @@
+"""Signed messages: an HMAC-SHA256 over everything in a message that steers a worker.
+
+Why HMAC and not Celery's `auth` serializer: `auth` signs only the serialized body — the
+task id, name and headers (where the trace context travels) stay unsigned, there is no
+expiry, and it needs a key pair and certificate store on every producer, worker, and on
+Flower and the CLI just to send a revoke (control messages use the task serializer). Here
+one shared key signs, per message: the task id (= command id), the task name, the kwargs
+(command id, tenant, secret values), the trace headers, and an expiry. Control messages are
+untouched, so Flower and `execq revoke` work as before.
+
+What it stops: a message made up by someone who can write to Redis (a new id, or a known id
+with another body or tenant), and replays after the expiry. A replay before it is harmless:
+the store lets only one delivery claim a command, and the spec that runs is always the
+store's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import Mapping
+from typing import Any
+
+SIGNATURE = "execq_sig"
+EXPIRES = "execq_exp"
+VERSION = "v1"
+SIGNED_HEADERS = ("traceparent", "tracestate")
+
+
+class BadSignature(ValueError):
+    """A message that is unsigned, signed with another key, altered, or expired."""
+
+
+def _payload(
+    task_id: str, task: str, kwargs: Mapping[str, Any], headers: Mapping[str, Any], exp: int
+) -> bytes:
+    signed = {name: headers.get(name) for name in SIGNED_HEADERS}
+    doc = {"id": task_id, "task": task, "kwargs": kwargs, "headers": signed, "exp": exp}
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class Signer:
+    """Signs outgoing and verifies incoming messages with the deployment's key."""
+
+    def __init__(self, key: bytes, *, ttl_s: float) -> None:
+        self._key = key
+        self.ttl_s = ttl_s
+
+    def _mac(self, payload: bytes) -> str:
+        return f"{VERSION}:{hmac.new(self._key, payload, hashlib.sha256).hexdigest()}"
+
+    def sign(
+        self,
+        task_id: str,
+        task: str,
+        kwargs: Mapping[str, Any],
+        headers: Mapping[str, Any],
+        *,
+        not_before_s: float = 0.0,
+    ) -> dict[str, Any]:
+        """The headers to add: the signature and its expiry (later for a delayed message)."""
+        exp = int(time.time() + not_before_s + self.ttl_s)
+        payload = _payload(task_id, task, kwargs, headers, exp)
+        return {SIGNATURE: self._mac(payload), EXPIRES: exp}
+
+    def verify(
+        self,
+        task_id: str | None,
+        task: str,
+        kwargs: Mapping[str, Any],
+        headers: Mapping[str, Any],
+    ) -> None:
+        """Raise BadSignature (saying which check failed) unless the message is ours and fresh."""
+        signature, exp = headers.get(SIGNATURE), headers.get(EXPIRES)
+        if not isinstance(signature, str) or not signature:
+            raise BadSignature("message is not signed")
+        if not isinstance(exp, int) or isinstance(exp, bool):
+            raise BadSignature("message has no valid expiry")
+        if not isinstance(task_id, str):
+            raise BadSignature("message has no task id")
+        try:
+            payload = _payload(task_id, task, kwargs, headers, exp)
+        except (TypeError, ValueError):
+            raise BadSignature("message body cannot be signed (not JSON)") from None
+        if not hmac.compare_digest(self._mac(payload), signature):
+            raise BadSignature("signature does not match (another key, or an altered message)")
+        if exp < time.time():
+            raise BadSignature(f"message expired {int(time.time() - exp)} s ago")
+
+
+def signer_from_env() -> Signer | None:
+    """The deployment's signer (EXECQ_SIGNING_KEY[_FILE]), or None when signing is off."""
+    from config.signing import load_signing  # noqa: PLC0415 (read only where messages flow)
+
+    settings = load_signing()
+    key = settings.key()
+    return None if key is None else Signer(key, ttl_s=settings.message_ttl_s)
