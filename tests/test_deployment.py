@@ -73,3 +73,13 @@ def test_flower_cannot_start_without_a_password() -> None:
     assert flower["command"][0] == "flower"
     assert ":?" in flower["environment"]["FLOWER_BASIC_AUTH"]
     assert all(p.startswith("127.0.0.1:") for p in flower["ports"])
+
+
+def test_the_stack_signs_messages_and_redis_wants_a_password() -> None:
+    services = compose()["services"]
+    assert isinstance(services, dict)
+    env = services["worker-acme"]["environment"]
+    # `:?` makes `docker compose up` stop with that message when no key is set.
+    assert env["EXECQ_SIGNING_KEY"].startswith("${EXECQ_SIGNING_KEY:?")
+    assert env["EXECQ_BROKER_URL"].startswith("redis://:${REDIS_PASSWORD")
+    assert "--requirepass" in services["redis"]["command"]
