@@ -22,7 +22,25 @@ EMBEDDED_BROKER = "embedded"
 LogFormat = Literal["auto", "json", "console"]
 
 
-class Settings(BaseSettings):
+class PolicySettings(BaseSettings):
+    """The settings that choose the tenant policy, readable without the rest.
+
+    `load_tenants` and `execq config check` need only these two; reading them alone keeps an
+    unrelated bad setting (say, the broker URL) from hiding the policy in force.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="EXECQ_", extra="ignore", frozen=True)
+
+    tenants_file: Path = Field(
+        default=Path("config/tenants.yaml"), description="Tenant pools, limits and policy."
+    )
+    env: Environment = Field(
+        default=Environment.DEV,
+        description="Which `environments:` entry of the tenants file applies.",
+    )
+
+
+class Settings(PolicySettings):
     """Process-wide settings; every field maps to `EXECQ_<NAME>`."""
 
     model_config = SettingsConfigDict(env_prefix="EXECQ_", extra="ignore", frozen=True)
@@ -35,14 +53,12 @@ class Settings(BaseSettings):
         default="sqlite:///.execq/execq.db",
         description="Results store, as an SQLAlchemy URL.",
     )
-    tenants_file: Path = Field(default=Path("config/tenants.yaml"))
     audit_log: Path | None = Field(
         default=Path(".execq/audit.jsonl"),
         description="JSON-lines audit sink; `off` keeps the audit trail in the store only.",
     )
     audit_log_max_mb: float = Field(default=64, gt=0, le=65_536)
     audit_log_keep: int = Field(default=10, ge=0, le=10_000)
-    env: Environment = Field(default=Environment.DEV)
     lease_s: float = Field(default=30.0, gt=0, le=3600)
     workdir_root: Path = Field(
         default=Path(".execq/work"), description="Where private command directories are made."
@@ -108,5 +124,13 @@ def load_settings() -> Settings:
     """Read the settings from the environment; raises ConfigInvalid naming the bad variable."""
     try:
         return Settings()
+    except ValidationError as exc:
+        raise ConfigInvalid(describe_validation_error(exc)) from None
+
+
+def load_policy_settings() -> PolicySettings:
+    """`EXECQ_TENANTS_FILE` and `EXECQ_ENV` only, read by the same rules as `Settings`."""
+    try:
+        return PolicySettings()
     except ValidationError as exc:
         raise ConfigInvalid(describe_validation_error(exc)) from None

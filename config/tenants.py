@@ -1,18 +1,94 @@
-"""The tenants file: each tenant's pool size, allow-list, limit ceilings and argument policy."""
+"""The tenants file: each tenant's pool size, allow-list, limit ceilings and argument policy.
+
+A tenant may differ per deployment environment: its `environments:` mapping holds, for `dev`,
+`staging` and `prod`, overrides of its policy. `load_tenants` applies the entry for the
+environment in force (`EXECQ_ENV` unless told otherwise), so everything downstream sees one
+effective policy per tenant and never the overrides themselves.
+"""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PrivateAttr,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.json_schema import SkipJsonSchema
 
-from config.settings import ConfigInvalid, describe_validation_error
+from config.settings import (
+    ConfigInvalid,
+    Environment,
+    describe_validation_error,
+    load_policy_settings,
+)
 
 TENANT_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+
+
+# --- field types shared by a tenant and its per-environment overrides --------------------
+
+
+def _absolute_executables(value: tuple[str, ...]) -> tuple[str, ...]:
+    if not value:
+        raise ValueError("at least one executable is required")
+    for path in value:
+        _absolute(path)
+    return value
+
+
+def _absolute(path: str) -> str:
+    if not path.startswith("/"):
+        raise ValueError(f"{path!r} is not an absolute path")
+    return path
+
+
+def _snapshot_roots(value: tuple[str, ...]) -> tuple[str, ...]:
+    for path in value:
+        if not path.startswith("/") or path.rstrip("/") == "":
+            raise ValueError(f"{path!r} is not an absolute directory other than /")
+    return value
+
+
+def _regex(pattern: str) -> str:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"{pattern!r} is not a valid regex: {exc}") from None
+    return pattern
+
+
+Executables = Annotated[tuple[str, ...], AfterValidator(_absolute_executables)]
+AbsolutePath = Annotated[str, AfterValidator(_absolute)]
+SnapshotRoots = Annotated[tuple[str, ...], AfterValidator(_snapshot_roots)]
+Regex = Annotated[str, AfterValidator(_regex)]
+MaxRetries = Annotated[int, Field(ge=0, le=20)]
+MaxConcurrent = Annotated[int, Field(ge=1, le=100_000)]
+TimeoutS = Annotated[float, Field(gt=0, le=86_400)]
+CpuS = Annotated[int, Field(gt=0, le=86_400)]
+MemoryMb = Annotated[int, Field(ge=8, le=1_048_576)]
+Processes = Annotated[int, Field(ge=1, le=100_000)]
+OutputKb = Annotated[int, Field(ge=1, le=65_536)]
+FileMb = Annotated[int, Field(ge=1, le=1_048_576)]
+OpenFiles = Annotated[int, Field(ge=8, le=65_536)]
+# Below 1000 are system accounts (root above all); 65534 is `nobody`, shared by unrelated
+# daemons, so a tenant running as it could reach their files.
+Uid = Annotated[int, Field(ge=1000, lt=65_534)]
+Gid = Annotated[int, Field(ge=1, lt=65_534)]
 
 
 class LimitCeilings(BaseModel):
@@ -20,13 +96,183 @@ class LimitCeilings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    timeout_s: Annotated[float, Field(gt=0, le=86_400)] = 30
-    cpu_s: Annotated[int, Field(gt=0, le=86_400)] = 10
-    memory_mb: Annotated[int, Field(ge=8, le=1_048_576)] = 256
-    processes: Annotated[int, Field(ge=1, le=100_000)] = 64
-    output_kb: Annotated[int, Field(ge=1, le=65_536)] = 256
-    file_mb: Annotated[int, Field(ge=1, le=1_048_576)] = 64
-    open_files: Annotated[int, Field(ge=8, le=65_536)] = 256
+    timeout_s: TimeoutS = 30
+    cpu_s: CpuS = 10
+    memory_mb: MemoryMb = 256
+    processes: Processes = 64
+    output_kb: OutputKb = 256
+    file_mb: FileMb = 64
+    open_files: OpenFiles = 256
+
+
+class LimitOverrides(BaseModel):
+    """Ceilings one environment changes; the others keep the tenant's values."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    timeout_s: TimeoutS | None = None
+    cpu_s: CpuS | None = None
+    memory_mb: MemoryMb | None = None
+    processes: Processes | None = None
+    output_kb: OutputKb | None = None
+    file_mb: FileMb | None = None
+    open_files: OpenFiles | None = None
+
+    def applied_to(self, base: LimitCeilings) -> LimitCeilings:
+        """`base` with the ceilings given here replaced, field by field."""
+        changed = {k: v for k, v in self.model_dump().items() if v is not None}
+        return LimitCeilings.model_validate({**base.model_dump(), **changed})
+
+
+class DenyRule(BaseModel):
+    """A deny_args entry scoped to one executable (compared after resolving symlinks).
+
+    With a `pattern`, an argument of that executable matching it is refused (rule
+    `deny_args:PATTERN`); without one, the executable is refused outright (rule
+    `deny_executable:PATH`), even though it is on the allow-list.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    executable: AbsolutePath = Field(description="Absolute path; symlinks are resolved.")
+    pattern: Regex | None = Field(
+        default=None,
+        description="Regex searched in each argument; none refuses the executable outright.",
+    )
+
+    @property
+    def rule(self) -> str:
+        """The rule name a refusal by this entry carries."""
+        if self.pattern is None:
+            return f"deny_executable:{self.executable}"
+        return f"deny_args:{self.pattern}"
+
+
+def _deny_kind(value: Any) -> str:
+    return "scoped" if isinstance(value, dict | DenyRule) else "regex"
+
+
+# A plain regex applies to every executable; a mapping to one. The discriminator picks the
+# branch by shape so an error names what is wrong with the entry, not both alternatives.
+DenyEntry = Annotated[
+    Annotated[Regex, Tag("regex")] | Annotated[DenyRule, Tag("scoped")],
+    Discriminator(_deny_kind),
+]
+DenyArgs = tuple[DenyEntry, ...]
+
+
+class RunAs(BaseModel):
+    """The range of unprivileged uids (and the gid) a tenant's commands run as."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    uid_min: Uid
+    uid_max: Uid
+    gid: Gid
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RunAs:
+        if self.uid_min > self.uid_max:
+            raise ValueError(f"uid_min {self.uid_min} is above uid_max {self.uid_max}")
+        return self
+
+
+class SubmitRate(BaseModel):
+    """A token bucket: `per_s` submissions a second on average, bursts of up to `burst`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    per_s: Annotated[float, Field(gt=0, le=100_000)]
+    burst: Annotated[int, Field(ge=1, le=100_000)]
+
+
+NETWORK_HELP = (
+    "Whether the tenant's commands may use the network; false runs each in a network "
+    "namespace of its own (a root worker with unshare is required, or the worker refuses)."
+)
+RUN_AS_HELP = (
+    "Unprivileged uid range and gid the tenant's commands run as (never root): one uid per "
+    "pool process (a root worker with setpriv is required, or the worker refuses)."
+)
+MAX_CONCURRENT_HELP = (
+    "Most commands of the tenant running at once across all its workers. Validated and shown; "
+    "not enforced yet: each worker's `concurrency` is the only bound today."
+)
+SUBMIT_RATE_HELP = (
+    "Submissions allowed per second for the tenant. Validated and shown; not enforced yet."
+)
+
+
+def _no_defaults(schema: dict[str, Any]) -> None:
+    # An override's fields have no default: left out, the tenant's own value is kept.
+    for prop in schema.get("properties", {}).values():
+        prop.pop("default", None)
+
+
+class TenantOverrides(BaseModel):
+    """What one environment changes in a tenant's policy; anything left out is kept.
+
+    Lists replace the tenant's list (write the whole list, e.g. all of deny_args); `limits`
+    are merged field by field. An explicit null resets the nullable fields (allowed_env,
+    run_as, max_concurrent, submit_rate) to none.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra=_no_defaults)
+
+    # The defaults below are never used as values: only the fields given in the file
+    # (`model_fields_set`) are applied, so "left out" and "null" stay distinct.
+    executables: Executables = ()
+    deny_args: DenyArgs = ()
+    allowed_env: tuple[str, ...] | None = None
+    limits: LimitOverrides = LimitOverrides()
+    max_retries: MaxRetries = 0
+    snapshot_roots: SnapshotRoots = ()
+    network: bool = Field(default=True, description=NETWORK_HELP)
+    run_as: RunAs | None = Field(default=None, description=RUN_AS_HELP)
+    max_concurrent: MaxConcurrent | None = Field(default=None, description=MAX_CONCURRENT_HELP)
+    submit_rate: SubmitRate | None = Field(default=None, description=SUBMIT_RATE_HELP)
+
+    def applied_to(self, tenant: Tenant) -> Tenant:
+        """`tenant` with these overrides in place and no environments left to apply."""
+        data = {name: getattr(tenant, name) for name in Tenant.model_fields}
+        for name in self.model_fields_set:
+            value = getattr(self, name)
+            data[name] = value.applied_to(tenant.limits) if name == "limits" else value
+        data["environments"] = EnvironmentOverrides()
+        return Tenant.model_validate(data)
+
+
+class EnvironmentOverrides(BaseModel):
+    """Per-environment overrides of a tenant's policy, keyed by `EXECQ_ENV`'s values."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dev: TenantOverrides | None = None
+    staging: TenantOverrides | None = None
+    prod: TenantOverrides | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known(cls, value: Any) -> Any:
+        # A typo such as `production:` would otherwise leave prod on the base policy.
+        if isinstance(value, dict):
+            known = [e.value for e in Environment]
+            for key in value:
+                if key not in known:
+                    raise ValueError(
+                        f"unknown environment {key!r} (EXECQ_ENV is one of {', '.join(known)})"
+                    )
+        return value
+
+    def get(self, env: Environment) -> TenantOverrides | None:
+        """The overrides for `env`, or None."""
+        found: TenantOverrides | None = getattr(self, env.value)
+        return found
+
+    @property
+    def empty(self) -> bool:
+        """True when no environment changes anything."""
+        return all(self.get(env) is None for env in Environment)
 
 
 class Tenant(BaseModel):
@@ -34,20 +280,29 @@ class Tenant(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = ""
+    # Set from the tenant's key in the file, never written in it.
+    name: SkipJsonSchema[str] = ""
     concurrency: Annotated[int, Field(ge=1, le=256)] = 1
-    executables: tuple[str, ...]
+    executables: Executables = Field(
+        description="Allow-list of absolute paths; symlinks are resolved on both sides."
+    )
     limits: LimitCeilings = LimitCeilings()
-    deny_args: tuple[str, ...] = ()
+    deny_args: DenyArgs = Field(
+        default=(),
+        description=(
+            "Regexes refusing any command with a matching argument, or {executable, pattern} "
+            "for one executable only, or {executable} to refuse that executable outright."
+        ),
+    )
     env: dict[str, str] = Field(default_factory=dict, description="Set in every command's env.")
     allowed_env: tuple[str, ...] | None = Field(
         default=None, description="Names a spec's env may set; None allows any safe name."
     )
     max_attempts: Annotated[int, Field(ge=1, le=100)] = 3
-    max_retries: Annotated[int, Field(ge=0, le=20)] = Field(
+    max_retries: MaxRetries = Field(
         default=5, description="Ceiling of a spec's max_retries (automatic re-runs)."
     )
-    snapshot_roots: tuple[str, ...] = Field(
+    snapshot_roots: SnapshotRoots = Field(
         default=(), description="Directories under which a spec's snapshot_paths may lie."
     )
     snapshot_max_mb: Annotated[int, Field(ge=1, le=1024)] = Field(
@@ -60,39 +315,22 @@ class Tenant(BaseModel):
     # YAML reads an unquoted `off` as false, which here can only mean "off".
     masking: Annotated[
         Literal["L1", "L2", "L3", "off"],
-        BeforeValidator(lambda v: "off" if v is False else v),
+        BeforeValidator(
+            lambda v: "off" if v is False else v,
+            json_schema_input_type=Literal["L1", "L2", "L3", "off", False],
+        ),
     ] = Field(
         default="L1",
         description="Pattern masking of stored output; exact secrets are always scrubbed.",
     )
-
-    @field_validator("executables")
-    @classmethod
-    def _absolute(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        if not value:
-            raise ValueError("at least one executable is required")
-        for path in value:
-            if not path.startswith("/"):
-                raise ValueError(f"{path!r} is not an absolute path")
-        return value
-
-    @field_validator("snapshot_roots")
-    @classmethod
-    def _roots(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for path in value:
-            if not path.startswith("/") or path.rstrip("/") == "":
-                raise ValueError(f"{path!r} is not an absolute directory other than /")
-        return value
-
-    @field_validator("deny_args")
-    @classmethod
-    def _regexes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for pattern in value:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(f"{pattern!r} is not a valid regex: {exc}") from None
-        return value
+    network: bool = Field(default=True, description=NETWORK_HELP)
+    run_as: RunAs | None = Field(default=None, description=RUN_AS_HELP)
+    max_concurrent: MaxConcurrent | None = Field(default=None, description=MAX_CONCURRENT_HELP)
+    submit_rate: SubmitRate | None = Field(default=None, description=SUBMIT_RATE_HELP)
+    environments: EnvironmentOverrides = Field(
+        default=EnvironmentOverrides(),
+        description="Policy overrides for dev, staging or prod; the one for EXECQ_ENV applies.",
+    )
 
     @field_validator("env")
     @classmethod
@@ -107,14 +345,17 @@ class Tenant(BaseModel):
         """The Celery queue this tenant's pool consumes."""
         return f"execq.{self.name}"
 
-    def denied_by(self, argv: tuple[str, ...] | list[str]) -> str | None:
-        """The first deny_args pattern that matches an argument, or None."""
-        for pattern in self.deny_args:
-            compiled = re.compile(pattern)
-            for arg in argv[1:]:
-                if compiled.search(arg):
-                    return pattern
-        return None
+    @property
+    def resolved(self) -> bool:
+        """True when no per-environment override is left to apply (the policy is final)."""
+        return self.environments.empty
+
+    def effective(self, env: Environment | str) -> Tenant:
+        """This tenant's policy in `env`: its overrides for `env` applied, the rest dropped."""
+        override = self.environments.get(Environment(env))
+        if override is None:
+            return self.model_copy(update={"environments": EnvironmentOverrides()})
+        return override.applied_to(self)
 
 
 class TenantsFile(BaseModel):
@@ -123,6 +364,9 @@ class TenantsFile(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     tenants: dict[str, Tenant]
+    # What `for_env` resolved from, so a resolved file can still be resolved for another env.
+    _source: TenantsFile | None = PrivateAttr(default=None)
+    _environment: Environment | None = PrivateAttr(default=None)
 
     @field_validator("tenants")
     @classmethod
@@ -148,9 +392,60 @@ class TenantsFile(BaseModel):
         """The longest wall-clock ceiling of any tenant (sizes the visibility timeout)."""
         return max(t.limits.timeout_s for t in self.tenants.values())
 
+    @property
+    def as_written(self) -> TenantsFile:
+        """The file as written, overrides included, whatever environment it was resolved for."""
+        return self._source or self
 
-def load_tenants(path: Path) -> TenantsFile:
-    """Read and validate a tenants file; raises ConfigInvalid naming the file and field."""
+    @property
+    def environment(self) -> Environment | None:
+        """The environment this file's policy was resolved for, or None if never resolved."""
+        return self._environment
+
+    def for_env(self, env: Environment | str) -> TenantsFile:
+        """Every tenant's effective policy in `env` (raises ValueError for an unknown env)."""
+        environment = Environment(env)
+        source = self.as_written
+        resolved = TenantsFile(
+            tenants={n: t.effective(environment) for n, t in source.tenants.items()}
+        )
+        resolved._source = source
+        resolved._environment = environment
+        return resolved
+
+
+def tenants_json_schema() -> dict[str, Any]:
+    """The JSON Schema of the tenants file, as published in `config/tenants.schema.json`."""
+    schema = TenantsFile.model_json_schema()
+    return {
+        "$schema": JSON_SCHEMA_DIALECT,
+        **schema,
+        "title": "execq tenants file",
+        "description": (
+            "Tenant pools, allow-lists, limit ceilings and argument policy; "
+            "`environments` overrides them per EXECQ_ENV. "
+            "Regenerate with `execq config schema > config/tenants.schema.json`."
+        ),
+    }
+
+
+def load_tenants(path: Path, env: Environment | str | None = None) -> TenantsFile:
+    """Read, validate and resolve a tenants file for an environment.
+
+    `env` None means the environment in `EXECQ_ENV` (default `dev`), read by the same rules
+    as `Settings.env`, so a process that reads its settings and this file agrees on both.
+    Raises ConfigInvalid naming the file and field (or the setting).
+    """
+    if env is None:
+        environment = load_policy_settings().env
+    else:
+        try:
+            environment = Environment(env)
+        except ValueError:
+            known = ", ".join(e.value for e in Environment)
+            raise ConfigInvalid(
+                f"invalid setting EXECQ_ENV: {env!r} is not one of {known}"
+            ) from None
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -162,7 +457,7 @@ def load_tenants(path: Path) -> TenantsFile:
     if not isinstance(raw, dict):
         raise ConfigInvalid(f"invalid tenants file {path}: expected a mapping with `tenants:`")
     try:
-        return TenantsFile.model_validate(raw)
+        return TenantsFile.model_validate(raw).for_env(environment)
     except ValidationError as exc:
         detail = describe_validation_error(exc, prefix="")
         raise ConfigInvalid(f"invalid tenants file {path}:\n{detail}") from None

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 
 from config.tenants import Tenant, TenantsFile
-from producer.errors import PolicyDenied, UnknownTenant
+from producer.errors import ConfigError, PolicyDenied, UnknownTenant
 from producer.spec import CommandSpec
 
 
@@ -46,17 +47,65 @@ def allowed(argv0: str, tenant: Tenant) -> bool:
     return any(target == _real(entry) for entry in tenant.executables)
 
 
+@dataclass(frozen=True)
+class Denial:
+    """Which deny_args entry refuses an argv: its rule name and a sentence saying why."""
+
+    rule: str
+    message: str
+
+
+def denied(kind: str, argv: tuple[str, ...], tenant: Tenant) -> Denial | None:
+    """The deny_args entry that refuses `argv`, or None.
+
+    An executable refused outright wins whatever its place in the list (it is the stronger
+    statement); then entries apply in order, a scoped one only to its own executable.
+    """
+    target = _real(argv[0])
+    scoped = [
+        e for e in tenant.deny_args if not isinstance(e, str) and _real(e.executable) == target
+    ]
+    for rule in scoped:
+        if rule.pattern is None:
+            return Denial(
+                rule.rule,
+                f"{kind}[0] {argv[0]!r} is refused outright by tenant {tenant.name!r}'s deny_args",
+            )
+    for entry in tenant.deny_args:
+        if isinstance(entry, str):
+            pattern, where = entry, ""
+        elif entry in scoped and entry.pattern is not None:
+            pattern, where = entry.pattern, f" for {entry.executable}"
+        else:
+            continue
+        if any(re.search(pattern, arg) for arg in argv[1:]):
+            return Denial(
+                f"deny_args:{pattern}",
+                f"{kind} has an argument matching tenant {tenant.name!r}'s deny_args "
+                f"{pattern!r}{where}",
+            )
+    return None
+
+
 def _check_argv(kind: str, argv: tuple[str, ...], tenant: Tenant) -> None:
+    _require_resolved(tenant)
     if not allowed(argv[0], tenant):
         raise PolicyDenied(
             f"{kind}[0] {argv[0]!r} is not on tenant {tenant.name!r}'s executables allow-list",
             rule="executables",
         )
-    pattern = tenant.denied_by(argv)
-    if pattern is not None:
-        raise PolicyDenied(
-            f"{kind} has an argument matching tenant {tenant.name!r}'s deny_args {pattern!r}",
-            rule=f"deny_args:{pattern}",
+    denial = denied(kind, argv, tenant)
+    if denial is not None:
+        raise PolicyDenied(denial.message, rule=denial.rule)
+
+
+def _require_resolved(tenant: Tenant) -> None:
+    # Fail closed: judging by a tenant whose per-environment overrides were never applied
+    # would quietly use the base policy, e.g. let prod run what only dev allows.
+    if not tenant.resolved:
+        raise ConfigError(
+            f"tenant {tenant.name!r} still has `environments:` overrides to apply; load the "
+            "tenants file with load_tenants(path, env=...) or TenantsFile.for_env(env)"
         )
 
 

@@ -19,10 +19,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_the_shipped_tenants_file_is_valid_and_has_a_prod_tenant_with_deny_args() -> None:
-    tenants = load_tenants(ROOT / "config" / "tenants.yaml")
+    tenants = load_tenants(ROOT / "config" / "tenants.yaml", env="dev")
     assert len(tenants.tenants) >= 2
     assert tenants.tenants["prod"].deny_args
     assert tenants.tenants["acme"].queue == "execq.acme"
+    # Every environment resolves, and the prod tenant is stricter outside dev.
+    for env in ("staging", "prod"):
+        stricter = load_tenants(ROOT / "config" / "tenants.yaml", env=env).tenants["prod"]
+        assert len(stricter.deny_args) > len(tenants.tenants["prod"].deny_args)
 
 
 def test_defaults_match_the_contract(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -67,6 +71,14 @@ def test_an_invalid_setting_is_named(
         ("tenants: {acme: {executables: [/bin/echo], limits: {timeout_s: -1}}}", "timeout_s"),
         ("tenants: {acme: {executables: [/bin/echo], deny_args: ['(']}}", "not a valid regex"),
         ("tenants: {acme: {executables: [/bin/echo], surprise: 1}}", "surprise"),
+        (
+            "tenants: {acme: {executables: [/bin/echo], environments: {production: {}}}}",
+            "unknown environment 'production'",
+        ),
+        (
+            "tenants: {acme: {executables: [/bin/echo], deny_args: [{executable: /bin/rm, x: 1}]}}",
+            "deny_args.0.scoped.x",
+        ),
         ("tenants: [1, 2]", "tenants"),
         ("tenants: [unclosed", "cannot read"),
     ],

@@ -3,15 +3,22 @@ another tenant's wait."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import statistics
+import uuid
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
+from config.tenants import load_tenants
 from producer.client import Producer
 from producer.spec import CommandSpec
 from producer.states import State
-from tests.conftest import wait_for
+from tests.conftest import PYTHON, Env, start_worker, wait_for
 from tests.test_worker import Start
+from workers.sandbox import detect_capabilities
 
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
@@ -46,3 +53,132 @@ def test_a_tenant_flooding_its_queue_does_not_slow_another_tenant(
         assert rec.started_at is not None
         waits.append((rec.started_at - rec.created_at).total_seconds())
     assert max(beta_s) < statistics.median(waits), (beta_s, statistics.median(waits))
+
+
+# --- separate identities and no network ---------------------------------------------------
+
+ISOLATED_YAML = f"""
+tenants:
+  alpha:
+    concurrency: 2
+    executables: [/bin/sh, /bin/sleep, /bin/true, {PYTHON}]
+    run_as: {{uid_min: 41000, uid_max: 41001, gid: 41000}}
+  beta:
+    concurrency: 1
+    executables: [/bin/sh, /bin/sleep, /bin/true, {PYTHON}]
+    run_as: {{uid_min: 42000, uid_max: 42000, gid: 42000}}
+    network: false
+"""
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="separate uids need a root worker")
+
+
+def _isolated(tmp_path: Path, make_env: Callable[..., Env], env: Env) -> Env:
+    path = tmp_path / "isolated.yaml"
+    path.write_text(ISOLATED_YAML)
+    isolated = make_env(env.settings.database_url, env.settings.broker_url)
+    isolated.vars["EXECQ_TENANTS_FILE"] = str(path)
+    isolated.tenants = load_tenants(path)
+    return isolated
+
+
+def _pid_of(marker: str) -> int | None:
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if marker.encode() in (proc / "cmdline").read_bytes():
+                    return int(proc.name)
+            except OSError:
+                continue
+    return None
+
+
+def _uid_of(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("Uid:")[1].split()[0])
+
+
+PROBE = (
+    'kill -0 {pid} 2>/dev/null; echo "signal=$?"; '
+    'cat /proc/{pid}/environ >/dev/null 2>&1; echo "environ=$?"; '
+    'ls /proc/{pid}/cwd/ >/dev/null 2>&1; echo "files=$?"; id -u'
+)
+
+
+@needs_root
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_tenants_and_commands_cannot_read_or_signal_each_other(
+    tmp_path: Path, make_env: Callable[..., Env], env: Env
+) -> None:
+    isolated = _isolated(tmp_path, make_env, env)
+    started = [start_worker(isolated, "alpha"), start_worker(isolated, "beta")]
+    try:
+        with isolated.producer() as producer:
+            marker = f"{30 + uuid.uuid4().int % 1000 / 1000:.3f}"
+            victim = producer.submit(
+                CommandSpec(
+                    tenant="alpha",
+                    argv=["/bin/sh", "-c", f"echo secret > private; exec /bin/sleep {marker}"],
+                    secrets={"TOKEN": "alpha-t0ken-value"},
+                )
+            )
+            wait_for(lambda: _pid_of(marker) is not None, 20, "alpha's command")
+            pid = _pid_of(marker)
+            assert pid is not None
+            victim_uid = _uid_of(pid)
+            assert victim_uid in (41000, 41001)
+            probe = ["/bin/sh", "-c", PROBE.format(pid=pid)]
+            other_tenant = producer.submit(CommandSpec(tenant="beta", argv=probe))
+            same_tenant = producer.submit(CommandSpec(tenant="alpha", argv=probe))
+            for r, uids in ((other_tenant, {42000}), (same_tenant, {41000, 41001} - {victim_uid})):
+                rec = producer.wait(r.id, timeout=30)
+                lines = (rec.stdout or "").split()
+                # kill, /proc/PID/environ and its files: all refused (exit status 1 or 2).
+                assert lines[:3] != ["signal=0", "environ=0", "files=0"]
+                assert "signal=0" not in lines and "environ=0" not in lines, lines
+                assert "files=0" not in lines, lines
+                assert int(lines[-1]) in uids, lines
+            producer.revoke(victim.id, terminate=True, operator="test")
+            producer.wait(victim.id, timeout=30)
+    finally:
+        for w in started:
+            w.stop()
+
+
+@needs_root
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_tenant_without_network_cannot_connect_anywhere(
+    tmp_path: Path, make_env: Callable[..., Env], env: Env
+) -> None:
+    isolated = _isolated(tmp_path, make_env, env)
+    host, port = "127.0.0.1", 6379
+    connect = [
+        PYTHON,
+        "-c",
+        f"import socket; socket.create_connection(({host!r}, {port}), timeout=2); print('ok')",
+    ]
+    started = [start_worker(isolated, "alpha"), start_worker(isolated, "beta")]
+    try:
+        with isolated.producer() as producer:
+            online = producer.wait(
+                producer.submit(CommandSpec(tenant="alpha", argv=connect)).id, 30
+            )
+            offline = producer.wait(
+                producer.submit(CommandSpec(tenant="beta", argv=connect)).id, 30
+            )
+        assert (online.state, (online.stdout or "").strip()) == (State.SUCCEEDED, "ok")
+        assert offline.state is State.FAILED
+        assert "OSError" in (offline.stderr or "") or "unreachable" in (offline.stderr or "")
+        assert offline.enforced is not None
+        assert offline.enforced["network"].startswith("none")
+        assert offline.enforced["identity"] == "uid 42000 gid 42000"
+    finally:
+        for w in started:
+            w.stop()
+
+
+def test_a_host_that_cannot_isolate_says_why() -> None:
+    caps = dataclasses.replace(detect_capabilities(), euid=1000)
+    assert "root worker" in (caps.can_isolate(run_as=True, no_network=False) or "")
+    assert "unshare" in (caps.can_isolate(run_as=False, no_network=True) or "")
+    assert caps.can_isolate(run_as=False, no_network=False) is None

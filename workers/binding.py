@@ -47,6 +47,26 @@ def parent_context(stored_trace_id: str | None, delivery: Delivery) -> TraceCont
     return TraceContext(stored_trace_id, new_span_id())
 
 
+def pool_index() -> int:
+    """This pool process's index in its worker (0 outside a prefork pool)."""
+    from billiard.process import current_process  # noqa: PLC0415
+
+    index = getattr(current_process(), "index", None)
+    return index if isinstance(index, int) and index >= 0 else 0
+
+
+def run_as_for(tenant: Tenant) -> tuple[int, int] | None:
+    """The (uid, gid) this pool process runs the tenant's commands as, if it has a range.
+
+    One uid per pool slot within the range: two commands running at once under one tenant
+    then cannot read each other's files or environment, nor signal each other.
+    """
+    if tenant.run_as is None:
+        return None
+    span = tenant.run_as.uid_max - tenant.run_as.uid_min + 1
+    return tenant.run_as.uid_min + pool_index() % span, tenant.run_as.gid
+
+
 def exec_request(
     tenant: Tenant,
     *,
@@ -71,6 +91,8 @@ def exec_request(
         logs.bind(trace_id=child.trace_id, span_id=child.span_id)
     lang = full.pop("LANG", "C.UTF-8")
     return ExecRequest(
+        run_as=run_as_for(tenant),
+        network=tenant.network,
         command_id=command_id,
         argv=argv,
         allowed_executables=tenant.executables,

@@ -25,6 +25,7 @@ from producer.states import State
 from workers import cli_batch, cli_revert
 from workers.cli_audit import audit_app
 from workers.cli_batch import batch_app
+from workers.cli_config import config_app
 from workers.cli_show import STATE_STYLE, load, open_producer, print_record
 from workers.clikit import JsonOpt, OperatorOpt, ReasonOpt, TicketOpt, err, fail, handled, out
 
@@ -43,6 +44,7 @@ db_app = typer.Typer(help="The results store.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(audit_app, name="audit")
 app.add_typer(batch_app, name="batch")
+app.add_typer(config_app, name="config")
 
 
 def _setup_logging(level: str = "WARNING", settings: Settings | None = None) -> None:
@@ -329,6 +331,14 @@ def worker(
             2,
             as_json=as_json,
         )
+    from workers.sandbox import detect_capabilities  # noqa: PLC0415
+
+    missing = detect_capabilities().can_isolate(
+        run_as=found.run_as is not None, no_network=not found.network
+    )
+    if missing is not None:
+        # The tenant requires it: never run its commands with less than it asked for.
+        fail(f"tenant {tenant!r} cannot be served on this host: {missing}", 2, as_json=as_json)
     _setup_logging(loglevel, settings)
     from producer import telemetry  # noqa: PLC0415
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import shutil
 import subprocess
 from dataclasses import dataclass
 
@@ -36,6 +37,16 @@ class Capabilities:
     cgroup_v2: str | None
     cgroup_kill: bool
     notes: tuple[str, ...] = ()
+    # `unshare --net` for tenants without network (root only: a new network namespace).
+    unshare: str | None = None
+
+    def can_isolate(self, *, run_as: bool, no_network: bool) -> str | None:
+        """Why this host cannot give a tenant the isolation it requires; None if it can."""
+        if run_as and not (self.setpriv and self.is_root):
+            return "running commands as the tenant's uids needs a root worker and setpriv"
+        if no_network and not (self.unshare and self.is_root):
+            return "commands without network need a root worker and unshare (util-linux)"
+        return None
 
     @property
     def is_root(self) -> bool:
@@ -114,6 +125,7 @@ def detect_capabilities() -> Capabilities:
         cgroup_v2=v2_dir,
         cgroup_kill=v2_kill,
         notes=tuple(notes),
+        unshare=shutil.which("unshare"),
     )
 
 

@@ -91,9 +91,23 @@ class Sandbox:
         _check_request(req)
         subreaper = orphans.ensure_subreaper(self.capabilities)
         with private_dir(self.workdir_root, req.command_id) as workdir, self._slot() as slot:
+            if req.run_as is not None:
+                self._hand_over(workdir, req.run_as)
             return self._run(
                 req, exe, workdir, slot, subreaper=subreaper, cancel=cancel, on_spawn=on_spawn
             )
+
+    def _hand_over(self, workdir: str, run_as: tuple[int, int]) -> None:
+        """Give the private directory to the run's uid; the root only lets it pass through.
+
+        0711 on the root: a uid reaches its own directory by name but cannot list the root
+        to find another run's (each private directory stays 0700, owned by its uid).
+        """
+        try:
+            os.chmod(self.workdir_root, 0o711)  # noqa: S103 (traverse only, see above)
+            os.chown(workdir, *run_as)
+        except OSError as exc:
+            raise SandboxError(f"cannot hand {workdir} to uid {run_as[0]}: {exc}") from exc
 
     @contextlib.contextmanager
     def _slot(self) -> Iterator[CgroupSlot | None]:
@@ -137,6 +151,8 @@ class Sandbox:
             memory_cgroup=slot is not None and slot.memory is not None,
             pids_cgroup=slot is not None and slot.pids is not None,
             kill=kill_label,
+            run_as=req.run_as,
+            network=req.network,
         )
         _check_required(self.required, launch.enforced)
         env = _child_env(req, workdir)

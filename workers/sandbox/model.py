@@ -29,6 +29,10 @@ class ExecRequest:
     limits: Limits
     env: Mapping[str, str] = field(default_factory=dict)
     lang: str = "C.UTF-8"
+    # (uid, gid) to run as instead of the worker's own: a tenant's unprivileged identity.
+    run_as: tuple[int, int] | None = None
+    # False: a network namespace of its own, with nothing in it but a loopback that is down.
+    network: bool = True
 
 
 @dataclass(frozen=True)

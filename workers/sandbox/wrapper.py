@@ -11,6 +11,8 @@ import resource
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from producer.errors import SandboxError
+
 from .capabilities import Capabilities
 from .model import Limits
 from .procfs import count_tasks_of_uid
@@ -41,8 +43,15 @@ def build_launch(
     memory_cgroup: bool,
     pids_cgroup: bool,
     kill: str,
+    run_as: tuple[int, int] | None = None,
+    network: bool = True,
 ) -> Launch:
-    """Compose prlimit -> setpriv -> exe for this run and say what each limit relies on."""
+    """Compose prlimit -> setpriv -> exe for this run and say what each limit relies on.
+
+    `run_as`: setpriv also switches to that uid/gid with no supplementary groups and
+    no_new_privs (a setuid binary cannot bring root back). It applies the parent-death
+    signal after the switch, which would otherwise clear it.
+    """
     rl: list[tuple[str, int, int, int]] = [
         ("cpu", resource.RLIMIT_CPU, limits.cpu_s, limits.cpu_s + 1),
         ("fsize", resource.RLIMIT_FSIZE, limits.file_mb * MiB, limits.file_mb * MiB),
@@ -77,7 +86,24 @@ def build_launch(
         chain.append("--")
     else:
         after = tuple((res, soft, hard) for _, res, soft, hard in rl)
-    if caps.setpriv and caps.pdeathsig:
+    if not network:
+        if not (caps.unshare and caps.is_root):
+            raise SandboxError("a command without network needs a root worker and unshare")
+        chain += [caps.unshare, "--net", "--"]
+        enforced["network"] = "none (network namespace)"
+    if run_as is not None:
+        if not (caps.setpriv and caps.is_root):
+            raise SandboxError(
+                f"running as uid {run_as[0]} needs a root worker and setpriv (util-linux)"
+            )
+        uid, gid = run_as
+        chain += [caps.setpriv, f"--reuid={uid}", f"--regid={gid}", "--clear-groups"]
+        chain += ["--no-new-privs"]
+        if caps.pdeathsig:
+            chain += ["--pdeathsig", "KILL"]
+        chain.append("--")
+        enforced["identity"] = f"uid {uid} gid {gid}"
+    elif caps.setpriv and caps.pdeathsig:
         chain += [caps.setpriv, "--pdeathsig", "KILL", "--"]
     return Launch(argv=(*chain, exe, *args), enforced=enforced, after_spawn=after)
 
