@@ -336,7 +336,7 @@ class Tenant(BaseModel):
     @classmethod
     def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
         for name in value:
-            if not ENV_NAME.match(name):
+            if not ENV_NAME.fullmatch(name):
                 raise ValueError(f"{name!r} is not a valid environment variable name")
         return value
 
@@ -375,7 +375,7 @@ class TenantsFile(BaseModel):
             raise ValueError("at least one tenant is required")
         named = {}
         for name, tenant in value.items():
-            if not TENANT_NAME.match(name):
+            if not TENANT_NAME.fullmatch(name):
                 raise ValueError(
                     f"tenant name {name!r} must match {TENANT_NAME.pattern} "
                     "(it becomes a queue name)"

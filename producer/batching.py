@@ -50,6 +50,8 @@ def _specs(tenant: str, steps: Sequence[CommandSpec | Mapping[str, Any]]) -> lis
         if isinstance(step, CommandSpec):
             spec = step
         elif isinstance(step, Mapping):
+            if not all(isinstance(k, str) for k in step):
+                raise SpecError(f"step {number}: field names must be strings")
             try:
                 spec = CommandSpec(**{"tenant": tenant, **step})
             except SpecError as exc:

@@ -25,10 +25,16 @@ class EffectiveLimits:
     open_files: int
 
 
-@lru_cache(maxsize=4096)
 def _real(path: str) -> str:
     # Symlinks are resolved on both sides so /bin/echo and /usr/bin/echo are one program;
     # a path that does not exist here is compared as written (the worker checks again).
+    # Never cached for what a spec names: a link can be re-pointed between two checks.
+    return os.path.realpath(path)
+
+
+@lru_cache(maxsize=4096)
+def _real_listed(path: str) -> str:
+    # The tenants file's own paths: resolved once per process (the file is trusted config).
     return os.path.realpath(path)
 
 
@@ -44,7 +50,7 @@ def tenant_for(spec_tenant: str, tenants: TenantsFile) -> Tenant:
 def allowed(argv0: str, tenant: Tenant) -> bool:
     """Whether argv[0] names an allow-listed program once symlinks are resolved."""
     target = _real(argv0)
-    return any(target == _real(entry) for entry in tenant.executables)
+    return any(target == _real_listed(entry) for entry in tenant.executables)
 
 
 @dataclass(frozen=True)
@@ -63,7 +69,9 @@ def denied(kind: str, argv: tuple[str, ...], tenant: Tenant) -> Denial | None:
     """
     target = _real(argv[0])
     scoped = [
-        e for e in tenant.deny_args if not isinstance(e, str) and _real(e.executable) == target
+        e
+        for e in tenant.deny_args
+        if not isinstance(e, str) and _real_listed(e.executable) == target
     ]
     for rule in scoped:
         if rule.pattern is None:
@@ -91,7 +99,7 @@ def _check_argv(kind: str, argv: tuple[str, ...], tenant: Tenant) -> None:
     _require_resolved(tenant)
     if not allowed(argv[0], tenant):
         raise PolicyDenied(
-            f"{kind}[0] {argv[0]!r} is not on tenant {tenant.name!r}'s executables allow-list",
+            f"{kind}[0] {argv[0]!r} is not on the executables allow-list of tenant {tenant.name!r}",
             rule="executables",
         )
     denial = denied(kind, argv, tenant)

@@ -20,6 +20,8 @@ MAX_ENV_VARS = 64
 MAX_ENV_VALUE_BYTES = 8 * 1024
 MAX_ENV_BYTES = 64 * 1024
 MAX_KEY_LENGTH = 200
+# Limits are stored in 32-bit INTEGER columns (every tenant ceiling is far below this).
+MAX_LIMIT_INT = 2**31 - 1
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 KEY_PATTERN = re.compile(r"^[\x21-\x7e]{1,200}$")
@@ -55,7 +57,7 @@ def _check_env(kind: str, env: Mapping[str, str]) -> None:
         raise ValueError(f"{kind} has {len(env)} variables, more than {MAX_ENV_VARS}")
     total = 0
     for name, value in env.items():
-        if not ENV_NAME.match(name):
+        if not ENV_NAME.fullmatch(name):  # match() would let "NAME\n" through ($)
             raise ValueError(f"{kind} name {name!r} is not a valid variable name")
         if name in RESERVED_ENV:
             raise ValueError(f"{kind} may not set {name}: execq sets it")
@@ -97,6 +99,14 @@ def _check_argv(kind: str, argv: tuple[str, ...]) -> None:
         raise ValueError(f"{kind}[0] must be an absolute path, got {argv[0]!r}")
 
 
+def _to_float(value: int) -> float | int:
+    # An int too large for a float is left as it is, for the field to refuse it (not crash).
+    try:
+        return float(value)
+    except OverflowError:
+        return value
+
+
 MAX_SNAPSHOT_PATHS = 32
 MAX_RETRIES = 20
 
@@ -106,15 +116,15 @@ class CompensateLimits(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
-    timeout_s: float | None = Field(default=None, gt=0)
-    cpu_s: int | None = Field(default=None, gt=0)
-    memory_mb: int | None = Field(default=None, gt=0)
+    timeout_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    cpu_s: int | None = Field(default=None, gt=0, le=MAX_LIMIT_INT)
+    memory_mb: int | None = Field(default=None, gt=0, le=MAX_LIMIT_INT)
 
     @model_validator(mode="before")
     @classmethod
     def _int_timeout(cls, data: Any) -> Any:
         if isinstance(data, dict) and type(data.get("timeout_s")) is int:
-            data = {**data, "timeout_s": float(data["timeout_s"])}
+            data = {**data, "timeout_s": _to_float(data["timeout_s"])}
         return data
 
 
@@ -126,9 +136,9 @@ class CommandSpec(BaseModel):
     tenant: str
     argv: tuple[str, ...]
     idempotency_key: str | None = None
-    timeout_s: float | None = Field(default=None, gt=0)
-    cpu_s: int | None = Field(default=None, gt=0)
-    memory_mb: int | None = Field(default=None, gt=0)
+    timeout_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    cpu_s: int | None = Field(default=None, gt=0, le=MAX_LIMIT_INT)
+    memory_mb: int | None = Field(default=None, gt=0, le=MAX_LIMIT_INT)
     env: dict[str, str] = Field(default_factory=dict)
     secrets: dict[str, str] = Field(default_factory=dict, repr=False)
     compensate: tuple[str, ...] | None = None
@@ -165,13 +175,13 @@ class CommandSpec(BaseModel):
                     data[key] = tuple(data[key])
             for key in ("timeout_s",):
                 if isinstance(data.get(key), int) and not isinstance(data.get(key), bool):
-                    data[key] = float(data[key])
+                    data[key] = _to_float(data[key])
         return data
 
     @field_validator("tenant")
     @classmethod
     def _tenant(cls, value: str) -> str:
-        if not TENANT_PATTERN.match(value):
+        if not TENANT_PATTERN.fullmatch(value):
             raise ValueError(f"{value!r} is not a tenant name")
         return value
 
@@ -201,10 +211,19 @@ class CommandSpec(BaseModel):
                 raise ValueError(f"{path!r} must not contain . or .. components")
         return value
 
+    @field_validator("principal")
+    @classmethod
+    def _principal(cls, value: str | None) -> str | None:
+        if value is not None:
+            _utf8_size(value, "principal")
+            if "\x00" in value:  # no store column (PostgreSQL text) can hold it
+                raise ValueError("principal contains a NUL byte")
+        return value
+
     @field_validator("idempotency_key")
     @classmethod
     def _key(cls, value: str | None) -> str | None:
-        if value is not None and not KEY_PATTERN.match(value):
+        if value is not None and not KEY_PATTERN.fullmatch(value):
             raise ValueError(
                 f"must be 1-{MAX_KEY_LENGTH} printable ASCII characters without spaces"
             )

@@ -66,15 +66,16 @@ def decode(task_id: str | None, kwargs: Mapping[str, Any], headers: Mapping[str,
     """Validate a message's fields; raises BadMessage naming what is wrong."""
     command_id = kwargs.get("command_id")
     tenant = kwargs.get("tenant")
-    secrets = kwargs.get("secrets") or {}
-    if not isinstance(command_id, str) or not COMMAND_ID.match(command_id):
+    # Absent means none; anything else that is not a mapping is a forged body.
+    secrets = kwargs.get("secrets", {})
+    if not isinstance(command_id, str) or not COMMAND_ID.fullmatch(command_id):
         raise BadMessage("command_id is not a command id")
     if task_id != command_id:
         raise BadMessage(f"task id {task_id!r} is not the command id")
     if not isinstance(tenant, str):
         raise BadMessage("tenant is not a string")
     if not isinstance(secrets, dict) or not all(
-        isinstance(k, str) and ENV_NAME.match(k) and isinstance(v, str) and _text(v)
+        isinstance(k, str) and ENV_NAME.fullmatch(k) and isinstance(v, str) and _text(v)
         for k, v in secrets.items()
     ):
         raise BadMessage("secrets is not a mapping of variable names to strings")
@@ -143,7 +144,7 @@ class Pipeline:
 
         The event goes to this pool's tenant chain: the message's own fields are untrusted.
         """
-        cid = command_id if command_id and COMMAND_ID.match(command_id) else ""
+        cid = command_id if command_id and COMMAND_ID.fullmatch(command_id) else ""
         # A forged message chooses this text: keep the trail's events small.
         reason = reason[:500]
         detail = {k: v[:100] if isinstance(v, str) else v for k, v in detail.items()}
