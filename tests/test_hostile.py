@@ -209,20 +209,14 @@ def _swap_for_symlink(tool: Path) -> None:
     tool.symlink_to("/bin/sh")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: the allow-list pins paths, not files; resolve_executable cannot tell "
-    "that what an allow-listed path names was replaced (by root or the worker's own uid, the "
-    "only ones the directory checks let write there)",
-)
 @pytest.mark.parametrize("swap", [_swap_content, _swap_for_symlink], ids=["content", "symlink"])
-def test_an_allow_listed_file_swapped_after_it_was_resolved_is_refused(
+def test_an_allow_listed_file_replaced_after_the_worker_pinned_it_is_refused(
     safe_dir: Path, swap: Callable[[Path], None]
 ) -> None:
     tool = copy_of("/bin/true", safe_dir / "tool")
     assert resolve_executable(str(tool), [str(tool)]) == str(tool)
     swap(tool)
-    with pytest.raises(ExecutableRefused):
+    with pytest.raises(ExecutableRefused, match=r"since this worker started|now resolves to"):
         resolve_executable(str(tool), [str(tool)])
 
 

@@ -339,6 +339,10 @@ def worker(
     if missing is not None:
         # The tenant requires it: never run its commands with less than it asked for.
         fail(f"tenant {tenant!r} cannot be served on this host: {missing}", 2, as_json=as_json)
+    from workers.sandbox.resolve import pin_executables  # noqa: PLC0415
+
+    # Before the pool forks: every pool process allows the files the allow-list names now.
+    pin_executables(found.executables)
     _setup_logging(loglevel, settings)
     from producer import telemetry  # noqa: PLC0415
 

@@ -2,6 +2,11 @@
 
 Only absolute paths are accepted, compared by realpath with the allow-list, and the file and
 every directory above it must be safe from tampering by anyone but root (or us).
+
+The allow-list names paths, but what is allowed is the file each one named when this
+process first resolved it (the worker pins them at start): an entry that later resolves to
+another file — re-pointed, or replaced in place with another inode, size or mtime — is
+refused until the worker restarts and pins the new one on purpose.
 """
 
 from __future__ import annotations
@@ -13,6 +18,42 @@ from collections.abc import Sequence
 from producer.errors import ExecutableRefused
 
 _MAX_LINK_HOPS = 40  # the kernel's own limit (ELOOP)
+
+# allow-list entry (as written) -> (the file it resolved to, that file's identity)
+_pins: dict[str, tuple[str, tuple[int, ...]]] = {}
+
+
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode, st.st_uid)
+
+
+def pin_executables(allowed: Sequence[str]) -> None:
+    """Remember which file each allow-list entry names now (an entry missing here is pinned
+    when it is first resolved)."""
+    for entry in allowed:
+        if entry and os.path.isabs(entry) and entry not in _pins:
+            real = os.path.realpath(entry)
+            try:
+                _pins[entry] = (real, _identity(os.stat(real)))
+            except OSError:
+                continue
+
+
+def _check_pinned(argv0: str, real: str, st: os.stat_result, allowed: Sequence[str]) -> None:
+    for entry in allowed:
+        pinned = _pins.get(entry)
+        if pinned is None or (pinned[0] != real and os.path.realpath(entry) != real):
+            continue
+        if pinned[0] != real:
+            raise ExecutableRefused(
+                f"refused {argv0}: the allow-listed {entry} resolved to {pinned[0]} when this "
+                f"worker started and now resolves to {real}; restart the worker to accept it"
+            )
+        if pinned[1] != _identity(st):
+            raise ExecutableRefused(
+                f"refused {argv0}: {real} was replaced or modified since this worker started "
+                "(another inode, size, mtime, mode or owner); restart the worker to accept it"
+            )
 
 
 def resolve_executable(argv0: str, allowed: Sequence[str]) -> str:
@@ -47,6 +88,8 @@ def resolve_executable(argv0: str, allowed: Sequence[str]) -> str:
     _check_safe(argv0, real, st, "file")
     _check_parents(argv0, real)
     _check_link_dirs(argv0)
+    pin_executables(allowed)
+    _check_pinned(argv0, real, st, allowed)
     return real
 
 
