@@ -199,7 +199,8 @@ MAX_CONCURRENT_HELP = (
     "not enforced yet: each worker's `concurrency` is the only bound today."
 )
 SUBMIT_RATE_HELP = (
-    "Submissions allowed per second for the tenant. Validated and shown; not enforced yet."
+    "Submissions allowed per second for the tenant (a token bucket in Redis shared by every "
+    "producer); a submit beyond it is refused with rule submit_rate and recorded."
 )
 
 

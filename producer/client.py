@@ -33,6 +33,7 @@ from producer.errors import (
 )
 from producer.identity import default_principal
 from producer.outbox import Outbox
+from producer.ratelimit import SubmitRateLimiter
 from producer.record import CommandRecord
 from producer.reverting import Reverting
 from producer.revocation import CANCEL_CHANNEL, revoke_event, revoke_pending
@@ -78,6 +79,7 @@ class Producer(Reverting):
         # Who wrote an event: this process (the principal says who asked for the command).
         self.actor = f"producer@{socket.gethostname()}:{os.getpid()}"
         self._redis: redis.Redis | None = None
+        self._rate: SubmitRateLimiter | None = None
         self.outbox = Outbox(store, publisher)
 
     @classmethod
@@ -168,7 +170,9 @@ class Producer(Reverting):
         spec, attempt = self._intake(spec, trace)
         principal, command_id = attempt.subject.principal, attempt.subject.command_id
         try:
-            policy.check(spec, self.tenants)
+            tenant = policy.check(spec, self.tenants)
+            if tenant.submit_rate is not None:
+                self._limiter().take(tenant)
         except (PolicyDenied, UnknownTenant) as refusal:
             rule = refusal.rule if isinstance(refusal, PolicyDenied) else "unknown_tenant"
             failure_reason = f"policy:{rule}"[:64]
@@ -301,6 +305,11 @@ class Producer(Reverting):
             log.warning(
                 "could not announce cancel of %s (lease renewal will see it): %s", command_id, exc
             )
+
+    def _limiter(self) -> SubmitRateLimiter:
+        if self._rate is None:
+            self._rate = SubmitRateLimiter(self._redis_client())
+        return self._rate
 
     def _redis_client(self) -> redis.Redis:
         if self._redis is None:

@@ -11,9 +11,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import redis as redis_lib
 
 from config.tenants import load_tenants
 from producer.client import Producer
+from producer.errors import PolicyDenied
 from producer.spec import CommandSpec
 from producer.states import State
 from tests.conftest import PYTHON, Env, start_worker, wait_for
@@ -68,6 +70,7 @@ tenants:
     executables: [/bin/sh, /bin/sleep, /bin/true, {PYTHON}]
     run_as: {{uid_min: 42000, uid_max: 42000, gid: 42000}}
     network: false
+    submit_rate: {{per_s: 0.5, burst: 3}}
 """
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="separate uids need a root worker")
@@ -182,3 +185,31 @@ def test_a_host_that_cannot_isolate_says_why() -> None:
     assert "root worker" in (caps.can_isolate(run_as=True, no_network=False) or "")
     assert "unshare" in (caps.can_isolate(run_as=False, no_network=True) or "")
     assert caps.can_isolate(run_as=False, no_network=False) is None
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_tenant_over_its_submit_rate_is_refused_recorded_and_audited(
+    tmp_path: Path, make_env: Callable[..., Env], env: Env
+) -> None:
+    isolated = _isolated(tmp_path, make_env, env)
+    with isolated.producer() as producer:
+        redis_lib.Redis.from_url(isolated.settings.broker_url).delete("execq.rate.beta")
+        accepted, refused = [], []
+        for n in range(5):
+            spec = CommandSpec(tenant="beta", argv=["/bin/true"], idempotency_key=f"rate-{n}")
+            try:
+                accepted.append(producer.submit(spec).id)
+            except PolicyDenied as denied:
+                assert denied.rule == "submit_rate" and "submit_rate allows" in str(denied)
+                assert denied.command_id is not None
+                refused.append(denied.command_id)
+        # The burst of 3 passes; then one token every 2 s, so the next two are refused.
+        assert (len(accepted), len(refused)) == (3, 2)
+        for cid in refused:
+            rec = producer.get(cid)
+            assert (rec.state, rec.failure_reason) == (State.REJECTED, "policy:submit_rate")
+            phases = [(e.phase, e.outcome) for e in producer.audit_events(command_id=cid)]
+            assert ("authz", "refused") in phases
+        # Other tenants have their own bucket (none at all, here).
+        for _ in range(5):
+            producer.submit(CommandSpec(tenant="alpha", argv=["/bin/true"]))

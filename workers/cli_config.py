@@ -14,7 +14,7 @@ from config.tenants import Tenant, TenantsFile, load_tenants, tenants_json_schem
 from workers.clikit import JsonOpt, handled, out
 
 # Validated and shown, but nothing refuses or throttles a command by them yet.
-NOT_ENFORCED = ("max_concurrent", "submit_rate")
+NOT_ENFORCED = ("max_concurrent",)
 
 config_app = typer.Typer(
     help=(
