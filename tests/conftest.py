@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -380,6 +382,18 @@ def otlp_sink() -> Iterator[OtlpSink]:
 
 
 # --- helpers shared by test modules ---------------------------------------------------------
+
+
+@pytest.fixture
+def safe_dir() -> Iterator[Path]:
+    """A directory whose whole parent chain is private (unlike /tmp, which is world-writable):
+    where an executable may be allow-listed."""
+    d = Path(tempfile.mkdtemp(prefix="execq-safe-", dir=Path.home()))
+    d.chmod(0o755)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d)
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 30, what: str = "") -> None:

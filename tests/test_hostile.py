@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -73,17 +72,6 @@ def copy_of(source: str, path: Path, mode: int = 0o755) -> Path:
     shutil.copyfile(source, path)
     path.chmod(mode)
     return path
-
-
-@pytest.fixture
-def safe_dir() -> Iterator[Path]:
-    """A directory whose whole parent chain is private (/tmp, hence tmp_path, is not)."""
-    d = Path(tempfile.mkdtemp(prefix="execq-hostile-", dir=Path.home()))
-    d.chmod(0o755)
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d)
 
 
 @pytest.fixture

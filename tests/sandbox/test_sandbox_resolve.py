@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,17 +15,6 @@ from workers.sandbox import resolve_executable
 
 ECHO = os.path.realpath("/bin/echo")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown to another uid needs root")
-
-
-@pytest.fixture
-def safe_dir() -> Iterator[Path]:
-    """A directory whose whole parent chain is private (unlike /tmp, which is world-writable)."""
-    d = Path(tempfile.mkdtemp(prefix="execq-resolve-", dir=Path.home()))
-    d.chmod(0o755)
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d)
 
 
 def tool(directory: Path, name: str = "tool", mode: int = 0o755) -> Path:
