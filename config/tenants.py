@@ -195,8 +195,8 @@ RUN_AS_HELP = (
     "pool process (a root worker with setpriv is required, or the worker refuses)."
 )
 MAX_CONCURRENT_HELP = (
-    "Most commands of the tenant running at once across all its workers. Validated and shown; "
-    "not enforced yet: each worker's `concurrency` is the only bound today."
+    "Most commands of the tenant running at once across all its workers and hosts; a delivery "
+    "beyond it waits (its message comes back about a second later)."
 )
 SUBMIT_RATE_HELP = (
     "Submissions allowed per second for the tenant (a token bucket in Redis shared by every "

@@ -4,6 +4,7 @@ another tenant's wait."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import statistics
 import uuid
@@ -213,3 +214,42 @@ def test_a_tenant_over_its_submit_rate_is_refused_recorded_and_audited(
         # Other tenants have their own bucket (none at all, here).
         for _ in range(5):
             producer.submit(CommandSpec(tenant="alpha", argv=["/bin/true"]))
+
+
+LIMITED_YAML = """
+tenants:
+  alpha:
+    concurrency: 2
+    executables: [/bin/sh, /bin/sleep, /bin/true]
+    max_concurrent: 1
+"""
+
+
+@pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
+def test_max_concurrent_holds_across_pool_processes_and_workers(
+    tmp_path: Path, make_env: Callable[..., Env], env: Env
+) -> None:
+    path = tmp_path / "limited.yaml"
+    path.write_text(LIMITED_YAML)
+    limited = make_env(env.settings.database_url, env.settings.broker_url)
+    limited.vars["EXECQ_TENANTS_FILE"] = str(path)
+    limited.tenants = load_tenants(path)
+    # Two workers of two pool processes each: four could run at once, the tenant allows one.
+    started = [start_worker(limited, "alpha"), start_worker(limited, "alpha")]
+    try:
+        with limited.producer() as producer:
+            ids = [
+                producer.submit(CommandSpec(tenant="alpha", argv=["/bin/sleep", "0.3"])).id
+                for _ in range(6)
+            ]
+            done = [producer.wait(cid, timeout=60) for cid in ids]
+    finally:
+        for w in started:
+            w.stop()
+    assert all(r.state is State.SUCCEEDED for r in done)
+    spans = sorted((r.started_at, r.finished_at) for r in done if r.started_at and r.finished_at)
+    assert len(spans) == 6
+    for (_, end), (start, _) in itertools.pairwise(spans):
+        assert start >= end, "two commands of a max_concurrent: 1 tenant overlapped"
+    # Throttled deliveries came back later: some claims had to wait for their turn.
+    assert any("tenant at max_concurrent" in w.output() for w in started)

@@ -13,9 +13,6 @@ from config.settings import Environment, load_policy_settings
 from config.tenants import Tenant, TenantsFile, load_tenants, tenants_json_schema
 from workers.clikit import JsonOpt, handled, out
 
-# Validated and shown, but nothing refuses or throttles a command by them yet.
-NOT_ENFORCED = ("max_concurrent",)
-
 config_app = typer.Typer(
     help=(
         "The tenants file: validate it and see the policy each tenant gets.\n\n"
@@ -70,12 +67,6 @@ def check(
             (env.value, "bold"),
         ),
         soft_wrap=True,
-    )
-    out.print(
-        f"({', '.join(NOT_ENFORCED)} are validated and shown, not enforced yet)",
-        style="dim",
-        soft_wrap=True,
-        markup=False,
     )
     written = tenants.as_written
     for name, tenant in tenants.tenants.items():
@@ -154,7 +145,6 @@ def _as_json(file: Path, env: Environment, tenants: TenantsFile) -> dict[str, An
         "file": str(file),
         "environment": env.value,
         "valid": True,
-        "not_enforced": list(NOT_ENFORCED),
         "tenants": {
             name: {
                 **t.model_dump(mode="json", exclude={"name", "environments"}),

@@ -51,16 +51,7 @@ class FollowUps:
             return
         try:
             if handled.state is State.PENDING and handled.retry_in is not None:
-                headers = {"traceparent": delivery.traceparent} if delivery.traceparent else {}
-                rollback.send(
-                    self.store,
-                    self.publisher,
-                    claimed.id,
-                    self.tenant,
-                    headers=headers,
-                    countdown=handled.retry_in,
-                    secrets=delivery.secrets,
-                )
+                self.requeue(claimed.id, delivery, countdown=handled.retry_in)
             elif (
                 handled.state is State.FAILED
                 and claimed.rollback_on_failure
@@ -73,6 +64,21 @@ class FollowUps:
                 self.advance_batch(claimed.batch_id)
         except Exception:
             log.exception("follow-up of command %s failed; the reaper will retry it", claimed.id)
+
+    def requeue(self, command_id: str, delivery: Delivery, *, countdown: float) -> None:
+        """The delivery's message again (its secrets and trace too), due in `countdown` s."""
+        if self.publisher is None:
+            return
+        headers = {"traceparent": delivery.traceparent} if delivery.traceparent else {}
+        rollback.send(
+            self.store,
+            self.publisher,
+            command_id,
+            self.tenant,
+            headers=headers,
+            countdown=countdown,
+            secrets=delivery.secrets,
+        )
 
     def advance_batch(self, batch_id: str) -> None:
         """Move the batch on after one of its steps (or a step's compensation) ended."""

@@ -17,6 +17,7 @@ for, and the next move of the command's batch.
 from __future__ import annotations
 
 import logging
+import random
 import re
 import socket
 import time
@@ -178,6 +179,7 @@ class Pipeline:
             tenant=self.tenant.name,
             worker=self.worker_id,
             lease_s=self.settings.lease_s,
+            max_running=self.tenant.max_concurrent,
         )
         if claimed is None:
             reverting = self.store.claim_revert(
@@ -188,7 +190,14 @@ class Pipeline:
             )
             if reverting is not None:
                 return self._compensate(reverting, delivery)
-            detail = self._why_not_claimed(delivery.command_id)
+            found = self.store.lookup(delivery.command_id)
+            if self._throttled(found):
+                # The tenant runs max_concurrent commands already: come back shortly.
+                delay = random.uniform(0.5, 1.0)  # noqa: S311 (timing jitter)
+                self.follow_ups.requeue(delivery.command_id, delivery, countdown=delay)
+                log.info("command %s waits: tenant at max_concurrent", delivery.command_id)
+                return Handled(delivery.command_id, "throttled", detail="max_concurrent")
+            detail = self._why_not_claimed(found)
             if detail is not None:
                 log.warning("refused delivery of command %s: %s", delivery.command_id, detail)
                 return self.refuse(delivery.command_id, detail)
@@ -235,9 +244,15 @@ class Pipeline:
             self.follow_ups.advance_batch(claimed.batch_id)
         return Handled(claimed.id, "compensated", state)
 
-    def _why_not_claimed(self, command_id: str) -> str | None:
+    def _throttled(self, found: tuple[str, str, bool] | None) -> bool:
+        """Whether a pending command of this tenant was not claimed only for max_concurrent."""
+        if found is None or self.tenant.max_concurrent is None:
+            return False
+        tenant, state, held = found
+        return tenant == self.tenant.name and state == State.PENDING.value and not held
+
+    def _why_not_claimed(self, found: tuple[str, str, bool] | None) -> str | None:
         """Why a delivery must be refused, or None for a harmless repeat of a known one."""
-        found = self.store.lookup(command_id)
         if found is None:
             return "unknown command id"
         tenant, _, _ = found

@@ -8,7 +8,18 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Connection, Integer, Table, Update, bindparam, func, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Integer,
+    Table,
+    Update,
+    bindparam,
+    func,
+    select,
+    text,
+    update,
+)
 
 from producer.states import State, check_transition
 from producer.store.batches import RUNNING as BATCH_RUNNING
@@ -67,6 +78,15 @@ _CLAIM = (
         commands.c.max_retries,
         commands.c.rollback_on_failure,
     )
+)
+# The same claim for a tenant with max_concurrent: only while fewer of its commands run.
+_RUNNING = commands.alias("running")
+_CLAIM_WITHIN = _CLAIM.where(
+    select(func.count())
+    .select_from(_RUNNING)
+    .where(_RUNNING.c.tenant == bindparam("w_tenant"), _RUNNING.c.state == State.RUNNING.value)
+    .scalar_subquery()
+    < bindparam("w_max", type_=Integer)
 )
 # A compensation is claimed without a change of state (the command stays `reverting`): the
 # lease makes the claim, so only one delivery can run it, and the finishing transition
@@ -158,17 +178,31 @@ class ClaimedRevert:
 class Claims:
     """Claims and leases; `_one` is the Store's connection for one statement."""
 
+    engine: Engine
+
     def _one(self) -> AbstractContextManager[Connection]:
         raise NotImplementedError
 
-    def claim(self, command_id: str, *, tenant: str, worker: str, lease_s: float) -> Claimed | None:
-        """pending -> running for this worker, or None when another delivery already won.
+    def claim(
+        self,
+        command_id: str,
+        *,
+        tenant: str,
+        worker: str,
+        lease_s: float,
+        max_running: int | None = None,
+    ) -> Claimed | None:
+        """pending -> running for this worker, or None when another delivery already won
+        (or, with `max_running`, when that many of the tenant's commands run already).
 
         One conditional UPDATE guarded by (id, tenant, state): whatever the version is, only
         one claimer can see `pending`, and the version is bumped in the same statement.
         """
         check_transition(State.PENDING, State.RUNNING)
-        row = self._lease(_CLAIM, command_id, tenant, worker, lease_s, with_now=True)
+        if max_running is None:
+            row = self._lease(_CLAIM, command_id, tenant, worker, lease_s, with_now=True)
+        else:
+            row = self._lease_within(command_id, tenant, worker, lease_s, max_running)
         if row is None:
             return None
         return Claimed(
@@ -191,6 +225,31 @@ class Claims:
             snapshot_paths=tuple(row.snapshot_paths or ()),
             batch_id=row.batch_id,
         )
+
+    def _lease_within(
+        self, command_id: str, tenant: str, worker: str, lease_s: float, max_running: int
+    ) -> Any:
+        """The claim, counted against the tenant's running commands, one claimer at a time.
+
+        PostgreSQL: a transaction-scoped advisory lock per tenant serializes the count and the
+        update across workers and hosts. SQLite: the UPDATE holds the database's write lock.
+        """
+        now = utcnow()
+        params = {
+            "w_id": command_id,
+            "w_tenant": tenant,
+            "w_max": max_running,
+            "v_worker": worker,
+            "v_now": now,
+            "v_expires": now + timedelta(seconds=lease_s),
+        }
+        with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(
+                    text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"),
+                    {"k": f"execq.running.{tenant}"},
+                )
+            return conn.execute(_CLAIM_WITHIN, params).one_or_none()
 
     def claim_revert(
         self, command_id: str, *, tenant: str, worker: str, lease_s: float

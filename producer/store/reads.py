@@ -25,15 +25,16 @@ class Reads:
     def _one(self) -> AbstractContextManager[Connection]:
         raise NotImplementedError
 
-    def lookup(self, command_id: str) -> tuple[str, str, int] | None:
-        """(tenant, state, version) of a command, or None; a cheap read for logging refusals."""
+    def lookup(self, command_id: str) -> tuple[str, str, bool] | None:
+        """(tenant, state, held) of a command, or None: a cheap read for a delivery that
+        claimed nothing (refused, a repeat, or throttled)."""
         with self._one() as conn:
             row = conn.execute(
-                select(commands.c.tenant, commands.c.state, commands.c.version).where(
+                select(commands.c.tenant, commands.c.state, commands.c.held).where(
                     commands.c.id == command_id
                 )
             ).one_or_none()
-        return None if row is None else (row.tenant, row.state, row.version)
+        return None if row is None else (row.tenant, row.state, bool(row.held))
 
     def attention_counts(self) -> dict[str, int]:
         """How many commands need a person, per tenant."""
