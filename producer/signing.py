@@ -5,8 +5,12 @@ task id, name and headers (where the trace context travels) stay unsigned, there
 expiry, and it needs a key pair and certificate store on every producer, worker, and on
 Flower and the CLI just to send a revoke (control messages use the task serializer). Here
 one shared key signs, per message: the task id (= command id), the task name, the kwargs
-(command id, tenant, secret values), the trace headers, and an expiry. Control messages are
+(command id, tenant, secret values), and an expiry. Control messages are
 untouched, so Flower and `execq revoke` work as before.
+
+The trace headers (`traceparent`, `tracestate`) are not signed: Celery's OpenTelemetry
+instrumentation rewrites them on publish, after execq has signed. They steer nothing but
+tracing, and even there the store's trace id wins over the message's.
 
 What it stops: a message made up by someone who can write to Redis (a new id, or a known id
 with another body or tenant), and replays after the expiry. A replay before it is harmless:
@@ -26,18 +30,14 @@ from typing import Any
 SIGNATURE = "execq_sig"
 EXPIRES = "execq_exp"
 VERSION = "v1"
-SIGNED_HEADERS = ("traceparent", "tracestate")
 
 
 class BadSignature(ValueError):
     """A message that is unsigned, signed with another key, altered, or expired."""
 
 
-def _payload(
-    task_id: str, task: str, kwargs: Mapping[str, Any], headers: Mapping[str, Any], exp: int
-) -> bytes:
-    signed = {name: headers.get(name) for name in SIGNED_HEADERS}
-    doc = {"id": task_id, "task": task, "kwargs": kwargs, "headers": signed, "exp": exp}
+def _payload(task_id: str, task: str, kwargs: Mapping[str, Any], exp: int) -> bytes:
+    doc = {"id": task_id, "task": task, "kwargs": kwargs, "exp": exp}
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
@@ -62,7 +62,7 @@ class Signer:
     ) -> dict[str, Any]:
         """The headers to add: the signature and its expiry (later for a delayed message)."""
         exp = int(time.time() + not_before_s + self.ttl_s)
-        payload = _payload(task_id, task, kwargs, headers, exp)
+        payload = _payload(task_id, task, kwargs, exp)
         return {SIGNATURE: self._mac(payload), EXPIRES: exp}
 
     def verify(
@@ -81,7 +81,7 @@ class Signer:
         if not isinstance(task_id, str):
             raise BadSignature("message has no task id")
         try:
-            payload = _payload(task_id, task, kwargs, headers, exp)
+            payload = _payload(task_id, task, kwargs, exp)
         except (TypeError, ValueError):
             raise BadSignature("message body cannot be signed (not JSON)") from None
         if not hmac.compare_digest(self._mac(payload), signature):
