@@ -140,9 +140,7 @@ class Publisher:
         sent_headers = dict(headers or {})
         if self.signer is not None:
             sent_headers.update(
-                self.signer.sign(
-                    command_id, TASK_NAME, kwargs, sent_headers, not_before_s=countdown or 0.0
-                )
+                self.signer.sign(command_id, TASK_NAME, kwargs, not_before_s=countdown or 0.0)
             )
         try:
             self.app.send_task(

@@ -56,7 +56,6 @@ class Signer:
         task_id: str,
         task: str,
         kwargs: Mapping[str, Any],
-        headers: Mapping[str, Any],
         *,
         not_before_s: float = 0.0,
     ) -> dict[str, Any]:

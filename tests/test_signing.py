@@ -34,7 +34,7 @@ def test_a_signature_covers_id_task_body_and_expiry() -> None:
     cid = str(uuid.uuid4())
     kwargs = {"command_id": cid, "tenant": "alpha", "secrets": {"T": "v"}}
     headers = {"traceparent": f"00-{'a' * 32}-{'b' * 16}-01"}
-    signed = {**headers, **s.sign(cid, TASK_NAME, kwargs, headers)}
+    signed = {**headers, **s.sign(cid, TASK_NAME, kwargs)}
     s.verify(cid, TASK_NAME, kwargs, signed)
     for change, expect in (
         (lambda k, h: (str(uuid.uuid4()), TASK_NAME, k, h), "does not match"),
@@ -51,7 +51,7 @@ def test_a_signature_covers_id_task_body_and_expiry() -> None:
         signer(OTHER).verify(cid, TASK_NAME, kwargs, signed)
     # Trace headers are rewritten by Celery's instrumentation after signing: not covered.
     s.verify(cid, TASK_NAME, kwargs, {**signed, "traceparent": f"00-{'c' * 32}-{'d' * 16}-01"})
-    old = {**headers, **signer(ttl_s=-5).sign(cid, TASK_NAME, kwargs, headers)}
+    old = {**headers, **signer(ttl_s=-5).sign(cid, TASK_NAME, kwargs)}
     with pytest.raises(BadSignature, match="expired"):
         s.verify(cid, TASK_NAME, kwargs, old)
 
@@ -112,7 +112,7 @@ def test_only_signed_messages_run_and_forgeries_are_refused_and_audited(
         r = redis.Redis.from_url(url)
         body = {"command_id": known.id, "tenant": "alpha"}
         _publish_raw(url, "execq.alpha", known.id, body, exchange="")
-        forged = signer(OTHER).sign(known.id, TASK_NAME, body, {})
+        forged = signer(OTHER).sign(known.id, TASK_NAME, body)
         _publish_raw(url, "execq.alpha", known.id, body, forged, exchange="")
         made_up = str(uuid.uuid4())
         made_up_body = {"command_id": made_up, "tenant": "alpha"}
