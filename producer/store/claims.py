@@ -325,44 +325,43 @@ class Claims:
             ).scalar_one_or_none()
         return bool(value)
 
+    def _changed_one(self, statement: Update) -> bool:
+        """Run a conditional UPDATE; True when it changed the one row (this caller won)."""
+        with self._one() as conn:
+            return conn.execute(statement).rowcount == 1
+
     def request_cancel(self, command_id: str) -> bool:
         """Flag a running command for termination; False when it is not running."""
-        with self._one() as conn:
-            result = conn.execute(
-                update(commands)
-                .where(commands.c.id == command_id, commands.c.state == State.RUNNING.value)
-                .values(cancel_requested=True)
-            )
-        return result.rowcount == 1
+        return self._changed_one(
+            update(commands)
+            .where(commands.c.id == command_id, commands.c.state == State.RUNNING.value)
+            .values(cancel_requested=True)
+        )
 
     def release(self, command_id: str) -> bool:
         """Let a held batch step run (it is pending already); True for the one caller that did."""
-        with self._one() as conn:
-            result = conn.execute(
-                update(commands)
-                .where(
-                    commands.c.id == command_id,
-                    commands.c.state == State.PENDING.value,
-                    commands.c.held.is_(True),
-                    # Checked in the same statement: a batch revoked a moment ago keeps it held.
-                    commands.c.batch_id.in_(
-                        select(batches_table.c.id).where(batches_table.c.state == BATCH_RUNNING)
-                    ),
-                )
-                .values(held=False, published_at=None)
+        return self._changed_one(
+            update(commands)
+            .where(
+                commands.c.id == command_id,
+                commands.c.state == State.PENDING.value,
+                commands.c.held.is_(True),
+                # Checked in the same statement: a batch revoked a moment ago keeps it held.
+                commands.c.batch_id.in_(
+                    select(batches_table.c.id).where(batches_table.c.state == BATCH_RUNNING)
+                ),
             )
-        return result.rowcount == 1
+            .values(held=False, published_at=None)
+        )
 
     def flag_cancel(self, command_id: str) -> bool:
         """Set a running command's cancel flag; True only for the caller that set it."""
-        with self._one() as conn:
-            result = conn.execute(
-                update(commands)
-                .where(
-                    commands.c.id == command_id,
-                    commands.c.state == State.RUNNING.value,
-                    commands.c.cancel_requested.is_(False),
-                )
-                .values(cancel_requested=True)
+        return self._changed_one(
+            update(commands)
+            .where(
+                commands.c.id == command_id,
+                commands.c.state == State.RUNNING.value,
+                commands.c.cancel_requested.is_(False),
             )
-        return result.rowcount == 1
+            .values(cancel_requested=True)
+        )
