@@ -175,6 +175,22 @@ class ClaimedRevert:
     why: str | None
 
 
+def _claim_params(
+    command_id: str, tenant: str, worker: str, lease_s: float, *, with_now: bool
+) -> dict[str, Any]:
+    """The bind parameters every claim statement takes (`v_now` where it stamps times)."""
+    now = utcnow()
+    params: dict[str, Any] = {
+        "w_id": command_id,
+        "w_tenant": tenant,
+        "v_worker": worker,
+        "v_expires": now + timedelta(seconds=lease_s),
+    }
+    if with_now:
+        params["v_now"] = now
+    return params
+
+
 class Claims:
     """Claims and leases; `_one` is the Store's connection for one statement."""
 
@@ -234,15 +250,8 @@ class Claims:
         PostgreSQL: a transaction-scoped advisory lock per tenant serializes the count and the
         update across workers and hosts. SQLite: the UPDATE holds the database's write lock.
         """
-        now = utcnow()
-        params = {
-            "w_id": command_id,
-            "w_tenant": tenant,
-            "w_max": max_running,
-            "v_worker": worker,
-            "v_now": now,
-            "v_expires": now + timedelta(seconds=lease_s),
-        }
+        params = _claim_params(command_id, tenant, worker, lease_s, with_now=True)
+        params["w_max"] = max_running
         with self.engine.begin() as conn:
             if conn.dialect.name == "postgresql":
                 conn.execute(
@@ -287,15 +296,7 @@ class Claims:
         with_now: bool,
     ) -> Any:
         """Run a claim statement for (id, tenant); the returned row, or None if it lost."""
-        now = utcnow()
-        params = {
-            "w_id": command_id,
-            "w_tenant": tenant,
-            "v_worker": worker,
-            "v_expires": now + timedelta(seconds=lease_s),
-        }
-        if with_now:
-            params["v_now"] = now
+        params = _claim_params(command_id, tenant, worker, lease_s, with_now=with_now)
         with self._one() as conn:
             return conn.execute(statement, params).one_or_none()
 
