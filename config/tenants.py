@@ -177,6 +177,35 @@ class RunAs(BaseModel):
         return self
 
 
+class FilesystemView(BaseModel):
+    """A filesystem of its own for each command, built by bubblewrap.
+
+    The host's root is mounted read-only; the command's private directory is the only
+    writable place besides a private /tmp of `tmp_mb` and the `writable` directories;
+    /run (where daemons keep their sockets) and the `hidden` paths are empty; the command
+    sees only its own processes.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    required: bool = Field(
+        default=True,
+        description=(
+            "true: a worker on a host without a working bubblewrap refuses to start for this "
+            "tenant; false: it runs the tenant's commands with the host's view and says so."
+        ),
+    )
+    tmp_mb: Annotated[int, Field(ge=1, le=65_536)] = Field(
+        default=64, description="Size of the command's private /tmp (memory-backed)."
+    )
+    writable: SnapshotRoots = Field(
+        default=(), description="Host directories the command may write to (bound read-write)."
+    )
+    hidden: SnapshotRoots = Field(
+        default=(), description="Host directories replaced by an empty one (e.g. /home, /srv)."
+    )
+
+
 class SubmitRate(BaseModel):
     """A token bucket: `per_s` submissions a second on average, bursts of up to `burst`."""
 
@@ -198,6 +227,10 @@ MAX_CONCURRENT_HELP = (
     "Most commands of the tenant running at once across all its workers and hosts; a delivery "
     "beyond it waits (its message comes back about a second later)."
 )
+FILESYSTEM_HELP = (
+    "A filesystem view of its own per command (bubblewrap): read-only root, private /tmp, "
+    "no /run sockets, own process list; null (the default) keeps the host's view."
+)
 SUBMIT_RATE_HELP = (
     "Submissions allowed per second for the tenant (a token bucket in Redis shared by every "
     "producer); a submit beyond it is refused with rule submit_rate and recorded."
@@ -215,7 +248,7 @@ class TenantOverrides(BaseModel):
 
     Lists replace the tenant's list (write the whole list, e.g. all of deny_args); `limits`
     are merged field by field. An explicit null resets the nullable fields (allowed_env,
-    run_as, max_concurrent, submit_rate) to none.
+    run_as, max_concurrent, submit_rate, filesystem) to none.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra=_no_defaults)
@@ -232,6 +265,7 @@ class TenantOverrides(BaseModel):
     run_as: RunAs | None = Field(default=None, description=RUN_AS_HELP)
     max_concurrent: MaxConcurrent | None = Field(default=None, description=MAX_CONCURRENT_HELP)
     submit_rate: SubmitRate | None = Field(default=None, description=SUBMIT_RATE_HELP)
+    filesystem: FilesystemView | None = Field(default=None, description=FILESYSTEM_HELP)
 
     def applied_to(self, tenant: Tenant) -> Tenant:
         """`tenant` with these overrides in place and no environments left to apply."""
@@ -328,6 +362,7 @@ class Tenant(BaseModel):
     run_as: RunAs | None = Field(default=None, description=RUN_AS_HELP)
     max_concurrent: MaxConcurrent | None = Field(default=None, description=MAX_CONCURRENT_HELP)
     submit_rate: SubmitRate | None = Field(default=None, description=SUBMIT_RATE_HELP)
+    filesystem: FilesystemView | None = Field(default=None, description=FILESYSTEM_HELP)
     environments: EnvironmentOverrides = Field(
         default=EnvironmentOverrides(),
         description="Policy overrides for dev, staging or prod; the one for EXECQ_ENV applies.",

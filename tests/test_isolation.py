@@ -6,7 +6,9 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+import shutil
 import statistics
+import tempfile
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +21,7 @@ from producer.client import Producer
 from producer.errors import PolicyDenied
 from producer.spec import CommandSpec
 from producer.states import State
-from tests.conftest import PYTHON, Env, start_worker, wait_for
+from tests.conftest import CI, PYTHON, Env, start_worker, wait_for
 from tests.test_worker import Start
 from workers.sandbox import detect_capabilities
 
@@ -72,6 +74,11 @@ tenants:
     run_as: {{uid_min: 42000, uid_max: 42000, gid: 42000}}
     network: false
     submit_rate: {{per_s: 0.5, burst: 3}}
+  gamma:
+    concurrency: 1
+    executables: [/bin/sh, /bin/cat, {PYTHON}]
+    run_as: {{uid_min: 43000, uid_max: 43000, gid: 43000}}
+    filesystem: {{tmp_mb: 4, hidden: [/home]}}
 """
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="separate uids need a root worker")
@@ -253,3 +260,49 @@ def test_max_concurrent_holds_across_pool_processes_and_workers(
         assert start >= end, "two commands of a max_concurrent: 1 tenant overlapped"
     # Throttled deliveries came back later: some claims had to wait for their turn.
     assert any("tenant at max_concurrent" in w.output() for w in started)
+
+
+@needs_root
+@pytest.mark.skipif(
+    detect_capabilities().bwrap is None and not CI, reason="no bubblewrap on this host"
+)
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_tenant_with_a_filesystem_view_sees_a_read_only_host_and_no_worker_secrets(
+    tmp_path: Path, make_env: Callable[..., Env], env: Env,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+) -> None:
+    isolated = _isolated(tmp_path, make_env, env)
+    # Readable by anyone on the host (pytest's tmp_path is not): only the view hides it.
+    keys = Path(tempfile.mkdtemp(dir="/var/tmp"))
+    request.addfinalizer(lambda: shutil.rmtree(keys, ignore_errors=True))
+    keys.chmod(0o755)
+    key = keys / "signing.key"
+    key.write_text("0123456789abcdef" * 4)
+    key.chmod(0o644)
+    isolated.vars.pop("EXECQ_SIGNING_KEY", None)
+    isolated.vars["EXECQ_SIGNING_KEY_FILE"] = str(key)
+    monkeypatch.setenv("EXECQ_SIGNING_KEY_FILE", str(key))  # the producer signs with it too
+    monkeypatch.delenv("EXECQ_SIGNING_KEY", raising=False)
+    worker = start_worker(isolated, "gamma")
+    try:
+        assert "filesystem view: bubblewrap (private /tmp 4 MB)" in worker.output()
+        probe = (
+            f"cat {key} >/dev/null 2>&1; echo key=$?; "
+            "touch /etc/execq-probe 2>/dev/null; echo etc=$?; "
+            "ls /run | wc -l; id -u; "
+            "dd if=/dev/zero of=/tmp/fill bs=1M count=8 2>/dev/null; echo tmp=$?"
+        )
+        with isolated.producer() as producer:
+            rec = producer.wait(
+                producer.submit(CommandSpec(tenant="gamma", argv=["/bin/sh", "-c", probe])).id,
+                30,
+            )
+        assert rec.state is State.FAILED or rec.state is State.SUCCEEDED, rec
+        lines = (rec.stdout or "").split()
+        assert lines == ["key=1", "etc=1", "0", "43000", "tmp=1"], (lines, rec.stderr)
+        assert rec.enforced is not None
+        assert rec.enforced["filesystem"].startswith("bubblewrap")
+        assert rec.enforced["identity"] == "uid 43000 gid 43000"
+    finally:
+        worker.stop()

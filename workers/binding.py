@@ -6,6 +6,7 @@ env, then the command's, then (for the command only) its secret values from the 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
@@ -15,7 +16,8 @@ from config.tenants import Tenant
 from producer import logs, policy, tracing
 from producer.redaction import MaskLevel, Redactor
 from producer.tracing import TraceContext, new_span_id, parse_traceparent
-from workers.sandbox import ExecRequest, Limits
+from workers.sandbox import ExecRequest, Limits, detect_capabilities
+from workers.sandbox.model import FsView
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,22 @@ def run_as_for(tenant: Tenant) -> tuple[int, int] | None:
     return tenant.run_as.uid_min + pool_index() % span, tenant.run_as.gid
 
 
+def fs_view_for(tenant: Tenant) -> FsView | None:
+    """The filesystem view the tenant's commands get here, None for the host's.
+
+    Without a working bubblewrap a tenant that requires the view never gets this far (its
+    worker refused to start); one that prefers it runs in the host's view, as the worker's
+    ready line says.
+    """
+    view = tenant.filesystem
+    if view is None or detect_capabilities().bwrap is None:
+        return None
+    # The message signing key is the worker's, never the command's.
+    key_file = os.environ.get("EXECQ_SIGNING_KEY_FILE", "")
+    hidden = view.hidden + ((key_file,) if key_file.startswith("/") else ())
+    return FsView(tmp_mb=view.tmp_mb, writable=view.writable, hidden=hidden)
+
+
 def exec_request(
     tenant: Tenant,
     *,
@@ -93,6 +111,7 @@ def exec_request(
     return ExecRequest(
         run_as=run_as_for(tenant),
         network=tenant.network,
+        filesystem=fs_view_for(tenant),
         command_id=command_id,
         argv=argv,
         allowed_executables=tenant.executables,

@@ -334,7 +334,9 @@ def worker(
     from workers.sandbox import detect_capabilities  # noqa: PLC0415
 
     missing = detect_capabilities().can_isolate(
-        run_as=found.run_as is not None, no_network=not found.network
+        run_as=found.run_as is not None,
+        no_network=not found.network,
+        filesystem=found.filesystem is not None and found.filesystem.required,
     )
     if missing is not None:
         # The tenant requires it: never run its commands with less than it asked for.

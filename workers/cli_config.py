@@ -118,6 +118,7 @@ def _print_tenant(tenant: Tenant, overridden: Environment | None) -> None:
         ("max_retries", [str(tenant.max_retries)]),
         ("network", ["allowed" if tenant.network else "refused"]),
         ("run_as", [_run_as(tenant)]),
+        ("filesystem", [_filesystem(tenant)]),
         ("max_concurrent", [str(tenant.max_concurrent or "not set")]),
         ("submit_rate", [_rate(tenant)]),
         ("snapshot_roots", list(tenant.snapshot_roots) or ["none (snapshots refused)"]),
@@ -133,6 +134,19 @@ def _run_as(tenant: Tenant) -> str:
     if r is None:
         return "not set (the worker's own user)"
     return f"uid {r.uid_min}-{r.uid_max}, gid {r.gid}"
+
+
+def _filesystem(tenant: Tenant) -> str:
+    view = tenant.filesystem
+    if view is None:
+        return "the host's"
+    parts = [f"bubblewrap ({'required' if view.required else 'preferred'})"]
+    parts.append(f"private tmp {view.tmp_mb} MB")
+    if view.writable:
+        parts.append("writable " + " ".join(view.writable))
+    if view.hidden:
+        parts.append("hidden " + " ".join(view.hidden))
+    return ", ".join(parts)
 
 
 def _rate(tenant: Tenant) -> str:

@@ -9,12 +9,25 @@ from typing import Any
 
 from celery import signals
 
+from config.tenants import Tenant
 from producer import logs
 from workers import metrics, remote
 from workers.reaper import Reaper
 from workers.runtime import Runtime
+from workers.sandbox import detect_capabilities
 
 log = logging.getLogger("execq.worker")
+
+
+def filesystem_line(tenant: Tenant) -> str:
+    """What the ready line says of the tenant's filesystem view ('' when it asks for none)."""
+    if tenant.filesystem is None:
+        return ""
+    caps = detect_capabilities()
+    if caps.bwrap is not None:
+        return f"filesystem view: bubblewrap (private /tmp {tenant.filesystem.tmp_mb} MB); "
+    # Only an optional view gets here: a required one stopped the worker before it started.
+    return f"filesystem view: HOST ({caps.bwrap_problem}); "
 
 
 def connect(runtime: Runtime, *, capabilities_line: str) -> None:
@@ -63,7 +76,7 @@ def connect(runtime: Runtime, *, capabilities_line: str) -> None:
             f"execq worker for tenant {cfg.tenant.name!r} ready: queue {cfg.tenant.queue}, "
             f"concurrency {cfg.concurrency}; signed messages: "
             f"{'required' if cfg.signer else 'OFF (no EXECQ_SIGNING_KEY)'}; "
-            f"enforced: {capabilities_line}",
+            f"{filesystem_line(cfg.tenant)}enforced: {capabilities_line}",
             flush=True,
         )
         sys.stdout.flush()

@@ -39,13 +39,20 @@ class Capabilities:
     notes: tuple[str, ...] = ()
     # `unshare --net` for tenants without network (root only: a new network namespace).
     unshare: str | None = None
+    # bubblewrap, when it is installed and could build a view here (see `bwrap_problem`).
+    bwrap: str | None = None
+    bwrap_problem: str | None = None
 
-    def can_isolate(self, *, run_as: bool, no_network: bool) -> str | None:
+    def can_isolate(
+        self, *, run_as: bool, no_network: bool, filesystem: bool = False
+    ) -> str | None:
         """Why this host cannot give a tenant the isolation it requires; None if it can."""
         if run_as and not (self.setpriv and self.is_root):
             return "running commands as the tenant's uids needs a root worker and setpriv"
         if no_network and not (self.unshare and self.is_root):
             return "commands without network need a root worker and unshare (util-linux)"
+        if filesystem and self.bwrap is None:
+            return f"a filesystem view needs bubblewrap: {self.bwrap_problem}"
         return None
 
     @property
@@ -113,6 +120,7 @@ def detect_capabilities() -> Capabilities:
     )
     pids_dir = _probe_v1("pids", mounts, own, "pids.max", notes)
     v2_dir, v2_kill = _probe_v2(mounts, own, notes)
+    bwrap, bwrap_problem = _probe_bwrap(notes)
     return Capabilities(
         euid=os.geteuid(),
         prlimit=prlimit,
@@ -126,7 +134,31 @@ def detect_capabilities() -> Capabilities:
         cgroup_kill=v2_kill,
         notes=tuple(notes),
         unshare=shutil.which("unshare"),
+        bwrap=bwrap,
+        bwrap_problem=bwrap_problem,
     )
+
+
+def _probe_bwrap(notes: list[str]) -> tuple[str | None, str | None]:
+    """(path, None) if bubblewrap can build a view here (it needs root or user namespaces),
+    else (None, why not)."""
+    path = _find_wrapper("bwrap", [])
+    if path is None:
+        return None, "bwrap is not installed (Debian/Ubuntu: apt-get install bubblewrap)"
+    probe = [path, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--unshare-pid"]
+    probe += ["--die-with-parent", "--tmpfs", "/tmp", "--", "/bin/true"]  # noqa: S108 (inside the view)
+    try:
+        done = subprocess.run(probe, capture_output=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        problem = f"{path} could not run: {exc}"
+    else:
+        if done.returncode == 0:
+            return path, None
+        err = done.stderr.decode(errors="replace").strip().splitlines()
+        reason = err[-1] if err else f"exit code {done.returncode}"
+        problem = f"{path} cannot build a view here ({reason}): it needs root or user namespaces"
+    notes.append(problem)
+    return None, problem
 
 
 def _find_wrapper(name: str, notes: list[str]) -> str | None:

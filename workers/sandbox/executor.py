@@ -153,6 +153,8 @@ class Sandbox:
             kill=kill_label,
             run_as=req.run_as,
             network=req.network,
+            filesystem=req.filesystem,
+            workdir=workdir,
         )
         _check_required(self.required, launch.enforced)
         env = _child_env(req, workdir)
@@ -351,6 +353,10 @@ def _result(
             exit_code = 128 + sig
         else:
             exit_code = os.WEXITSTATUS(status)
+            if req.filesystem is not None and 128 < exit_code < 128 + signal.NSIG:
+                # bubblewrap exits 128+N when the command died of signal N: report the
+                # signal as for a command run directly (limit kills are told by it).
+                sig = exit_code - 128
     cpu_s = None if rusage is None else float(rusage.ru_utime + rusage.ru_stime)
     # A limit signal names its limit even when a stop raced it (cpu_s == timeout_s, say).
     killed: str | None = None

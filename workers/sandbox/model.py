@@ -20,6 +20,15 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class FsView:
+    """A filesystem of the command's own (bubblewrap); see config.tenants.FilesystemView."""
+
+    tmp_mb: int = 64
+    writable: tuple[str, ...] = ()
+    hidden: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class ExecRequest:
     """One run: argv[0] is an absolute path the caller already checked against policy."""
 
@@ -33,6 +42,8 @@ class ExecRequest:
     run_as: tuple[int, int] | None = None
     # False: a network namespace of its own, with nothing in it but a loopback that is down.
     network: bool = True
+    # A filesystem view of its own; None runs the command in the host's view.
+    filesystem: FsView | None = None
 
 
 @dataclass(frozen=True)

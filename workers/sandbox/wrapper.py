@@ -7,6 +7,7 @@ instead of preexec_fn, which forces fork() and costs ~10 ms in a 300 MB pool pro
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from producer.errors import SandboxError
 
 from .capabilities import Capabilities
-from .model import Limits
+from .model import FsView, Limits
 from .procfs import count_tasks_of_uid
 
 MiB = 1024 * 1024
@@ -45,8 +46,10 @@ def build_launch(
     kill: str,
     run_as: tuple[int, int] | None = None,
     network: bool = True,
+    filesystem: FsView | None = None,
+    workdir: str = "",
 ) -> Launch:
-    """Compose prlimit -> setpriv -> exe for this run and say what each limit relies on.
+    """Compose prlimit -> [unshare | bwrap] -> setpriv -> exe and say what each relies on.
 
     `run_as`: setpriv also switches to that uid/gid with no supplementary groups and
     no_new_privs (a setuid binary cannot bring root back). It applies the parent-death
@@ -86,7 +89,14 @@ def build_launch(
         chain.append("--")
     else:
         after = tuple((res, soft, hard) for _, res, soft, hard in rl)
-    if not network:
+    if filesystem is not None:
+        chain += bwrap_args(caps, filesystem, workdir, network=network)
+        enforced["filesystem"] = (
+            f"bubblewrap (read-only root, private /tmp {filesystem.tmp_mb} MB, no /run)"
+        )
+        if not network:
+            enforced["network"] = "none (network namespace)"
+    elif not network:
         if not (caps.unshare and caps.is_root):
             raise SandboxError("a command without network needs a root worker and unshare")
         chain += [caps.unshare, "--net", "--"]
@@ -106,6 +116,42 @@ def build_launch(
     elif caps.setpriv and caps.pdeathsig:
         chain += [caps.setpriv, "--pdeathsig", "KILL", "--"]
     return Launch(argv=(*chain, exe, *args), enforced=enforced, after_spawn=after)
+
+
+def bwrap_args(caps: Capabilities, view: FsView, workdir: str, *, network: bool) -> list[str]:
+    """bubblewrap's arguments: the host read-only, the command's own directories writable.
+
+    The workdir's siblings (other commands' directories) are under an empty tmpfs; /run
+    (daemons' sockets) too. `--new-session` is left out on purpose: it would move the command
+    out of the process group the executor kills. A signal that kills the command shows as
+    exit code 128+N (bubblewrap's own exit status).
+    """
+    if caps.bwrap is None:
+        raise SandboxError(f"a filesystem view needs bubblewrap: {caps.bwrap_problem}")
+    args = [caps.bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+    args += ["--unshare-pid", "--unshare-ipc", "--die-with-parent"]
+    if not network:
+        args.append("--unshare-net")
+    # The command's own /tmp inside the view, not the host's.
+    args += ["--perms", "1777", "--size", str(view.tmp_mb * MiB), "--tmpfs", "/tmp"]  # noqa: S108
+    args += ["--tmpfs", "/run"]
+    if workdir:
+        args += ["--tmpfs", os.path.dirname(workdir), "--bind", workdir, workdir]
+    for path in view.writable:
+        if not os.path.isdir(path):
+            raise SandboxError(f"writable directory {path} does not exist on this host")
+        args += ["--bind", path, path]
+    # Last, so that no writable directory bound above brings a hidden path back.
+    for path in view.hidden:
+        # Nothing to hide where nothing is; bubblewrap could not mount over it anyway.
+        if os.path.isdir(path):
+            args += ["--tmpfs", path]
+        elif os.path.exists(path):
+            args += ["--ro-bind", "/dev/null", path]
+    if workdir:
+        args += ["--chdir", workdir]
+    args.append("--")
+    return args
 
 
 def apply_after_spawn(pid: int, rlimits: Sequence[tuple[int, int, int]]) -> None:
