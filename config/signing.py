@@ -24,6 +24,14 @@ class SigningSettings(BaseSettings):
     signing_key_file: Path | None = Field(
         default=None, description="A file holding the key (e.g. a Docker or Kubernetes secret)."
     )
+    signing_accepted_keys: SecretStr | None = Field(
+        default=None,
+        description="More keys a message may be signed with, comma-separated (a rotation in "
+        "progress); they verify, never sign.",
+    )
+    signing_accepted_keys_file: Path | None = Field(
+        default=None, description="A file holding the accepted keys, one per line."
+    )
     message_ttl_s: float = Field(
         default=3600.0,
         gt=0,
@@ -36,30 +44,54 @@ class SigningSettings(BaseSettings):
     def _one_source(self) -> SigningSettings:
         if self.signing_key is not None and self.signing_key_file is not None:
             raise ValueError("set EXECQ_SIGNING_KEY or EXECQ_SIGNING_KEY_FILE, not both")
+        if self.signing_accepted_keys is not None and self.signing_accepted_keys_file is not None:
+            raise ValueError(
+                "set EXECQ_SIGNING_ACCEPTED_KEYS or EXECQ_SIGNING_ACCEPTED_KEYS_FILE, not both"
+            )
         return self
 
     def key(self) -> bytes | None:
         """The key's bytes, or None when signing is off; ConfigInvalid naming the problem."""
         if self.signing_key_file is not None:
-            try:
-                raw = self.signing_key_file.read_bytes().strip()
-            except OSError as exc:
-                raise ConfigInvalid(
-                    f"invalid setting EXECQ_SIGNING_KEY_FILE: cannot read "
-                    f"{self.signing_key_file}: {exc.strerror}"
-                ) from None
             name = "EXECQ_SIGNING_KEY_FILE"
+            raw = _read(self.signing_key_file, name)
         elif self.signing_key is not None:
             raw = self.signing_key.get_secret_value().encode()
             name = "EXECQ_SIGNING_KEY"
         else:
             return None
-        if len(raw) < MIN_KEY_BYTES:
-            raise ConfigInvalid(
-                f"invalid setting {name}: the key has {len(raw)} bytes, at least "
-                f"{MIN_KEY_BYTES} are needed (e.g. `openssl rand -hex 32`)"
-            )
-        return raw
+        return _long_enough(raw, name)
+
+    def accepted_keys(self) -> tuple[bytes, ...]:
+        """The keys accepted besides the signing key; ConfigInvalid naming the problem."""
+        if self.signing_accepted_keys_file is not None:
+            name = "EXECQ_SIGNING_ACCEPTED_KEYS_FILE"
+            raw = _read(self.signing_accepted_keys_file, name).splitlines()
+        elif self.signing_accepted_keys is not None:
+            name = "EXECQ_SIGNING_ACCEPTED_KEYS"
+            raw = self.signing_accepted_keys.get_secret_value().encode().split(b",")
+        else:
+            return ()
+        keys = [k.strip() for k in raw if k.strip()]
+        if self.key() is None and keys:
+            raise ConfigInvalid(f"invalid setting {name}: accepted keys need a signing key too")
+        return tuple(_long_enough(k, f"{name} (key {i})") for i, k in enumerate(keys, 1))
+
+
+def _read(path: Path, name: str) -> bytes:
+    try:
+        return path.read_bytes().strip()
+    except OSError as exc:
+        raise ConfigInvalid(f"invalid setting {name}: cannot read {path}: {exc.strerror}") from None
+
+
+def _long_enough(raw: bytes, name: str) -> bytes:
+    if len(raw) < MIN_KEY_BYTES:
+        raise ConfigInvalid(
+            f"invalid setting {name}: the key has {len(raw)} bytes, at least "
+            f"{MIN_KEY_BYTES} are needed (e.g. `openssl rand -hex 32`)"
+        )
+    return raw
 
 
 def load_signing() -> SigningSettings:

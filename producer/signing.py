@@ -12,6 +12,10 @@ The trace headers (`traceparent`, `tracestate`) are not signed: Celery's OpenTel
 instrumentation rewrites them on publish, after execq has signed. They steer nothing but
 tracing, and even there the store's trace id wins over the message's.
 
+Rotating the key without refusing a message in flight: give the workers the new key as an
+accepted one (`EXECQ_SIGNING_ACCEPTED_KEYS`), then every process the new key as its key and
+the old one as accepted, then, after `EXECQ_MESSAGE_TTL_S`, drop the old one.
+
 What it stops: a message made up by someone who can write to Redis (a new id, or a known id
 with another body or tenant), and replays after the expiry. A replay before it is harmless:
 the store lets only one delivery claim a command, and the spec that runs is always the
@@ -44,12 +48,16 @@ def _payload(task_id: str, task: str, kwargs: Mapping[str, Any], exp: int) -> by
 class Signer:
     """Signs outgoing and verifies incoming messages with the deployment's key."""
 
-    def __init__(self, key: bytes, *, ttl_s: float) -> None:
+    def __init__(self, key: bytes, *, ttl_s: float, accepted: tuple[bytes, ...] = ()) -> None:
+        """`accepted`: more keys a message may be signed with (a rotation in progress);
+        only `key` signs."""
         self._key = key
+        self._verifying = (key, *(k for k in accepted if k != key))
         self.ttl_s = ttl_s
 
-    def _mac(self, payload: bytes) -> str:
-        return f"{VERSION}:{hmac.new(self._key, payload, hashlib.sha256).hexdigest()}"
+    def _mac(self, payload: bytes, key: bytes | None = None) -> str:
+        digest = hmac.new(key or self._key, payload, hashlib.sha256).hexdigest()
+        return f"{VERSION}:{digest}"
 
     def sign(
         self,
@@ -83,7 +91,9 @@ class Signer:
             payload = _payload(task_id, task, kwargs, exp)
         except (TypeError, ValueError):
             raise BadSignature("message body cannot be signed (not JSON)") from None
-        if not hmac.compare_digest(self._mac(payload), signature):
+        # Every key is tried, a match or not, so the time taken says nothing of which one.
+        matches = [hmac.compare_digest(self._mac(payload, k), signature) for k in self._verifying]
+        if not any(matches):
             raise BadSignature("signature does not match (another key, or an altered message)")
         if exp < time.time():
             raise BadSignature(f"message expired {int(time.time() - exp)} s ago")
@@ -95,4 +105,6 @@ def signer_from_env() -> Signer | None:
 
     settings = load_signing()
     key = settings.key()
-    return None if key is None else Signer(key, ttl_s=settings.message_ttl_s)
+    if key is None:
+        return None
+    return Signer(key, ttl_s=settings.message_ttl_s, accepted=settings.accepted_keys())

@@ -76,6 +76,59 @@ def test_signing_keys_must_be_long_and_come_from_one_place(
         SigningSettings().key()
 
 
+def test_accepted_keys_verify_but_never_sign(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cid = str(uuid.uuid4())
+    kwargs = {"command_id": cid, "tenant": "alpha", "secrets": {}}
+    by_old = signer(OTHER).sign(cid, TASK_NAME, kwargs)
+    rotating = Signer(KEY.encode(), ttl_s=60, accepted=(OTHER.encode(),))
+    rotating.verify(cid, TASK_NAME, kwargs, by_old)
+    by_new = rotating.sign(cid, TASK_NAME, kwargs)
+    signer(KEY).verify(cid, TASK_NAME, kwargs, by_new)
+    with pytest.raises(BadSignature, match="does not match"):
+        signer(OTHER).verify(cid, TASK_NAME, kwargs, by_new)
+    # The rotation done: the old key dropped, its messages are refused.
+    with pytest.raises(BadSignature, match="does not match"):
+        signer(KEY).verify(cid, TASK_NAME, kwargs, by_old)
+
+    monkeypatch.setenv("EXECQ_SIGNING_KEY", KEY)
+    monkeypatch.setenv("EXECQ_SIGNING_ACCEPTED_KEYS", f"{OTHER}, {'p' * 40}")
+    assert SigningSettings().accepted_keys() == (OTHER.encode(), b"p" * 40)
+    monkeypatch.setenv("EXECQ_SIGNING_ACCEPTED_KEYS", f"{OTHER},short")
+    with pytest.raises(ConfigInvalid, match=r"ACCEPTED_KEYS \(key 2\): the key has 5 bytes"):
+        SigningSettings().accepted_keys()
+    monkeypatch.delenv("EXECQ_SIGNING_ACCEPTED_KEYS")
+    path = tmp_path / "accepted"
+    path.write_text(f"{OTHER}\n\n")
+    monkeypatch.setenv("EXECQ_SIGNING_ACCEPTED_KEYS_FILE", str(path))
+    assert SigningSettings().accepted_keys() == (OTHER.encode(),)
+    monkeypatch.delenv("EXECQ_SIGNING_KEY")
+    with pytest.raises(ConfigInvalid, match="accepted keys need a signing key too"):
+        SigningSettings().accepted_keys()
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_key_rotation_refuses_no_message_in_flight(
+    env: Env, workers: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The worker is mid-rotation: signs with the new key, still accepts the old one.
+    env.vars["EXECQ_SIGNING_KEY"] = KEY
+    env.vars["EXECQ_SIGNING_ACCEPTED_KEYS"] = OTHER
+    workers("alpha")
+    outcomes = {}
+    for name, key in (("old", OTHER), ("new", KEY), ("unknown", "u" * 48)):
+        monkeypatch.setenv("EXECQ_SIGNING_KEY", key)
+        with env.producer() as producer:
+            r = producer.submit(CommandSpec(tenant="alpha", argv=["/bin/echo", name]))
+            if name == "unknown":
+                wait_for(lambda: _refusals(producer), 20, "the refusal")
+                outcomes[name] = producer.get(r.id).state
+            else:
+                outcomes[name] = producer.wait(r.id, timeout=30).state
+    assert outcomes == {"old": State.SUCCEEDED, "new": State.SUCCEEDED, "unknown": State.PENDING}
+
+
 @pytest.fixture
 def signed_env(env: Env, monkeypatch: pytest.MonkeyPatch) -> Env:
     """The test stack with a signing key for this process (producers) and workers."""
