@@ -217,6 +217,7 @@ def test_snapshots_are_kept_once_per_command(store: Store) -> None:
 
 def test_migration_0003_goes_down_and_up_keeping_the_history_triggers(database_url: str) -> None:
     from alembic import command
+    from sqlalchemy import inspect
 
     from producer.store.db import make_engine
     from producer.store.migrate import _config, upgrade
@@ -235,6 +236,10 @@ def test_migration_0003_goes_down_and_up_keeping_the_history_triggers(database_u
         )
         # The triggers of migration 0001 survived: two history rows.
         assert len(store.get(cid, with_transitions=True).transitions) == 2
+        # Migration 0004 went down and up with the rest: its partial indexes are back.
+        indexes = {i["name"] for i in inspect(engine).get_indexes("commands")}
+        assert {"ix_commands_outbox_due", "ix_commands_rollback_due"} <= indexes
+        assert "ix_commands_outbox" not in indexes
     finally:
         engine.dispose()
 

@@ -11,20 +11,49 @@ from sqlalchemy.pool import NullPool
 
 from producer.errors import StoreError
 
+# A query option of a PostgreSQL URL that execq takes for psycopg instead of passing it to
+# libpq: `?prepare_threshold=none` stops server-side prepared statements, which a pooler in
+# transaction mode (PgBouncer before 1.21) cannot keep, since it hands each transaction to
+# any server connection. Everything else the store does is transaction-scoped.
+PREPARE_OPTION = "prepare_threshold"
+
 
 def make_engine(url: str, *, pool_size: int = 5) -> Engine:
-    """An engine tuned per backend: SQLite serialises writers, PostgreSQL pools connections."""
+    """An engine tuned per backend: SQLite serialises writers, PostgreSQL pools connections.
+
+    PostgreSQL URLs may carry `?prepare_threshold=none` (behind PgBouncer in transaction
+    mode) or a number: psycopg prepares a statement after that many executions (default 5).
+    """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         return _sqlite_engine(url)
+    threshold = parsed.query.get(PREPARE_OPTION)
+    connect_args: dict[str, Any] = {}
+    if threshold is not None:
+        parsed = parsed.difference_update_query([PREPARE_OPTION])
+        connect_args["prepare_threshold"] = _prepare_threshold(threshold)
     return create_engine(
-        url,
+        parsed,
+        connect_args=connect_args,
         pool_size=pool_size,
         max_overflow=pool_size,
         # No ping per checkout: it is a round trip (and a commit) per statement. After a
         # server restart the first statement fails, and SQLAlchemy replaces the whole pool.
         pool_pre_ping=False,
         pool_recycle=1800,
+    )
+
+
+def _prepare_threshold(value: str | tuple[str, ...]) -> int | None:
+    """psycopg's `prepare_threshold` from the URL: a count of executions, or `none` (never)."""
+    text = value if isinstance(value, str) else value[-1]
+    if text.strip().lower() in ("none", "off", "never"):
+        return None
+    if text.strip().isdigit():
+        return int(text)
+    raise StoreError(
+        f"{PREPARE_OPTION}={text!r} in the database URL: expected `none` (never prepare "
+        "statements, needed behind PgBouncer < 1.21 in transaction mode) or a whole number"
     )
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import cast
 
-from sqlalchemy import Connection, Table, and_, or_, select, update
+from sqlalchemy import ColumnElement, Connection, Table, and_, literal_column, or_, select, update
 
 from producer.states import State
 from producer.store.clock import utcnow
@@ -46,6 +46,14 @@ class Expired:
     state: State = State.RUNNING
     rollback_on_failure: bool = False
     batch_id: str | None = None
+
+
+def _state_in(*states: State) -> ColumnElement[bool]:
+    """`state` compared with literal states, not bound parameters: the partial indexes
+    (migration 0004) serve a query only when the planner sees the states, and the generic plan
+    of a prepared statement (psycopg prepares after 5 runs) sees no parameter values."""
+    values: list[ColumnElement[str]] = [literal_column(f"'{s.value}'") for s in states]
+    return commands.c.state == values[0] if len(values) == 1 else commands.c.state.in_(values)
 
 
 class Sweeps:
@@ -91,9 +99,9 @@ class Sweeps:
         )
         cond = and_(
             or_(
-                and_(commands.c.state == State.PENDING.value, commands.c.held.is_(False)),
+                and_(_state_in(State.PENDING), commands.c.held.is_(False)),
                 # A compensation nobody has started yet travels the same way.
-                and_(commands.c.state == State.REVERTING.value, commands.c.lease_owner.is_(None)),
+                and_(_state_in(State.REVERTING), commands.c.lease_owner.is_(None)),
             ),
             or_(
                 never_published,
@@ -114,7 +122,7 @@ class Sweeps:
     def expired_leases(self, *, tenant: str | None, limit: int) -> list[Expired]:
         """Running commands whose lease ran out: what the reaper needs to decide and audit."""
         cond = and_(
-            commands.c.state.in_([State.RUNNING.value, State.REVERTING.value]),
+            _state_in(State.RUNNING, State.REVERTING),
             commands.c.lease_expires_at < utcnow(),
         )
         if tenant is not None:
@@ -167,7 +175,7 @@ class Sweeps:
                 select(commands.c.id)
                 .where(
                     commands.c.tenant == tenant,
-                    commands.c.state == State.FAILED.value,
+                    _state_in(State.FAILED),
                     commands.c.rollback_on_failure.is_(True),
                     commands.c.compensation.is_(None),
                     # Only a command that ran can have changed something to undo.
