@@ -133,9 +133,7 @@ def test_a_signal_is_reported_as_without_the_view(sandbox: Sandbox, tmp_path: Pa
     assert r.killed == "cpu"
 
 
-def test_a_missing_writable_directory_is_refused_by_name(
-    sandbox: Sandbox, tmp_path: Path
-) -> None:
+def test_a_missing_writable_directory_is_refused_by_name(sandbox: Sandbox, tmp_path: Path) -> None:
     view = FsView(writable=(str(tmp_path / "absent"),))
     with pytest.raises(SandboxError, match="absent does not exist"):
         sandbox.run(dataclasses.replace(request("/bin/true"), filesystem=view))
