@@ -268,7 +268,9 @@ def test_max_concurrent_holds_across_pool_processes_and_workers(
 )
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_a_tenant_with_a_filesystem_view_sees_a_read_only_host_and_no_worker_secrets(
-    tmp_path: Path, make_env: Callable[..., Env], env: Env,
+    tmp_path: Path,
+    make_env: Callable[..., Env],
+    env: Env,
     monkeypatch: pytest.MonkeyPatch,
     request: pytest.FixtureRequest,
 ) -> None:
