@@ -1,9 +1,10 @@
 # execq image: the CLI, the worker and the producer library, installed from uv.lock.
 FROM python:3.11-slim-bookworm
 
-# util-linux provides prlimit and setpriv, the sandbox's limit and parent-death wrappers.
+# The sandbox's wrappers: util-linux has prlimit (limits), setpriv (uid switch, parent-death
+# signal) and unshare (no network); bubblewrap builds a tenant's filesystem view.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends util-linux procps \
+ && apt-get install -y --no-install-recommends util-linux procps bubblewrap \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app
@@ -13,9 +14,12 @@ COPY config ./config
 COPY producer ./producer
 COPY workers ./workers
 RUN uv sync --frozen --no-dev --compile-bytecode \
- && mkdir -p /var/lib/execq/work
+ && mkdir -p /var/lib/execq/work /var/lib/execq/audit
 ENV PATH="/app/.venv/bin:${PATH}" \
-    EXECQ_WORKDIR_ROOT=/var/lib/execq/work
+    EXECQ_WORKDIR_ROOT=/var/lib/execq/work \
+    EXECQ_AUDIT_LOG=/var/lib/execq/audit/audit.jsonl
 
+# No USER: a worker must start as root to switch commands to their tenant's uids and build
+# namespaces; docker-compose.yml drops every capability and adds back only those it needs.
 ENTRYPOINT ["execq"]
 CMD ["--help"]

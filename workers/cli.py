@@ -25,6 +25,7 @@ from producer.states import State
 from workers import cli_batch, cli_revert
 from workers.cli_audit import audit_app
 from workers.cli_batch import batch_app
+from workers.cli_compose import compose_app
 from workers.cli_config import config_app
 from workers.cli_show import STATE_STYLE, load, open_producer, print_record
 from workers.clikit import JsonOpt, OperatorOpt, ReasonOpt, TicketOpt, err, fail, handled, out
@@ -45,6 +46,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(audit_app, name="audit")
 app.add_typer(batch_app, name="batch")
 app.add_typer(config_app, name="config")
+app.add_typer(compose_app, name="compose")
 
 
 def _setup_logging(level: str = "WARNING", settings: Settings | None = None) -> None:
