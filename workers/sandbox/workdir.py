@@ -33,7 +33,7 @@ def _remove_tree(path: str) -> None:
             os.chmod(os.path.dirname(failed), 0o700)
             if os.path.isdir(failed) and not os.path.islink(failed):
                 os.chmod(failed, 0o700)
-                shutil.rmtree(failed, ignore_errors=True)
+                shutil.rmtree(failed, onerror=retry)  # nested 000 directories too
             else:
                 func(failed)
 
