@@ -82,6 +82,12 @@ class Settings(PolicySettings):
             raise ValueError(
                 f"must be `{EMBEDDED_BROKER}` or a Redis URL ({', '.join(allowed)}), got {value!r}"
             )
+        if value.startswith("sentinel://") and "master_name=" not in value:
+            # Without it kombu fails only once a worker connects: refuse at start instead.
+            raise ValueError(
+                "a sentinel:// URL needs ?master_name=NAME, the name the sentinels monitor "
+                "(`sentinel monitor NAME …` in sentinel.conf)"
+            )
         return value
 
     @field_validator("audit_log", mode="before")

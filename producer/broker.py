@@ -17,6 +17,7 @@ from kombu import Exchange, Queue  # type: ignore[attr-defined]
 from config.settings import EMBEDDED_BROKER, Settings
 from config.tenants import TenantsFile
 from producer.errors import BrokerUnavailable, ConfigError
+from producer.redisconn import celery_broker
 from producer.signing import Signer
 
 log = logging.getLogger("execq.broker")
@@ -55,14 +56,19 @@ def visibility_timeout_s(settings: Settings, tenants: TenantsFile) -> int:
 def celery_config(settings: Settings, tenants: TenantsFile, broker_url: str) -> dict[str, Any]:
     """Celery settings; the reasons are in ARCHITECTURE.md and the Celery issue tracker."""
     vt = visibility_timeout_s(settings, tenants)
+    # A sentinel URL's master_name (and sentinel password) are kombu transport options.
+    url, sentinel_options = celery_broker(
+        broker_url, socket_connect_timeout=settings.publish_timeout_s
+    )
     transport = {
         "visibility_timeout": vt,
         "socket_keepalive": True,
         "socket_connect_timeout": settings.publish_timeout_s,
         "max_retries": 0,
+        **sentinel_options,
     }
     return {
-        "broker_url": broker_url,
+        "broker_url": url,
         "broker_transport_options": transport,
         "broker_connection_timeout": settings.publish_timeout_s,
         "broker_connection_retry_on_startup": True,

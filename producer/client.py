@@ -35,6 +35,7 @@ from producer.identity import default_principal
 from producer.outbox import Outbox
 from producer.ratelimit import SubmitRateLimiter
 from producer.record import CommandRecord
+from producer.redisconn import redis_client
 from producer.reverting import Reverting
 from producer.revocation import CANCEL_CHANNEL, revoke_event, revoke_pending
 from producer.saga import BatchRecord
@@ -313,7 +314,7 @@ class Producer(Reverting):
 
     def _redis_client(self) -> redis.Redis:
         if self._redis is None:
-            self._redis = redis.Redis.from_url(
+            self._redis = redis_client(
                 self.broker_url,
                 socket_connect_timeout=self.settings.publish_timeout_s,
                 socket_timeout=self.settings.publish_timeout_s,

@@ -8,6 +8,7 @@ from producer.audit.events import Outcome, Phase
 from producer.audit.trail import Attempt, Trail, subject_of
 from producer.errors import StaleVersion
 from producer.record import CommandRecord
+from producer.redisconn import redis_client
 from producer.states import State
 from producer.store.clock import utcnow
 from producer.store.repository import Store
@@ -87,7 +88,7 @@ def revoke_remote(
     if rec.state is State.RUNNING and terminate and store.flag_cancel(rec.id):
         store.append_events(attempt.events)
         trail.copy(attempt.events)
-        client = redis.Redis.from_url(broker_url, socket_connect_timeout=2, socket_timeout=2)
+        client = redis_client(broker_url, socket_connect_timeout=2, socket_timeout=2)
         try:
             client.publish(CANCEL_CHANNEL.format(tenant=rec.tenant), rec.id)
         except redis.RedisError:

@@ -18,14 +18,13 @@ from pathlib import Path
 import redis
 
 from producer.broker import EMBEDDED_URL_FILE
+from producer.redisconn import redis_client
 
 
 def reachable(url: str, timeout_s: float = 0.5) -> bool:
     """Whether a Redis server answers PING at `url`."""
     try:
-        client = redis.Redis.from_url(
-            url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
-        )
+        client = redis_client(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
         try:
             return bool(client.ping())
         finally:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import redis
 
 from producer import logs
+from producer.redisconn import redis_client
 from producer.revocation import CANCEL_CHANNEL
 from producer.store.repository import Store
 
@@ -156,7 +157,7 @@ class LeaseKeeper:
 
     def _subscribe(self) -> redis.client.PubSub | None:
         try:
-            client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=2)
+            client = redis_client(self.redis_url, socket_connect_timeout=2)
             pubsub: redis.client.PubSub = client.pubsub()  # type: ignore[no-untyped-call]
             pubsub.subscribe(self.channel)
             return pubsub

@@ -25,6 +25,7 @@ from producer.audit.events import Outcome, Phase
 from producer.audit.trail import Attempt, Trail, subject_of
 from producer.broker import Publisher
 from producer.errors import BrokerUnavailable, StaleVersion
+from producer.redisconn import redis_client
 from producer.states import State
 from producer.store.clock import utcnow
 from producer.store.repository import Store, requeue_fields
@@ -223,7 +224,7 @@ class Reaper:
     def _take_turn(self) -> bool:
         try:
             if self._redis is None:
-                self._redis = redis.Redis.from_url(
+                self._redis = redis_client(
                     self.redis_url, socket_connect_timeout=2, socket_timeout=2
                 )
             key = f"execq.reaper.{self.tenant.name}"

@@ -20,6 +20,7 @@ from config.tenants import Tenant, TenantsFile
 from producer import telemetry
 from producer.audit.trail import Trail
 from producer.broker import Publisher, make_celery
+from producer.redisconn import redis_client
 from producer.signing import Signer
 from producer.store.db import make_engine
 from producer.store.repository import Store
@@ -122,7 +123,7 @@ class Runtime:
         url = self.config.broker_url
 
         def broker() -> None:
-            client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+            client = redis_client(url, socket_connect_timeout=2, socket_timeout=2)
             try:
                 client.ping()
             finally:
@@ -137,7 +138,7 @@ class Runtime:
     def queue_depth(self) -> Iterator[tuple[str, float]]:
         """(tenant, messages waiting) for `execq_queue_depth`; nothing when Redis is down."""
         try:
-            client = redis.Redis.from_url(
+            client = redis_client(
                 self.config.broker_url, socket_connect_timeout=2, socket_timeout=2
             )
             try:
