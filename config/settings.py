@@ -64,6 +64,11 @@ class Settings(PolicySettings):
         default=Path(".execq/work"), description="Where private command directories are made."
     )
     publish_timeout_s: float = Field(default=2.0, gt=0, le=60)
+    flower_sent_events: bool = Field(
+        default=False,
+        description="Producers also send Celery's task-sent event, so Flower lists a command "
+        "while it is queued, not only once a worker has it: one more Redis PUBLISH per submit.",
+    )
     retry_backoff_s: float = Field(
         default=1.0, gt=0, le=3600, description="First automatic retry's delay; doubles each time."
     )

@@ -7,7 +7,9 @@ secret values, never the spec. Workers read the spec from the store.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -97,9 +99,10 @@ def celery_config(settings: Settings, tenants: TenantsFile, broker_url: str) -> 
         # A Redis blip must not kill a running migration or backup.
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         "worker_send_task_events": True,
-        # Flower shows a submitted command as PENDING (and its name and safe kwargsrepr)
-        # from the producer's "sent" event, before any worker has seen it.
-        "task_send_sent_event": True,
+        # With it, Flower lists a queued command (name, safe kwargsrepr) before any worker has
+        # it; off by default, as it doubles the producer's Redis work per submit. The store
+        # lists queued commands anyway (`execq list --state pending`).
+        "task_send_sent_event": settings.flower_sent_events,
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,
         "enable_utc": True,
@@ -123,6 +126,7 @@ class Publisher:
         self.app = app
         self.tenants = tenants
         self.signer = signer
+        self._local = threading.local()  # the kombu producer of a batched() block
 
     def publish(
         self,
@@ -160,6 +164,7 @@ class Publisher:
                 declare=[],
                 retry=False,
                 countdown=countdown,
+                producer=getattr(self._local, "producer", None),
                 headers=sent_headers,
                 # What Flower and task events show: never the secret values.
                 argsrepr="()",
@@ -169,6 +174,24 @@ class Publisher:
             )
         except Exception as exc:  # kombu/redis raise many types for one cause: unreachable
             raise BrokerUnavailable(f"could not publish command {command_id}: {exc}") from exc
+
+    @contextmanager
+    def batched(self) -> Iterator[None]:
+        """Publish everything inside through one connection in one pipeline, sent when the
+        block ends (kombu's Producer.batch); BrokerUnavailable if that fails."""
+        if getattr(self._local, "producer", None) is not None:
+            raise RuntimeError("batched() does not nest")
+        try:
+            with self.app.producer_or_acquire() as producer, producer.batch():
+                self._local.producer = producer
+                try:
+                    yield
+                finally:
+                    self._local.producer = None
+        except BrokerUnavailable:
+            raise
+        except Exception as exc:  # kombu/redis raise many types for one cause: unreachable
+            raise BrokerUnavailable(f"could not publish a batch of messages: {exc}") from exc
 
     def close(self) -> None:
         """Release broker connections."""

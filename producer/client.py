@@ -43,7 +43,7 @@ from producer.signing import signer_from_env
 from producer.spec import CommandSpec, cmd_hash
 from producer.states import RETRYABLE, State, is_terminal
 from producer.store.db import make_engine, require_schema
-from producer.store.repository import Store, requeue_fields
+from producer.store.repository import Created, NewCommand, Store, requeue_fields
 from producer.tracing import TraceContext, current_or_new
 
 log = logging.getLogger("execq.producer")
@@ -56,6 +56,39 @@ class SubmitResult:
     id: str
     state: State
     duplicate: bool
+    # From submit_many, which reports a refusal here instead of raising PolicyDenied.
+    rule: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """A command through its parse and authz phases, not recorded yet."""
+
+    spec: CommandSpec
+    attempt: Attempt
+    trace: TraceContext
+    refusal: PolicyDenied | UnknownTenant | None = None
+    rule: str | None = None
+    failure_reason: str | None = None
+
+    @property
+    def state(self) -> State:
+        return State.PENDING if self.refusal is None else State.REJECTED
+
+    @property
+    def reason(self) -> str:
+        return "submitted" if self.refusal is None else str(self.refusal)
+
+
+@dataclass(frozen=True)
+class _Staged:
+    """A command recorded in a transaction not yet committed: what follows the commit."""
+
+    result: SubmitResult
+    events: Sequence[AuditEvent]  # to copy to the audit file
+    message: tuple[str, dict[str, str], dict[str, str]] | None = None  # tenant, secrets, headers
+    refusal: PolicyDenied | UnknownTenant | None = None
 
 
 class Producer(Reverting):
@@ -167,9 +200,63 @@ class Producer(Reverting):
         return spec, attempt
 
     def _submit(self, spec: CommandSpec) -> SubmitResult:
-        trace = current_or_new()
+        checked = self._check(spec, current_or_new())
+        created = self.store.create(
+            checked.spec,
+            state=checked.state,
+            actor=checked.attempt.subject.principal,
+            reason=checked.reason,
+            failure_reason=checked.failure_reason,
+            trace_id=checked.trace.trace_id,
+            command_id=checked.attempt.subject.command_id,
+            events=checked.attempt.events,
+        )
+        return self._release(self._staged(checked, created), raise_refusal=True)
+
+    def submit_many(self, specs: Sequence[CommandSpec]) -> builtins.list[SubmitResult]:
+        """Submit several commands with one commit in the store, then publish them all.
+
+        Each is checked, recorded and audited as `submit` does it, in order. A refusal does
+        not stop the others: its result is `rejected`, with `rule` and `error`, instead of an
+        exception. Raises IdempotencyConflict for a key reused with another spec (nothing of
+        the call is stored then), TypeError or SpecError before anything is stored.
+        """
+        specs = builtins.list(specs)
+        for spec in specs:
+            if not isinstance(spec, CommandSpec):
+                raise TypeError(f"submit_many takes CommandSpecs, not {type(spec).__name__}")
+        if not specs:
+            return []
+        attributes = {"execq.count": len(specs)}
+        with tracing.span("execq.submit_many", kind=SpanKind.PRODUCER, attributes=attributes):
+            trace = current_or_new()
+            checked = [self._check(spec, trace) for spec in specs]
+            created = self.store.create_many(
+                [
+                    NewCommand(
+                        spec=c.spec,
+                        command_id=c.attempt.subject.command_id,
+                        actor=c.attempt.subject.principal,
+                        events=c.attempt.events,
+                        state=c.state,
+                        reason=c.reason,
+                        failure_reason=c.failure_reason,
+                        trace_id=trace.trace_id,
+                    )
+                    for c in checked
+                ]
+            )
+            staged = [self._staged(c, made) for c, made in zip(checked, created, strict=True)]
+            # One append to the audit file and one Redis round trip for all of them.
+            self.trail.copy([event for one in staged for event in one.events])
+            self.outbox.send_many(
+                [(one.result.id, *one.message) for one in staged if one.message is not None]
+            )
+            return [one.result for one in staged]
+
+    def _check(self, spec: CommandSpec, trace: TraceContext) -> _Checked:
+        """The parse and authz phases of one command: its audit events, and its refusal."""
         spec, attempt = self._intake(spec, trace)
-        principal, command_id = attempt.subject.principal, attempt.subject.command_id
         try:
             tenant = policy.check(spec, self.tenants)
             if tenant.submit_rate is not None:
@@ -179,41 +266,44 @@ class Producer(Reverting):
             failure_reason = f"policy:{rule}"[:64]
             attempt.add(Phase.AUTHZ, Outcome.REFUSED, reason=str(refusal), rule=rule)
             attempt.add(Phase.ABORT, Outcome.REFUSED, reason=failure_reason)
-            created = self.store.create(
-                spec,
-                state=State.REJECTED,
-                actor=principal,
-                reason=str(refusal),
-                failure_reason=failure_reason,
-                trace_id=trace.trace_id,
-                command_id=command_id,
-                events=attempt.events,
-            )
-            if not created.duplicate:
-                self.trail.copy(attempt.events)
-            refusal.command_id = created.id
-            raise
+            return _Checked(spec, attempt, trace, refusal, rule, failure_reason)
         attempt.add(Phase.AUTHZ, Outcome.OK)
-        created = self.store.create(
-            spec,
-            actor=principal,
-            reason="submitted",
-            trace_id=trace.trace_id,
-            command_id=command_id,
-            events=attempt.events,
-        )
+        return _Checked(spec, attempt, trace)
+
+    def _staged(self, checked: _Checked, created: Created) -> _Staged:
+        """What follows the commit of a command recorded as `created`."""
+        events = () if created.duplicate else checked.attempt.events
+        if checked.refusal is not None:
+            refusal = checked.refusal
+            refusal.command_id = created.id
+            result = SubmitResult(
+                created.id, State.REJECTED, created.duplicate, checked.rule, str(refusal)
+            )
+            return _Staged(result, events, refusal=refusal)
         if created.duplicate:
             if created.state is State.REJECTED:
                 rec = self.store.get(created.id)
-                raise PolicyDenied(
+                denied = PolicyDenied(
                     rec.error or "rejected by policy",
                     rule=rec.failure_reason or "policy",
                     command_id=created.id,
                 )
-            return SubmitResult(created.id, created.state, duplicate=True)
-        self.trail.copy(attempt.events)
-        self._publish(created.id, spec.tenant, dict(spec.secrets), _trace_headers(trace))
-        return SubmitResult(created.id, State.PENDING, duplicate=False)
+                result = SubmitResult(created.id, State.REJECTED, True, denied.rule, str(denied))
+                return _Staged(result, (), refusal=denied)
+            return _Staged(SubmitResult(created.id, created.state, duplicate=True), ())
+        spec, trace = checked.spec, checked.trace
+        message = (spec.tenant, dict(spec.secrets), _trace_headers(trace))
+        return _Staged(SubmitResult(created.id, State.PENDING, False), events, message)
+
+    def _release(self, staged: _Staged, *, raise_refusal: bool) -> SubmitResult:
+        """After the commit: audit to the trail, publish, and raise a refusal if asked to."""
+        if staged.events:
+            self.trail.copy(staged.events)
+        if staged.message is not None:
+            self._publish(staged.result.id, *staged.message)
+        if raise_refusal and staged.refusal is not None:
+            raise staged.refusal
+        return staged.result
 
     def _publish(
         self, command_id: str, tenant: str, secrets: dict[str, str], headers: Mapping[str, str]

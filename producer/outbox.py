@@ -12,13 +12,15 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from producer.broker import Publisher
 from producer.errors import BrokerUnavailable
 from producer.store.repository import Store
 
 log = logging.getLogger("execq.outbox")
+# (command id, tenant, secret values, trace headers): everything a message needs.
+Message = tuple[str, str, dict[str, str], dict[str, str]]
 
 
 class Outbox:
@@ -64,6 +66,33 @@ class Outbox:
             return False
         with self._lock:
             self._marks.append(command_id)
+            self._idle.clear()
+        self._ensure_thread()
+        return True
+
+    def send_many(self, messages: Sequence[Message]) -> bool:
+        """Publish (command id, tenant, secrets, headers) in one pipelined round trip (True),
+        or keep them all for the background retry (False): a resend is a no-op claim."""
+        if os.getpid() != self._pid:
+            self._reset()
+        if not messages:
+            return True
+        try:
+            with self.publisher.batched():
+                for command_id, tenant, secrets, headers in messages:
+                    self.publisher.publish(command_id, tenant, secrets=secrets, headers=headers)
+        except BrokerUnavailable as exc:
+            kept = len(messages)
+            log.warning("broker unavailable, %d commands kept for publishing: %s", kept, exc)
+            with self._lock:
+                for command_id, tenant, secrets, headers in messages:
+                    self._backlog[command_id] = (tenant, dict(secrets), dict(headers))
+                self._idle.clear()
+            self._ensure_thread()
+            self._wake.set()
+            return False
+        with self._lock:
+            self._marks.extend(m[0] for m in messages)
             self._idle.clear()
         self._ensure_thread()
         return True

@@ -22,6 +22,8 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as _pg_insert
+from sqlalchemy.dialects.sqlite import insert as _sqlite_insert
 from sqlalchemy.exc import IntegrityError
 
 from producer.audit.events import (
@@ -97,6 +99,20 @@ def requeue_fields(attempts: int) -> dict[str, Any]:
         # A batch step revoked while it waited its turn runs when an operator retries it.
         "held": False,
     }
+
+
+@dataclass(frozen=True)
+class NewCommand:
+    """One command for `create_many`: its spec, id, first state and audit events."""
+
+    spec: CommandSpec
+    command_id: str
+    actor: str
+    events: Sequence[AuditEvent]
+    state: State = State.PENDING
+    reason: str | None = None
+    failure_reason: str | None = None
+    trace_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -204,51 +220,9 @@ class Store(Claims, Reads, Sweeps):
         repeated key writes none. `batch`: (batch id, step number, held) for a batch's step.
         """
         check_transition(None, state)
-        now = utcnow()
         cid = command_id or str(uuid.uuid4())
         spec_hash = spec.spec_hash()
-        row = {
-            "id": cid,
-            "tenant": spec.tenant,
-            "idempotency_key": spec.idempotency_key,
-            "spec_hash": spec_hash,
-            "principal": spec.principal,
-            "argv": list(spec.argv),
-            "env": dict(spec.env),
-            "secret_names": sorted(spec.secrets),
-            "has_secrets": bool(spec.secrets),
-            "timeout_s": spec.timeout_s,
-            "cpu_s": spec.cpu_s,
-            "memory_mb": spec.memory_mb,
-            "compensate": list(spec.compensate) if spec.compensate else None,
-            "rollback_on_failure": spec.rollback_on_failure,
-            "retry_safe": spec.retry_safe,
-            "compensate_limits": (
-                spec.compensate_limits.model_dump() if spec.compensate_limits else None
-            ),
-            "snapshot_paths": list(spec.snapshot_paths) or None,
-            "max_retries": spec.max_retries,
-            "revert_count": 0,
-            "needs_attention": False,
-            "batch_id": batch[0] if batch else None,
-            "batch_step": batch[1] if batch else None,
-            "held": batch[2] if batch else False,
-            "state": state.value,
-            "version": 1,
-            "attempts": 1,
-            "output_truncated": False,
-            "redacted": False,
-            "failure_reason": failure_reason,
-            "error": reason if state is State.REJECTED else None,
-            "cancel_requested": False,
-            "publish_count": 0,
-            "trace_id": trace_id,
-            "last_actor": actor,
-            "last_reason": reason,
-            "created_at": now,
-            "updated_at": now,
-            "finished_at": now if state is State.REJECTED else None,
-        }
+        row = _new_row(spec, cid, spec_hash, state, actor, reason, failure_reason, trace_id, batch)
         try:
             if self._pg and events:
                 params = {f"v_{name}": value for name, value in row.items()}
@@ -283,6 +257,82 @@ class Store(Claims, Reads, Sweeps):
         return Created(
             found.id, State(found.state), duplicate=True, published=found.published_at is not None
         )
+
+    def create_many(self, items: Sequence[NewCommand]) -> list[Created]:
+        """Insert many commands and their audit events in one transaction (one commit).
+
+        The same outcomes as `create` for each, in order: a known (tenant, key) — in the store
+        or earlier in `items` — returns the first command, and one with another spec raises
+        IdempotencyConflict with nothing of the call written. Three statements plus three
+        per audit chain, whatever the number of commands.
+        """
+        if not items:
+            return []
+        for item in items:
+            check_transition(None, item.state)
+        rows = [
+            _new_row(
+                i.spec,
+                i.command_id,
+                i.spec.spec_hash(),
+                i.state,
+                i.actor,
+                i.reason,
+                i.failure_reason,
+                i.trace_id,
+                None,
+            )
+            for i in items
+        ]
+        insert_new = (_pg_insert if self._pg else _sqlite_insert)(commands)
+        statement = insert_new.on_conflict_do_nothing(
+            index_elements=["tenant", "idempotency_key"]
+        ).returning(commands.c.id)
+        with self.engine.begin() as conn:
+            inserted = {r.id for r in conn.execute(statement, rows)}
+            repeats = {
+                (i.spec.tenant, i.spec.idempotency_key)
+                for i in items
+                if i.command_id not in inserted
+            }
+            first = self._firsts(conn, repeats)
+            out = []
+            chains: dict[str, list[AuditEvent]] = {}
+            for item, row in zip(items, rows, strict=True):
+                if item.command_id in inserted:
+                    out.append(Created(item.command_id, item.state, False, published=False))
+                    chains.setdefault(item.spec.tenant, []).extend(item.events)
+                    continue
+                found = first[(item.spec.tenant, item.spec.idempotency_key)]
+                if found.spec_hash != row["spec_hash"]:
+                    raise IdempotencyConflict(
+                        f"idempotency key {item.spec.idempotency_key!r} of tenant "
+                        f"{item.spec.tenant!r} was used for another command ({found.id}) with "
+                        "a different spec",
+                        command_id=found.id,
+                    )
+                published = found.published_at is not None
+                out.append(Created(found.id, State(found.state), True, published=published))
+            for chain, events in chains.items():
+                if events:
+                    audit.append_linked(conn, chain, events)
+        return out
+
+    @staticmethod
+    def _firsts(conn: Connection, keys: set[tuple[str, str | None]]) -> dict[Any, Any]:
+        """The commands holding these (tenant, idempotency key) pairs, by pair."""
+        if not keys:
+            return {}
+        cols = (commands.c.id, commands.c.spec_hash, commands.c.state, commands.c.published_at)
+        found = {}
+        for tenant in {t for t, _ in keys}:
+            wanted = [k for t, k in keys if t == tenant]
+            query = select(commands.c.idempotency_key, *cols).where(
+                commands.c.tenant == tenant, commands.c.idempotency_key.in_(wanted)
+            )
+            for r in conn.execute(query):
+                found[(tenant, r.idempotency_key)] = r
+        return found
 
     # --- generic transition ------------------------------------------------------------
 
@@ -325,3 +375,60 @@ class Store(Claims, Reads, Sweeps):
                 f"command {command_id} is no longer {expect_state} at version {expect_version}"
             )
         return expect_version + 1
+
+
+def _new_row(
+    spec: CommandSpec,
+    cid: str,
+    spec_hash: str,
+    state: State,
+    actor: str,
+    reason: str | None,
+    failure_reason: str | None,
+    trace_id: str | None,
+    batch: tuple[str, int, bool] | None,
+) -> dict[str, Any]:
+    """The `commands` row of a new command."""
+    now = utcnow()
+    return {
+        "id": cid,
+        "tenant": spec.tenant,
+        "idempotency_key": spec.idempotency_key,
+        "spec_hash": spec_hash,
+        "principal": spec.principal,
+        "argv": list(spec.argv),
+        "env": dict(spec.env),
+        "secret_names": sorted(spec.secrets),
+        "has_secrets": bool(spec.secrets),
+        "timeout_s": spec.timeout_s,
+        "cpu_s": spec.cpu_s,
+        "memory_mb": spec.memory_mb,
+        "compensate": list(spec.compensate) if spec.compensate else None,
+        "rollback_on_failure": spec.rollback_on_failure,
+        "retry_safe": spec.retry_safe,
+        "compensate_limits": (
+            spec.compensate_limits.model_dump() if spec.compensate_limits else None
+        ),
+        "snapshot_paths": list(spec.snapshot_paths) or None,
+        "max_retries": spec.max_retries,
+        "revert_count": 0,
+        "needs_attention": False,
+        "batch_id": batch[0] if batch else None,
+        "batch_step": batch[1] if batch else None,
+        "held": batch[2] if batch else False,
+        "state": state.value,
+        "version": 1,
+        "attempts": 1,
+        "output_truncated": False,
+        "redacted": False,
+        "failure_reason": failure_reason,
+        "error": reason if state is State.REJECTED else None,
+        "cancel_requested": False,
+        "publish_count": 0,
+        "trace_id": trace_id,
+        "last_actor": actor,
+        "last_reason": reason,
+        "created_at": now,
+        "updated_at": now,
+        "finished_at": now if state is State.REJECTED else None,
+    }
