@@ -22,7 +22,7 @@ from producer.record import CommandRecord
 from producer.states import ROLLBACKABLE, State
 from producer.store.repository import Store
 from producer.store.sweeps import ran_and_failed
-from producer.tracing import TraceContext, new_span_id
+from producer.tracing import TraceContext, new_span_id, sampled_by_default
 
 log = logging.getLogger("execq.rollback")
 
@@ -109,7 +109,8 @@ def headers_for(rec_trace_id: str | None) -> dict[str, str]:
     """Trace headers that continue the command's own trace (a new span id under it)."""
     if rec_trace_id is None:
         return {}
-    return {"traceparent": TraceContext(rec_trace_id, new_span_id()).traceparent}
+    context = TraceContext(rec_trace_id, new_span_id(), sampled_by_default(rec_trace_id))
+    return {"traceparent": context.traceparent}
 
 
 def send(

@@ -8,6 +8,8 @@ pass through the command's redactor.
 
 from __future__ import annotations
 
+import functools
+import os
 import re
 import secrets
 from collections.abc import Iterator, Mapping
@@ -62,7 +64,42 @@ def current_or_new() -> TraceContext:
             bool(ctx.trace_flags & 1),
             ctx.trace_state.to_header() or None,
         )
-    return TraceContext(secrets.token_hex(16), new_span_id())
+    trace_id = secrets.token_hex(16)
+    return TraceContext(trace_id, new_span_id(), sampled_by_default(trace_id))
+
+
+def sampled_by_default(trace_id: str) -> bool:
+    """The sampled flag of a trace execq starts itself (no span of the caller's to follow).
+
+    The flag travels in the message and a worker's parent-based sampler obeys it, so it must
+    be what this deployment's sampler would decide for a root span — not always "sampled",
+    which would make a 10 % ratio trace everything a producer without OpenTelemetry submits.
+    A ratio sampler decides by the trace id alone, so producer and worker agree.
+    """
+    kind, ratio = _sampler()
+    if kind == "off":
+        return False
+    if kind == "ratio":
+        from opentelemetry.sdk.trace.sampling import TraceIdRatioBased  # noqa: PLC0415
+
+        bound = TraceIdRatioBased.get_bound_for_rate(ratio)
+        return int(trace_id, 16) & TraceIdRatioBased.TRACE_ID_LIMIT < bound
+    return True
+
+
+@functools.cache
+def _sampler() -> tuple[str, float]:
+    """("on" | "off" | "ratio", ratio) from OTEL_TRACES_SAMPLER[_ARG], read once."""
+    name = os.environ.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower()
+    if name.endswith("always_off"):
+        return "off", 0.0
+    if name.endswith("traceidratio"):
+        try:
+            ratio = float(os.environ.get("OTEL_TRACES_SAMPLER_ARG", "1.0"))
+        except ValueError:
+            ratio = 1.0  # the telemetry settings refuse it at start; default meanwhile
+        return "ratio", min(max(ratio, 0.0), 1.0)
+    return "on", 1.0
 
 
 def clean_attributes(values: Mapping[str, Any], redactor: Redactor | None) -> dict[str, Any]:

@@ -195,3 +195,60 @@ def test_span_attributes_are_redacted_lists_included_and_none_dropped() -> None:
         "execq.argv": ["/usr/bin/curl", "-H", "X: [secret:TOKEN]", "mai***@***example.com"],
         "execq.exit_code": 0,
     }
+
+
+def test_a_trace_execq_starts_is_sampled_as_the_deployment_s_ratio_says(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
+
+    from producer import tracing
+
+    def with_env(**env: str) -> None:
+        for name in ("OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        tracing._sampler.cache_clear()
+
+    with_env()
+    assert all(tracing.current_or_new().sampled for _ in range(50))
+    with_env(OTEL_TRACES_SAMPLER="parentbased_always_off")
+    assert not any(tracing.current_or_new().sampled for _ in range(50))
+    with_env(OTEL_TRACES_SAMPLER="parentbased_traceidratio", OTEL_TRACES_SAMPLER_ARG="0.3")
+    sdk = TraceIdRatioBased(0.3)
+    fresh = [tracing.current_or_new() for _ in range(2000)]
+    for ctx in fresh:
+        decision = sdk.should_sample(None, int(ctx.trace_id, 16), "x").decision
+        assert ctx.sampled == decision.is_sampled()
+    assert 0.25 < sum(c.sampled for c in fresh) / len(fresh) < 0.35
+    tracing._sampler.cache_clear()
+
+
+def test_a_producer_without_a_tracer_does_not_force_every_run_to_be_traced(
+    producer: Producer, workers: Start, otlp_sink: OtlpSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from producer import tracing
+
+    ratio = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.5"}
+    for name, value in ratio.items():
+        monkeypatch.setenv(name, value)
+    tracing._sampler.cache_clear()
+    try:
+        workers("alpha", extra_env={**otlp_sink.env(), **ratio})
+        recs = [
+            producer.wait(producer.submit(CommandSpec(tenant="alpha", argv=["/bin/true"])).id, 30)
+            for _ in range(16)
+        ]
+        picked = {r.trace_id for r in recs if tracing.sampled_by_default(r.trace_id or "")}
+        assert 0 < len(picked) < len(recs)
+        wait_for(
+            lambda: all(spans_named(otlp_sink, "execq.run", t) for t in picked),
+            20,
+            "the sampled commands' spans",
+        )
+        time.sleep(1)  # the batch processor's other exports, if any, have arrived
+        traced = {s["trace_id"] for s in otlp_sink.spans() if s["name"] == "execq.run"}
+        assert traced == picked
+    finally:
+        tracing._sampler.cache_clear()

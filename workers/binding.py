@@ -15,7 +15,7 @@ from opentelemetry import trace as otel_trace
 from config.tenants import Tenant
 from producer import logs, policy, tracing
 from producer.redaction import MaskLevel, Redactor
-from producer.tracing import TraceContext, new_span_id, parse_traceparent
+from producer.tracing import TraceContext, new_span_id, parse_traceparent, sampled_by_default
 from workers.sandbox import ExecRequest, Limits, detect_capabilities
 from workers.sandbox.model import FsView
 
@@ -46,7 +46,7 @@ def parent_context(stored_trace_id: str | None, delivery: Delivery) -> TraceCont
     if parent is not None and parent.trace_id == stored_trace_id:
         return parent
     # A message without headers (republished by the outbox) or with a foreign trace.
-    return TraceContext(stored_trace_id, new_span_id())
+    return TraceContext(stored_trace_id, new_span_id(), sampled_by_default(stored_trace_id))
 
 
 def pool_index() -> int:
