@@ -58,21 +58,25 @@ class Ctx:
 
 
 def submit_loop(
-    send: Callable[[], object], n: int, rate: float, deadline: float
+    send: Callable[[int], object], n: int, rate: float, deadline: float, per_call: int = 1
 ) -> tuple[float, float, int]:
-    """Call send() n times, flat out (rate 0) or paced, until the deadline.
+    """Send n commands, per_call at a time (send(k) sends k), flat out (rate 0) or paced,
+    until the deadline.
 
     Returns (first submit, loop end) on the wall clock, and how many were sent.
     """
-    interval = 1.0 / rate if rate > 0 else 0.0
+    interval = per_call / rate if rate > 0 else 0.0
     t0 = time.time()
-    for i in range(n):
-        if time.monotonic() > deadline:
-            return t0, time.time(), i
+    sent = 0
+    for i in itertools.count():
+        if sent >= n or time.monotonic() > deadline:
+            break
         if interval and (delay := t0 + i * interval - time.time()) > 0:
             time.sleep(delay)
-        send()
-    return t0, time.time(), n
+        k = min(per_call, n - sent)
+        send(k)
+        sent += k
+    return t0, time.time(), sent
 
 
 def wait_for(count: Callable[[], int], target: int, w: Worker, deadline: float) -> tuple[int, str]:
@@ -90,15 +94,16 @@ def measure(
     res: Res,
     w: Worker,
     r: redis.Redis,
-    send: Callable[[], object],
+    send: Callable[[int], object],
     deadline: float,
     prof: cProfile.Profile | None = None,
+    per_call: int = 1,
 ) -> tuple[Callable[[Counter[str]], None], int]:
     """Run the submit loop; returns what to call once all are done (with the bench's own
     Redis commands), and how many were submitted before the deadline."""
     calls0, t0, cpu0, wcpu0 = redis_calls(r), time.monotonic(), time.process_time(), w.cpu_s()
     loop = prof.runcall if prof else (lambda f, *a: f(*a))
-    res["t_first"], t_end, n = loop(submit_loop, send, res["n"], res["rate"], deadline)
+    res["t_first"], t_end, n = loop(submit_loop, send, res["n"], res["rate"], deadline, per_call)
     res["submitted"] = n = max(n, 1)
     res["submit_per_s"] = n / (t_end - res["t_first"])
     res["producer_cpu_ms"] = 1000 * (time.process_time() - cpu0) / n
@@ -136,7 +141,7 @@ def run_celery(ctx: Ctx, n: int, rate: float, tag: str) -> Res:
         polls["llen"] += 1
         return int(r.llen(DONE_KEY))
 
-    def send() -> object:
+    def send(_: int = 1) -> object:
         return capp.send_task(TASK, args=(time.time(),), queue=QUEUE)
 
     try:
@@ -213,14 +218,14 @@ def run_execq(
     rate: float,
     tag: str,
     profile: bool = False,
-    traced: bool = False,
+    batch: int = 1,
 ) -> Res:
     """The full execq pipeline: Producer.submit → Redis → `execq worker` → store.
 
-    `traced`: the worker samples every command and exports its spans (OTLP/HTTP to a local
-    sink that discards them); otherwise it exports nothing.
+    Traced as the bench process is (10 %, OTLP/HTTP to a local sink that discards spans).
+    `batch` > 1: submit_many of that many commands per call instead of submit.
     """
-    system = f"execq-{backend}" + ("-traced" if traced else "")
+    system = f"execq-{backend}" + ("-batch" if batch > 1 else "")
     res: Res = {"system": system, "n": n, "rate": rate, "status": "?"}
     db_url = _prepare_store(ctx, backend, tag)
     pg = ctx.pg if backend == "pg" else None
@@ -237,13 +242,7 @@ def run_execq(
         audit_log=ctx.tmp / "audit.jsonl",
     )
     env = {f"EXECQ_{k.upper()}": str(v) for k, v in settings.model_dump(mode="json").items()}
-    otel = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    if traced and ctx.otlp_url:
-        otel.update(
-            OTEL_TRACES_EXPORTER="otlp",
-            OTEL_EXPORTER_OTLP_ENDPOINT=ctx.otlp_url,
-            OTEL_TRACES_SAMPLER="always_on",
-        )
+    otel = dict(os.environ)  # the bench's OTEL_* (10 % sampled), as its producer uses
     r = redis.Redis.from_url(ctx.redis_url)
     r.flushdb()
     deadline = time.monotonic() + ctx.timeout_s
@@ -262,14 +261,16 @@ def run_execq(
             return _fail(res, "worker not ready", w)
         producer = p = Producer.from_settings(settings, load_tenants(tenants_file))
 
-        def send() -> str:
-            return p.submit(CommandSpec(tenant="bench", argv=("/bin/true",))).id
+        spec = CommandSpec(tenant="bench", argv=("/bin/true",))
 
-        warm = {send() for _ in range(ctx.warmup)}
+        def send(k: int) -> object:
+            return p.submit_many([spec] * k) if batch > 1 else p.submit(spec).id
+
+        warm = {p.submit(spec).id for _ in range(ctx.warmup)}
         if (status := wait_for(finished, ctx.warmup, w, deadline)[1]) != "ok":
             return _fail(res, f"warm-up: {status}", w)
         prof = cProfile.Profile() if profile else None
-        finish, sent = measure(res, w, r, send, deadline, prof)
+        finish, sent = measure(res, w, r, send, deadline, prof, per_call=batch)
         count, res["status"] = wait_for(finished, ctx.warmup + sent, w, deadline)
         res["completed"] = count - ctx.warmup
         finish(Counter({"info": 1}))
