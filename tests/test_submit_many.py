@@ -154,3 +154,19 @@ def test_submit_many_takes_only_specs(producer: Producer) -> None:
     with pytest.raises(TypeError, match="CommandSpecs, not dict"):
         producer.submit_many([{"tenant": "alpha", "argv": ["/bin/true"]}])  # type: ignore[list-item]
     assert producer.submit_many([]) == []
+
+
+def test_a_large_batch_is_stored_whole_and_its_repeat_finds_every_command(
+    producer: Producer, env: Env
+) -> None:
+    # Larger than one id look-up (1000) and than SQLite's old bound-parameter limit (999).
+    specs = [
+        CommandSpec(tenant="alpha", argv=["/bin/true"], idempotency_key=f"bulk-{i}")
+        for i in range(2500)
+    ]
+    first = producer.submit_many(specs)
+    assert len({r.id for r in first}) == 2500 and not any(r.duplicate for r in first)
+    assert _count(producer) == 2500 and _queued(env) == 2500
+    again = producer.submit_many(specs)
+    assert [r.id for r in again] == [r.id for r in first] and all(r.duplicate for r in again)
+    assert _count(producer) == 2500 and _queued(env) == 2500
