@@ -58,17 +58,8 @@ class Outbox:
             self.publisher.publish(command_id, tenant, secrets=secrets, headers=headers)
         except BrokerUnavailable as exc:
             log.warning("broker unavailable, command %s kept for publishing: %s", command_id, exc)
-            with self._lock:
-                self._backlog[command_id] = (tenant, dict(secrets), dict(headers))
-                self._idle.clear()
-            self._ensure_thread()
-            self._wake.set()
-            return False
-        with self._lock:
-            self._marks.append(command_id)
-            self._idle.clear()
-        self._ensure_thread()
-        return True
+            return self._keep([(command_id, tenant, dict(secrets), dict(headers))])
+        return self._sent([command_id])
 
     def send_many(self, messages: Sequence[Message]) -> bool:
         """Publish (command id, tenant, secrets, headers) in one pipelined round trip (True),
@@ -84,15 +75,23 @@ class Outbox:
         except BrokerUnavailable as exc:
             kept = len(messages)
             log.warning("broker unavailable, %d commands kept for publishing: %s", kept, exc)
-            with self._lock:
-                for command_id, tenant, secrets, headers in messages:
-                    self._backlog[command_id] = (tenant, dict(secrets), dict(headers))
-                self._idle.clear()
-            self._ensure_thread()
-            self._wake.set()
-            return False
+            return self._keep(messages)
+        return self._sent([m[0] for m in messages])
+
+    def _keep(self, messages: Sequence[Message]) -> bool:
+        """Hold messages Redis did not take for the background retry; False."""
         with self._lock:
-            self._marks.extend(m[0] for m in messages)
+            for command_id, tenant, secrets, headers in messages:
+                self._backlog[command_id] = (tenant, dict(secrets), dict(headers))
+            self._idle.clear()
+        self._ensure_thread()
+        self._wake.set()
+        return False
+
+    def _sent(self, command_ids: Sequence[str]) -> bool:
+        """Queue the published ids for recording in the store (in batches); True."""
+        with self._lock:
+            self._marks.extend(command_ids)
             self._idle.clear()
         self._ensure_thread()
         return True
