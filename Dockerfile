@@ -1,4 +1,13 @@
 # execq image: the CLI, the worker and the producer library, installed from uv.lock.
+
+# The sandbox's launcher (workers/sandbox/launch.c), built apart so the image has no compiler.
+FROM python:3.11-slim-bookworm AS launcher
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
+COPY workers/sandbox/launch.c /src/launch.c
+RUN gcc -O2 -Wall -Wextra -Werror -o /execq-launch /src/launch.c
+
 FROM python:3.11-slim-bookworm
 
 # The sandbox's wrappers: util-linux has prlimit (limits), setpriv (uid switch, parent-death
@@ -13,6 +22,7 @@ COPY pyproject.toml uv.lock README.md ./
 COPY config ./config
 COPY producer ./producer
 COPY workers ./workers
+COPY --from=launcher /execq-launch /usr/local/libexec/execq-launch
 RUN uv sync --frozen --no-dev --compile-bytecode \
  && mkdir -p /var/lib/execq/work /var/lib/execq/audit
 ENV PATH="/app/.venv/bin:${PATH}" \

@@ -11,6 +11,7 @@ import functools
 import os
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 
 from producer.errors import ExecutableRefused
@@ -42,12 +43,15 @@ class Capabilities:
     # bubblewrap, when it is installed and could build a view here (see `bwrap_problem`).
     bwrap: str | None = None
     bwrap_problem: str | None = None
+    # execq-launch (launch.c, built by `make install`): rlimits, identity and parent-death
+    # signal in one exec instead of prlimit + setpriv.
+    launcher: str | None = None
 
     def can_isolate(
         self, *, run_as: bool, no_network: bool, filesystem: bool = False
     ) -> str | None:
         """Why this host cannot give a tenant the isolation it requires; None if it can."""
-        if run_as and not (self.setpriv and self.is_root):
+        if run_as and not ((self.setpriv or self.launcher) and self.is_root):
             return "running commands as the tenant's uids needs a root worker and setpriv"
         if no_network and not (self.unshare and self.is_root):
             return "commands without network need a root worker and unshare (util-linux)"
@@ -71,14 +75,20 @@ class Capabilities:
             "open_files": self.rlimit_label,
             "core": self.rlimit_label,
             "kill": self.kill_label(v2=self.cgroup_kill, v1=bool(self.memory_v1 or self.pids_v1)),
-            "parent_death": "setpriv-pdeathsig" if self.pdeathsig else "none",
+            "parent_death": (
+                "launcher-pdeathsig"
+                if self.launcher
+                else "setpriv-pdeathsig"
+                if self.pdeathsig
+                else "none"
+            ),
             "output": "head+tail",
         }
 
     @property
     def rlimit_label(self) -> str:
         """`rlimit` through the prlimit wrapper; set after spawn (racy) without it."""
-        return "rlimit" if self.prlimit else "rlimit-after-spawn"
+        return "rlimit" if self.prlimit or self.launcher else "rlimit-after-spawn"
 
     @property
     def processes_label(self) -> str:
@@ -121,6 +131,7 @@ def detect_capabilities() -> Capabilities:
     pids_dir = _probe_v1("pids", mounts, own, "pids.max", notes)
     v2_dir, v2_kill = _probe_v2(mounts, own, notes)
     bwrap, bwrap_problem = _probe_bwrap(notes)
+    launcher = _find_launcher(notes)
     return Capabilities(
         euid=os.geteuid(),
         prlimit=prlimit,
@@ -136,7 +147,41 @@ def detect_capabilities() -> Capabilities:
         unshare=shutil.which("unshare"),
         bwrap=bwrap,
         bwrap_problem=bwrap_problem,
+        launcher=launcher,
     )
+
+
+LAUNCHER = "execq-launch"
+
+
+def launcher_candidates() -> list[str]:
+    """Where execq-launch may be: EXECQ_LAUNCHER, this environment's libexec, the system's."""
+    found = [os.environ.get("EXECQ_LAUNCHER", "")]
+    found += [os.path.join(sys.prefix, "libexec", LAUNCHER)]
+    found += [f"/usr/local/libexec/{LAUNCHER}", f"/usr/libexec/{LAUNCHER}"]
+    return [path for path in found if path]
+
+
+def _find_launcher(notes: list[str]) -> str | None:
+    """execq-launch if built and safe (the checks of any executable), after a trial run."""
+    for candidate in launcher_candidates():
+        if not os.path.exists(candidate):
+            continue
+        try:
+            path = resolve_executable(candidate, [candidate])
+        except ExecutableRefused as exc:
+            notes.append(f"{candidate} refused: {exc}")
+            continue
+        trial = [path, "--rlimit", "core=0:0", "--pdeathsig", "--", "/bin/true"]
+        try:
+            done = subprocess.run(trial, capture_output=True, timeout=10, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            notes.append(f"{candidate} does not run: {exc}")
+            continue
+        if done.returncode == 0:
+            return path
+        notes.append(f"{candidate} failed its trial: {done.stderr.decode(errors='replace')}")
+    return None
 
 
 def _probe_bwrap(notes: list[str]) -> tuple[str | None, str | None]:
