@@ -198,3 +198,18 @@ def test_an_append_after_a_long_event_links_to_it(tmp_path: Path) -> None:
     rows = lines(path)
     assert [r["seq"] for r in rows] == [1, 2, 3, 4]
     assert verify_file(path).ok
+
+
+def test_writers_taking_turns_each_link_to_the_other_s_last_event(tmp_path: Path) -> None:
+    # Each sink remembers its own last append; another writer's append in between must be
+    # noticed (the file changed) and linked to, never skipped.
+    path = tmp_path / "audit.jsonl"
+    first, second = JsonlSink(path), JsonlSink(path)
+    for i in range(4):
+        first.append(events(2, tag=f"a{i}"))
+        first.append(events(1, tag=f"b{i}"))
+        second.append(events(2, tag=f"c{i}"))
+    rows = lines(path)
+    assert [r["seq"] for r in rows] == list(range(1, 21))
+    assert all(b["prev_hash"] == a["hash"] for a, b in itertools.pairwise(rows))
+    assert verify_file(path).ok

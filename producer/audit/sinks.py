@@ -86,6 +86,10 @@ def _last_link(path: Path) -> tuple[int, str] | None:
             chunk *= 4
 
 
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return st.st_ino, st.st_size
+
+
 class JsonlSink:
     """A JSON-lines file with size-based rotation, shared by every process on the host.
 
@@ -100,10 +104,14 @@ class JsonlSink:
         self.max_bytes = max_bytes
         self.keep = keep
         self._thread_lock = threading.Lock()
+        # (inode, size, last link) after this process's own last append: when the file is
+        # still exactly so, nobody appended since and its tail need not be read again.
+        self._known: tuple[int, int, tuple[int, str]] | None = None
         os.register_at_fork(after_in_child=self._reset_after_fork)
 
     def _reset_after_fork(self) -> None:
         self._thread_lock = threading.Lock()
+        self._known = None
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -121,7 +129,16 @@ class JsonlSink:
         if not events:
             return
         with self._locked():
-            head = _last_link(self.path) or _last_link(self._rotated(1)) or (0, GENESIS)
+            try:
+                st: os.stat_result | None = self.path.stat()
+            except FileNotFoundError:
+                st = None
+            known = self._known
+            unchanged = st is not None and known is not None and known[:2] == _identity(st)
+            if unchanged and known is not None:
+                head = known[2]
+            else:
+                head = _last_link(self.path) or _last_link(self._rotated(1)) or (0, GENESIS)
             seq, prev = head
             lines = []
             for event in events:
@@ -130,20 +147,21 @@ class JsonlSink:
                 prev = linked.hash or ""
                 lines.append(_line(linked))
             data = "".join(lines).encode()
-            try:
-                size = self.path.stat().st_size
-            except FileNotFoundError:
-                size = 0
+            size = st.st_size if st is not None else 0
             if size and size + len(data) > self.max_bytes:
                 self._rotate()
-                size = 0
+                size, unchanged = 0, False
             fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
-                if size and not _ends_with_newline(fd):
+                if size and not unchanged and not _ends_with_newline(fd):
                     data = b"\n" + data  # after a torn write, start on a line of our own
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
+                self._known = (*_identity(os.fstat(fd)), (seq, prev))
+            except BaseException:
+                self._known = None
+                raise
             finally:
                 os.close(fd)
 
