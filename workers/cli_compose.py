@@ -49,8 +49,8 @@ WHY_DAC_OVERRIDE_RUN_AS = (
     "(0700), whatever modes the command left inside it."
 )
 WHY_CHOWN = "Hands each command's private directory to the tenant's uid."
-WHY_SETUID = "The setpriv wrapper switches each command to one of the tenant's uids."
-WHY_SETGID = "The setpriv wrapper switches to the tenant's gid and clears supplementary groups."
+WHY_SETUID = "execq-launch (or setpriv) switches each command to one of the tenant's uids."
+WHY_SETGID = "execq-launch (or setpriv) switches to the tenant's gid, with no other groups."
 WHY_KILL = "Signals (timeout, revoke, cleanup) process trees running under the tenant's uids."
 WHY_SYS_ADMIN_NET = (
     "Gives each command a network namespace of its own (unshare --net); Docker's seccomp "
