@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -101,3 +103,25 @@ def test_a_sandboxed_run_as_and_no_network_command_goes_through_the_launcher_twi
     assert (r.exit_code, r.stdout.strip()) == (0, "41702 41702 []"), r.stderr
     assert r.enforced["identity"] == "uid 41702 gid 41702"
     assert r.enforced["network"].startswith("none")
+
+
+def test_a_launcher_others_could_change_is_not_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert LAUNCHER is not None, "execq-launch is not built: make install builds it"
+    copy = tmp_path / "execq-launch"
+    shutil.copy(LAUNCHER, copy)
+    monkeypatch.setenv("EXECQ_LAUNCHER", str(copy))
+    try:
+        copy.chmod(0o775)
+        detect_capabilities.cache_clear()
+        caps = detect_capabilities()
+        assert caps.launcher != str(copy)
+        assert any("writable by its group or others" in note for note in caps.notes)
+        # Under /tmp, but root's and writable by no one else: trusted as execq's own code is.
+        copy.chmod(0o755)
+        detect_capabilities.cache_clear()
+        assert detect_capabilities().launcher == str(copy)
+    finally:
+        monkeypatch.delenv("EXECQ_LAUNCHER")
+        detect_capabilities.cache_clear()
