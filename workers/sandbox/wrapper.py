@@ -159,6 +159,10 @@ def bwrap_args(caps: Capabilities, view: FsView, workdir: str, *, network: bool)
             args += ["--tmpfs", path]
         elif os.path.exists(path):
             args += ["--ro-bind", "/dev/null", path]
+    if caps.launcher:
+        # The identity step after bwrap is the launcher, wherever it is installed (a checkout
+        # under /tmp would be under the private /tmp): make it visible, read-only.
+        args += ["--ro-bind", caps.launcher, caps.launcher]
     if workdir:
         args += ["--chdir", workdir]
     args.append("--")
