@@ -91,9 +91,10 @@ def redis_url(redis_server: str) -> Iterator[str]:
 # --- PostgreSQL and SQLite -----------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[str]:
-    """A fresh PostgreSQL database for this test session, dropped at the end."""
+@contextlib.contextmanager
+def fresh_database(prefix: str) -> Iterator[str]:
+    """A new PostgreSQL database named `prefix_<random>`, dropped afterwards (its clients
+    kicked out first); PostgreSQL unreachable fails in CI and skips elsewhere."""
     admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as conn:
@@ -101,12 +102,11 @@ def pg_server() -> Iterator[str]:
     except Exception as exc:
         admin.dispose()
         _need("PostgreSQL", f"{PG_ADMIN_URL}: {exc}")
-    name = f"execq_test_{uuid.uuid4().hex[:10]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     with admin.connect() as conn:
         conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = sa.engine.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
     try:
-        yield url
+        yield name
     finally:
         with admin.connect() as conn:
             conn.execute(
@@ -117,6 +117,14 @@ def pg_server() -> Iterator[str]:
             )
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
         admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session, dropped at the end."""
+    with fresh_database("execq_test") as name:
+        url = sa.engine.make_url(PG_ADMIN_URL).set(database=name)
+        yield url.render_as_string(hide_password=False)
 
 
 def _reset_pg(url: str) -> None:

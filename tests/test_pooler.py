@@ -15,7 +15,6 @@ import socket
 import subprocess
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from producer.spec import CommandSpec
 from producer.states import State
 from producer.store.db import make_engine
 from producer.store.migrate import upgrade
-from tests.conftest import PG_ADMIN_URL, Env, _need, start_worker
+from tests.conftest import PG_ADMIN_URL, Env, _need, fresh_database, start_worker
 
 PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
 
@@ -60,16 +59,12 @@ def pooler() -> Iterator[Pooler]:
     """Its own database, and a PgBouncer in transaction mode in front of it."""
     if not os.path.exists(PGBOUNCER):
         _need("PgBouncer", f"{PGBOUNCER} is not installed")
-    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(sa.text("SELECT 1"))
-    except Exception as exc:
-        admin.dispose()
-        _need("PostgreSQL", f"{PG_ADMIN_URL}: {exc}")
-    name = f"execq_pooler_{uuid.uuid4().hex[:10]}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    with fresh_database("execq_pooler") as name:
+        yield from _pgbouncer_for(name)
+
+
+def _pgbouncer_for(name: str) -> Iterator[Pooler]:
+    """PgBouncer in transaction mode in front of database `name`, stopped afterwards."""
     server = sa.engine.make_url(PG_ADMIN_URL)
     target = f"host={server.host} port={server.port or 5432} dbname={name} user=postgres"
     # PgBouncer refuses to run as root: it drops to `nobody`, who must reach its files.
@@ -117,15 +112,6 @@ ignore_startup_parameters = extra_float_digits,options
             proc.kill()
             proc.wait()
         shutil.rmtree(root, ignore_errors=True)
-        with admin.connect() as conn:
-            conn.execute(
-                sa.text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"
-                ),
-                {"n": name},
-            )
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
-        admin.dispose()
 
 
 def test_workers_and_producer_run_commands_through_pgbouncer_in_transaction_mode(
