@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from producer.errors import ExecutableRefused
 
-from .resolve import resolve_executable
+from .resolve import check_safe, resolve_executable
 
 PR_SET_CHILD_SUBREAPER = 36
 PR_GET_CHILD_SUBREAPER = 37
@@ -154,16 +154,15 @@ def detect_capabilities() -> Capabilities:
 LAUNCHER = "execq-launch"
 
 
-def _unsafe(path: str) -> str | None:
-    """Why someone other than root or us could change `path`, or None."""
+def _unsafe(path: str, what: str) -> str | None:
+    """Why someone other than root or us could change `path` (the allow-list's own check of
+    a file or directory), or None."""
     try:
-        st = os.stat(path)
+        check_safe(path, path, os.stat(path), what)
     except OSError as exc:
         return f"cannot stat {path}: {exc.strerror}"
-    if st.st_uid not in (0, os.geteuid()):
-        return f"{path} is owned by uid {st.st_uid}, not root or us"
-    if st.st_mode & 0o022:
-        return f"{path} is writable by its group or others"
+    except ExecutableRefused as exc:
+        return str(exc)
     return None
 
 
@@ -187,7 +186,7 @@ def _find_launcher(notes: list[str]) -> str | None:
         if not os.path.exists(candidate):
             continue
         path = os.path.realpath(candidate)
-        problem = _unsafe(path) or _unsafe(os.path.dirname(path))
+        problem = _unsafe(path, "file") or _unsafe(os.path.dirname(path), "directory")
         if problem is not None:
             notes.append(f"{candidate} refused: {problem}")
             continue

@@ -85,7 +85,7 @@ def resolve_executable(argv0: str, allowed: Sequence[str]) -> str:
         raise ExecutableRefused(f"refused {argv0}: {real} is not a regular file")
     if not st.st_mode & 0o111 or not os.access(real, os.X_OK):
         raise ExecutableRefused(f"refused {argv0}: {real} is not executable")
-    _check_safe(argv0, real, st, "file")
+    check_safe(argv0, real, st, "file")
     _check_parents(argv0, real)
     _check_link_dirs(argv0)
     pin_executables(allowed)
@@ -93,8 +93,8 @@ def resolve_executable(argv0: str, allowed: Sequence[str]) -> str:
     return real
 
 
-def _check_safe(argv0: str, path: str, st: os.stat_result, what: str) -> None:
-    """Refuse a path that someone other than root or us could modify."""
+def check_safe(argv0: str, path: str, st: os.stat_result, what: str) -> None:
+    """Refuse a path that someone other than root or us could modify (ExecutableRefused)."""
     if st.st_uid not in (0, os.geteuid()):
         raise ExecutableRefused(
             f"refused {argv0}: {what} {path} is owned by uid {st.st_uid}, not root or us"
@@ -115,7 +115,7 @@ def _check_parents(argv0: str, real: str) -> None:
             raise ExecutableRefused(
                 f"refused {argv0}: cannot stat directory {parent}: {exc.strerror}"
             ) from None
-        _check_safe(argv0, parent, st, "parent directory")
+        check_safe(argv0, parent, st, "parent directory")
         up = os.path.dirname(parent)
         if up == parent:
             return
