@@ -117,7 +117,8 @@ def build_launch(
         if caps.launcher:
             chain.append("--")
         chain += namespaces
-        # After a namespace wrapper (it needs root), a second step switches the identity.
+        # A second step, after the namespace wrapper if there is one (it needs root, so the
+        # identity switch comes after it), or after prlimit when there is no launcher.
         step = caps.launcher or caps.setpriv
         if step is not None:
             identity = _identity(step, run_as, caps, launcher=step == caps.launcher)
