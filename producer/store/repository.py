@@ -239,24 +239,10 @@ class Store(Claims, Reads, Sweeps):
             if spec.idempotency_key is None:
                 raise
         # The key exists: the unique constraint decided the race, now report the winner.
+        key = (spec.tenant, spec.idempotency_key)
         with self._one() as conn:
-            found = conn.execute(
-                select(
-                    commands.c.id, commands.c.spec_hash, commands.c.state, commands.c.published_at
-                ).where(
-                    commands.c.tenant == spec.tenant,
-                    commands.c.idempotency_key == spec.idempotency_key,
-                )
-            ).one()
-        if found.spec_hash != spec_hash:
-            raise IdempotencyConflict(
-                f"idempotency key {spec.idempotency_key!r} of tenant {spec.tenant!r} was used for "
-                f"another command ({found.id}) with a different spec",
-                command_id=found.id,
-            )
-        return Created(
-            found.id, State(found.state), duplicate=True, published=found.published_at is not None
-        )
+            found = self._firsts(conn, {key})[key]
+        return _repeat_of(spec, spec_hash, found)
 
     def create_many(self, items: Sequence[NewCommand]) -> list[Created]:
         """Insert many commands and their audit events in one transaction (one commit).
@@ -311,15 +297,7 @@ class Store(Claims, Reads, Sweeps):
                     chains.setdefault(item.spec.tenant, []).extend(item.events)
                     continue
                 found = first[(item.spec.tenant, item.spec.idempotency_key)]
-                if found.spec_hash != row["spec_hash"]:
-                    raise IdempotencyConflict(
-                        f"idempotency key {item.spec.idempotency_key!r} of tenant "
-                        f"{item.spec.tenant!r} was used for another command ({found.id}) with "
-                        "a different spec",
-                        command_id=found.id,
-                    )
-                published = found.published_at is not None
-                out.append(Created(found.id, State(found.state), True, published=published))
+                out.append(_repeat_of(item.spec, row["spec_hash"], found))
             for chain, events in chains.items():
                 if events:
                     audit.append_linked(conn, chain, events)
@@ -382,6 +360,19 @@ class Store(Claims, Reads, Sweeps):
                 f"command {command_id} is no longer {expect_state} at version {expect_version}"
             )
         return expect_version + 1
+
+
+def _repeat_of(spec: CommandSpec, spec_hash: str, found: Any) -> Created:
+    """The first command of a repeated (tenant, key), or IdempotencyConflict if its spec
+    differs; `found` is its row from `Store._firsts`."""
+    if found.spec_hash != spec_hash:
+        raise IdempotencyConflict(
+            f"idempotency key {spec.idempotency_key!r} of tenant {spec.tenant!r} was used for "
+            f"another command ({found.id}) with a different spec",
+            command_id=found.id,
+        )
+    published = found.published_at is not None
+    return Created(found.id, State(found.state), duplicate=True, published=published)
 
 
 def _new_row(
