@@ -245,17 +245,18 @@ def test_max_concurrent_holds_across_pool_processes_and_workers(
     started = [start_worker(limited, "alpha"), start_worker(limited, "alpha")]
     try:
         with limited.producer() as producer:
-            ids = [
-                producer.submit(CommandSpec(tenant="alpha", argv=["/bin/sleep", "0.3"])).id
-                for _ in range(6)
-            ]
+            # Each command reports when it really ran: the store's started_at is taken when
+            # the claim is prepared, which on SQLite may then wait for the previous command's
+            # finishing write to release the lock (a millisecond of false overlap).
+            timed = ["/bin/sh", "-c", "date +%s.%N; sleep 0.3; date +%s.%N"]
+            ids = [producer.submit(CommandSpec(tenant="alpha", argv=timed)).id for _ in range(6)]
             done = [producer.wait(cid, timeout=60) for cid in ids]
     finally:
         for w in started:
             w.stop()
     assert all(r.state is State.SUCCEEDED for r in done)
-    spans = sorted((r.started_at, r.finished_at) for r in done if r.started_at and r.finished_at)
-    assert len(spans) == 6
+    spans = sorted(tuple(float(t) for t in (r.stdout or "").split()) for r in done)
+    assert len(spans) == 6 and all(len(span) == 2 for span in spans), spans
     for (_, end), (start, _) in itertools.pairwise(spans):
         assert start >= end, "two commands of a max_concurrent: 1 tenant overlapped"
     # Throttled deliveries came back later: some claims had to wait for their turn.
