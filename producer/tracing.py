@@ -147,10 +147,13 @@ def span(
         name,
         context=ctx,
         kind=kind,
-        attributes=clean_attributes(attributes or {}, redactor),
         record_exception=False,
         set_status_on_exception=False,
     ) as current:
+        # Set once started, so an unsampled span (most of them) costs no redaction; the
+        # samplers in use decide on the trace alone, never on attributes.
+        if attributes and current.is_recording():
+            current.set_attributes(clean_attributes(attributes, redactor))
         yield current
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from opentelemetry import trace as otel_trace
 
@@ -117,7 +117,7 @@ def exec_request(
         allowed_executables=tenant.executables,
         # The policy's EffectiveLimits and the sandbox's Limits have the same fields; the
         # two types stay apart because producer must not import workers.
-        limits=Limits(**asdict(limits)),
+        limits=Limits(**vars(limits)),  # flat values: no deep copy (asdict) per command
         env=full,
         lang=lang,
     )

@@ -22,7 +22,7 @@ import re
 import socket
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -414,7 +414,7 @@ class Pipeline:
         attempt.add(
             Phase.BIND,
             Result.OK,
-            limits=asdict(request.limits),
+            limits=dict(vars(request.limits)),
             env_names=sorted(request.env),
             worker=self.worker_id,
             snapshot_paths=len(claimed.snapshot_paths) or None,
