@@ -29,7 +29,7 @@ from producer.store.db import make_engine
 from producer.store.migrate import upgrade
 from workers.embedded import EmbeddedRedis, reachable
 
-SYSTEMS = ("celery", "execq-pg", "execq-pg-batch", "execq-sqlite")
+SYSTEMS = ("celery", "celery-pg", "execq-pg", "execq-pg-batch", "execq-sqlite")
 BATCH = 100  # commands per submit_many call in the execq-pg-batch runs
 # Every execq run traces like a production deployment would: 10 % of the commands sampled
 # (decided at submit, followed by the worker), their spans exported over OTLP/HTTP.
@@ -39,9 +39,11 @@ BURST_MEDIANS = (
     "redis_cmds_per_cmd",
     "producer_cpu_ms",
     "worker_cpu_ms",
+    "redis_cpu_ms",
+    "postgres_cpu_ms",
     "rss_main_mb",
 )
-PACED = ("celery", "execq-pg")
+PACED = ("celery", "celery-pg", "execq-pg")
 REDIS_URL = os.environ.get("EXECQ_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
 PG_URL = os.environ.get(
     "EXECQ_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -56,9 +58,12 @@ COLUMNS = (
     "RSS MB/pool proc",
     "db xact/cmd",
     "redis cmd/cmd",
-    "cpu ms/cmd prod+wrk",
+    "cpu ms/cmd prod+wrk+redis+pg",
+    "total",
 )
 NOTES = """\
+celery-pg: bare Celery plus a PostgreSQL row per command (inserted before the send, claimed and
+  finished by the task; 3 commits, raw psycopg): what a durable record alone costs.
 every execq run: store, audit (store + file), sandbox limits, tracing sampled at 10 % (OTLP/HTTP).
 execq-pg-batch: the same, submitted with submit_many({batch}) instead of one submit per command.
 e2e/s: N={n} submitted flat out by one process, N / (first submit -> last finish); median (min-max)
@@ -70,8 +75,9 @@ RSS: pool processes after the runs (median). db xact/cmd: pg_stat_database xact_
   command (incl. warm-up, worker start-up, reaper; pool pre-pings are transactions too).
 redis cmd/cmd: INFO commandstats delta / N in the burst runs, the bench's own commands excluded,
   background traffic (heartbeats, task events, reaper) included.
-cpu ms/cmd: producer process + worker process tree (incl. /bin/true), burst runs; redis-server
-  and PostgreSQL not included."""
+cpu ms/cmd: producer process + worker process tree (incl. /bin/true) + redis-server + every
+  PostgreSQL process (the bench's own completion polling included), burst runs; total: their sum,
+  what one command costs the machine."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -176,11 +182,11 @@ def otlp_sink() -> Iterator[str]:
 
 def run(ctx: Ctx, system: str, n: int, rate: float, tag: str) -> Res:
     """One run of one system; errors become a status, the other runs go on."""
-    if system.startswith("execq-pg") and ctx.pg is None:
+    if "-pg" in system and ctx.pg is None:
         return {"system": system, "status": "skipped (no PostgreSQL)"}
     try:
-        if system == "celery":
-            return run_celery(ctx, n, rate, tag)
+        if system.startswith("celery"):
+            return run_celery(ctx, n, rate, tag, durable=system == "celery-pg")
         if system == "execq-pg-batch":
             return run_execq(ctx, "pg", n, rate, tag, batch=BATCH)
         return run_execq(ctx, system.removeprefix("execq-"), n, rate, tag)
@@ -232,6 +238,14 @@ def _f(v: float | None, fmt: str = "{:.0f}") -> str:
     return "-" if v is None else fmt.format(v)
 
 
+CPU_PARTS = ("producer_cpu_ms", "worker_cpu_ms", "redis_cpu_ms", "postgres_cpu_ms")
+
+
+def _total_cpu(row: Res) -> float | None:
+    parts = [row.get(k) for k in CPU_PARTS]
+    return None if any(p is None for p in parts) else sum(parts)  # type: ignore[arg-type]
+
+
 def table(rows: list[Res], rate: float) -> str:
     """The summary table, one line per system."""
     base, lines = rows[0]["e2e_per_s"], []
@@ -248,7 +262,8 @@ def table(rows: list[Res], rate: float) -> str:
                 _f(r["rss_pool_mb"], "{:.1f}"),
                 _f(r["db_xact_per_cmd"], "{:.2f}"),
                 _f(r["redis_cmds_per_cmd"], "{:.1f}"),
-                f"{_f(r['producer_cpu_ms'], '{:.2f}')}+{_f(r['worker_cpu_ms'], '{:.2f}')}",
+                "+".join(_f(r[k], "{:.2f}") for k in CPU_PARTS),
+                _f(_total_cpu(r), "{:.2f}"),
             ]
         )
     hdr = [c.format(r=f"{rate:g}") for c in COLUMNS]
@@ -268,6 +283,14 @@ def findings(rows: list[Res], runs: list[Res]) -> list[str]:
             f"paced execq-pg / celery: p50 {e['paced_p50_ms'] / c['paced_p50_ms']:.1f}x, "
             f"p99 {e['paced_p99_ms'] / c['paced_p99_ms']:.1f}x; execq-pg p50 per stage: "
             + ", ".join(f"{k} {v:.1f} ms" for k, v in e["paced_stages_p50_ms"].items())
+        )
+    floor = by.get("celery-pg")
+    if floor and floor.get("e2e_per_s") and c.get("e2e_per_s") and e.get("e2e_per_s"):
+        out.append(
+            f"durable floor: celery-pg {floor['e2e_per_s'] / c['e2e_per_s']:.2f}x celery; "
+            f"execq-pg {e['e2e_per_s'] / floor['e2e_per_s']:.2f}x celery-pg; total CPU/cmd "
+            f"celery {_f(_total_cpu(c), '{:.2f}')}, celery-pg {_f(_total_cpu(floor), '{:.2f}')}, "
+            f"execq-pg {_f(_total_cpu(e), '{:.2f}')} ms"
         )
     b = by.get("execq-pg-batch")
     if b and b.get("submit_per_s") and e.get("submit_per_s"):

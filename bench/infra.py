@@ -93,6 +93,31 @@ def stop_all() -> None:
         w.stop(grace=3.0)
 
 
+def _own_cpu(p: psutil.Process, *, reaped: bool) -> float:
+    t = p.cpu_times()
+    return t.user + t.system + ((t.children_user + t.children_system) if reaped else 0.0)
+
+
+def server_cpu_s() -> dict[str, float]:
+    """CPU seconds so far of this host's redis-server and PostgreSQL (every backend).
+
+    A backend that exits is counted in the postmaster's reaped-children time, so deltas stay
+    right when connections come and go.
+    """
+    totals = {"redis": 0.0, "postgres": 0.0}
+    for p in psutil.process_iter(["name"]):
+        with contextlib.suppress(psutil.Error):
+            name = p.info["name"] or ""
+            if name.startswith("redis-server"):
+                totals["redis"] += _own_cpu(p, reaped=False)
+            elif name in ("postgres", "postmaster"):
+                # the postmaster is the one whose parent is not postgres
+                parent = p.parent()
+                top = parent is None or parent.name() not in ("postgres", "postmaster")
+                totals["postgres"] += _own_cpu(p, reaped=top)
+    return totals
+
+
 def latency_ms(lat_s: list[float]) -> dict[str, float]:
     """Nearest-rank p50/p95/p99 and max of latencies given in seconds, in ms."""
     xs = sorted(x * 1000 for x in lat_s)

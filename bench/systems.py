@@ -16,11 +16,29 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import redis
 import sqlalchemy as sa
 
-from bench.baseline import DONE_KEY, QUEUE, TASK, URL_ENV, make_app
-from bench.infra import PgDatabase, Worker, latency_ms, other_db_traffic, redis_calls
+from bench.baseline import (
+    DONE_KEY,
+    PG_DSN_ENV,
+    QUEUE,
+    RUNS_DDL,
+    TASK,
+    TASK_RECORDED,
+    URL_ENV,
+    make_app,
+    record_created,
+)
+from bench.infra import (
+    PgDatabase,
+    Worker,
+    latency_ms,
+    other_db_traffic,
+    redis_calls,
+    server_cpu_s,
+)
 from config.settings import Settings
 from config.tenants import load_tenants
 from producer.client import Producer
@@ -102,6 +120,7 @@ def measure(
     """Run the submit loop; returns what to call once all are done (with the bench's own
     Redis commands), and how many were submitted before the deadline."""
     calls0, t0, cpu0, wcpu0 = redis_calls(r), time.monotonic(), time.process_time(), w.cpu_s()
+    servers0 = server_cpu_s()
     loop = prof.runcall if prof else (lambda f, *a: f(*a))
     res["t_first"], t_end, n = loop(submit_loop, send, res["n"], res["rate"], deadline, per_call)
     res["submitted"] = n = max(n, 1)
@@ -113,6 +132,8 @@ def measure(
             res["status"] = f"timeout ({res['submitted']} of {res['n']} submitted)"
         delta = redis_calls(r) - calls0 - own
         res["worker_cpu_ms"] = 1000 * (w.cpu_s() - wcpu0) / n  # warm-up excluded
+        for name, cpu in server_cpu_s().items():  # the bench's own polling included
+            res[f"{name}_cpu_ms"] = 1000 * (cpu - servers0[name]) / n
         res["redis_cmds_per_cmd"] = delta.total() / n
         res["redis_cmds_by_type"] = {k: round(v / n, 2) for k, v in delta.most_common()}
         res["redis_other_db_traffic"] = other_db_traffic(r, time.monotonic() - t0 + 1)
@@ -126,23 +147,42 @@ def _fail(res: Res, status: str, w: Worker) -> Res:
     return res
 
 
-def run_celery(ctx: Ctx, n: int, rate: float, tag: str) -> Res:
-    """Bare Celery, prefork -c 2; the task records its completion with one RPUSH."""
-    res: Res = {"system": "celery", "n": n, "rate": rate, "status": "?", "failures": {}}
+def run_celery(ctx: Ctx, n: int, rate: float, tag: str, *, durable: bool = False) -> Res:
+    """Bare Celery, prefork -c 2; the task records its completion with one RPUSH.
+
+    `durable` (system `celery-pg`): each run also gets a PostgreSQL row, inserted before its
+    message is sent, claimed and finished by the task (three commits, raw psycopg): the
+    floor any design with a durable record per command pays, execq's overhead excluded.
+    """
+    system = "celery-pg" if durable else "celery"
+    res: Res = {"system": system, "n": n, "rate": rate, "status": "?", "failures": {}}
     r = redis.Redis.from_url(ctx.redis_url)
     r.flushdb()
     deadline = time.monotonic() + ctx.timeout_s
     argv = [sys.executable, *CELERY_ARGV.split(), "-n", f"{tag}@%h", *CELERY_FLAGS.split()]
-    w = Worker(argv, {**os.environ, URL_ENV: ctx.redis_url}, ctx.tmp / f"{tag}.log")
+    env = {**os.environ, URL_ENV: ctx.redis_url}
+    db: psycopg.Connection | None = None
+    if durable:
+        assert ctx.pg is not None
+        env[PG_DSN_ENV] = dsn = ctx.pg.url.replace("postgresql+psycopg://", "postgresql://")
+        db = psycopg.connect(dsn, autocommit=True)
+        db.execute(RUNS_DDL)
+        db.execute("TRUNCATE bench_runs")
+    w = Worker(argv, env, ctx.tmp / f"{tag}.log")
     capp = make_app(ctx.redis_url)
     polls = Counter[str]()
+    ids = itertools.count()
 
     def done() -> int:
         polls["llen"] += 1
         return int(r.llen(DONE_KEY))
 
     def send(_: int = 1) -> object:
-        return capp.send_task(TASK, args=(time.time(),), queue=QUEUE)
+        if db is None:
+            return capp.send_task(TASK, args=(time.time(),), queue=QUEUE)
+        run_id = f"{tag}-{next(ids)}"
+        record_created(db, run_id)
+        return capp.send_task(TASK_RECORDED, args=(run_id, time.time()), queue=QUEUE)
 
     try:
         for _ in range(ctx.warmup):
@@ -163,6 +203,8 @@ def run_celery(ctx: Ctx, n: int, rate: float, tag: str) -> Res:
         capp.close()
         w.stop()
         r.close()
+        if db is not None:
+            db.close()
 
 
 # Every table but the audit trail's, which refuses TRUNCATE by design (its chains go on).
