@@ -83,6 +83,11 @@ def _shown(part: str) -> str:
     return f"{scheme}{sep}{rest.rpartition('@')[2]}"
 
 
+def shown_url(url: str) -> str:
+    """A broker URL fit for a terminal or a log: each address without credentials or query."""
+    return ";".join(_shown(part.strip()) for part in url.split(";") if part.strip())
+
+
 def parse_sentinel_url(url: str) -> SentinelUrl:
     """Parse a `sentinel://` URL; ConfigError naming the problem when it is not usable."""
     sentinels: list[tuple[str, int]] = []

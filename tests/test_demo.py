@@ -5,12 +5,18 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import psutil
 import pytest
+import sqlalchemy as sa
+
+from producer.redisconn import shown_url
+from tests.conftest import PG_ADMIN_URL, fresh_database
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -84,3 +90,48 @@ def test_the_demo_table_ends_with_an_intact_audit_trail(tmp_path: Path, redis_ur
     assert found is not None, done.stdout
     assert int(found.group(1)) >= 40
     assert "execq audit show" in done.stdout
+
+
+def test_up_shows_neither_server_password(tmp_path: Path, redis_url: str) -> None:
+    # PostgreSQL here trusts local connections, so a password in the URL is accepted unused.
+    secret = "up-s3cret-0a9b8c"
+    with fresh_database("execq_up") as name:
+        store = sa.make_url(PG_ADMIN_URL).set(database=name, password=secret)
+        env = {
+            **os.environ,
+            "EXECQ_BROKER_URL": redis_url,
+            "EXECQ_DATABASE_URL": store.render_as_string(hide_password=False),
+            "EXECQ_TENANTS_FILE": str(ROOT / "config" / "tenants.yaml"),
+            "EXECQ_WORKDIR_ROOT": str(tmp_path / "work"),
+        }
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "workers.cli", "up", "--json"],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            assert proc.stdout is not None
+            ready, _, _ = select.select([proc.stdout], [], [], 120)
+            line = proc.stdout.readline() if ready else ""
+            assert line, "execq up printed nothing in 120 s"
+            info = json.loads(line)
+            assert secret not in line
+            assert info["database"] == store.render_as_string(hide_password=True)
+            assert info["workers"]
+        finally:
+            os.killpg(proc.pid, signal.SIGINT)
+            _, err = proc.communicate(timeout=60)
+        assert secret not in err
+
+
+def test_a_broker_url_is_shown_without_credentials_or_query() -> None:
+    assert shown_url("redis://default:pw1@h:6379/0") == "redis://h:6379/0"
+    assert shown_url("rediss://:pw2@h:6380/1?ssl_cert_reqs=required") == "rediss://h:6380/1"
+    sentinels = (
+        "sentinel://:pw3@a:26379;sentinel://:pw4@b:26379?master_name=m&sentinel_password=pw5"
+    )
+    assert shown_url(sentinels) == "sentinel://a:26379;sentinel://b:26379"

@@ -406,21 +406,27 @@ def flower(
 @handled
 def up(as_json: JsonOpt = False) -> None:
     """The whole local stack (Redis if none, store, a worker per tenant) until Ctrl-C."""
+    from sqlalchemy.engine import make_url  # noqa: PLC0415
+
+    from producer.redisconn import shown_url  # noqa: PLC0415
     from workers.stack import Stack  # noqa: PLC0415
 
     settings, tenants = load()
     stack = Stack(settings, tenants)
     stack.start()
+    # What the terminal (or a log collecting it) shows: no password of either server.
+    broker = shown_url(stack.broker_url)
+    store = make_url(settings.database_url).render_as_string(hide_password=True)
     info = {
-        "broker": stack.broker_url,
-        "database": settings.database_url,
+        "broker": broker,
+        "database": store,
         "workers": {n: p.pid for n, p in stack.workers.items()},
         "logs": str(stack.log_dir),
     }
     if as_json:
         print(json.dumps(info), flush=True)
     else:
-        out.print(f"execq is up: broker {stack.broker_url}, store {settings.database_url}")
+        out.print(f"execq is up: broker {broker}, store {store}")
         for name, proc in stack.workers.items():
             out.print(f"  worker {name}: pid {proc.pid}, log {stack.log_dir}/worker-{name}.log")
         if stack.embedded is not None:
