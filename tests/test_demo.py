@@ -23,15 +23,20 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
-def test_the_demo_shows_every_case_and_cleans_up(tmp_path: Path, redis_url: str) -> None:
-    before = {p.pid for p in psutil.process_iter()}
-    env = {
+def _stack_env(tmp_path: Path, redis_url: str, database_url: str) -> dict[str, str]:
+    """What `execq demo` and `execq up` run with here: the shipped tenants, our servers."""
+    return {
         **os.environ,
         "EXECQ_BROKER_URL": redis_url,
-        "EXECQ_DATABASE_URL": f"sqlite:///{tmp_path}/demo.db",
+        "EXECQ_DATABASE_URL": database_url,
         "EXECQ_TENANTS_FILE": str(ROOT / "config" / "tenants.yaml"),
         "EXECQ_WORKDIR_ROOT": str(tmp_path / "work"),
     }
+
+
+def test_the_demo_shows_every_case_and_cleans_up(tmp_path: Path, redis_url: str) -> None:
+    before = {p.pid for p in psutil.process_iter()}
+    env = _stack_env(tmp_path, redis_url, f"sqlite:///{tmp_path}/demo.db")
     done = subprocess.run(
         [sys.executable, "-m", "workers.cli", "demo", "--json"],
         env=env,
@@ -97,13 +102,7 @@ def test_up_shows_neither_server_password(tmp_path: Path, redis_url: str) -> Non
     secret = "up-s3cret-0a9b8c"
     with fresh_database("execq_up") as name:
         store = sa.make_url(PG_ADMIN_URL).set(database=name, password=secret)
-        env = {
-            **os.environ,
-            "EXECQ_BROKER_URL": redis_url,
-            "EXECQ_DATABASE_URL": store.render_as_string(hide_password=False),
-            "EXECQ_TENANTS_FILE": str(ROOT / "config" / "tenants.yaml"),
-            "EXECQ_WORKDIR_ROOT": str(tmp_path / "work"),
-        }
+        env = _stack_env(tmp_path, redis_url, store.render_as_string(hide_password=False))
         proc = subprocess.Popen(
             [sys.executable, "-m", "workers.cli", "up", "--json"],
             env=env,
