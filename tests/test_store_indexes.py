@@ -85,3 +85,43 @@ def test_without_indexes_the_rollback_sweep_seq_scans_and_the_check_says_so(
             conn.execute(f'DROP INDEX "{name}"'.encode())
         plan = explain(conn, statement, generic=False, repeat=1)
     assert plan.seq_scans == ["Seq Scan on commands"]
+
+
+# Statements about one command, by id: each must reach it through the primary key whatever
+# the statistics say, never by scanning a partial index of live rows.
+BY_ID = [
+    "claim",
+    "claim compensation",
+    "renew lease",
+    "cancel requested?",
+    "finish (transition)",
+    "lookup",
+]
+
+
+@pytest.mark.parametrize("name", BY_ID)
+def test_a_statement_about_one_command_uses_the_primary_key_with_stale_statistics(
+    filled: Filled, name: str
+) -> None:
+    # The trap: statistics gathered while nothing was live (a quiet night) make the partial
+    # indexes look empty; then a burst arrives. A claim that let the planner prove a partial
+    # index's predicate (state = 'pending' implies state IN ('pending', 'reverting')) picked
+    # that index, as the cheapest way to find "at most one row", and scanned every pending
+    # command of the tenant: O(backlog) per claim, exactly when there is a backlog.
+    store, conn, s = filled
+    statement = capture(store, _query(name, s))
+    live = "state IN ('pending', 'running', 'reverting')"
+    with conn.transaction(force_rollback=True):
+        # The version guard would refuse these edits; triggers are off for this transaction.
+        conn.execute("SET LOCAL session_replication_role = replica")
+        copy = (
+            f"CREATE TEMP TABLE live ON COMMIT DROP AS SELECT id, state FROM commands WHERE {live}"
+        )
+        conn.execute(copy.encode())
+        conn.execute(f"UPDATE commands SET state = 'succeeded' WHERE {live}".encode())
+        conn.execute("ANALYZE commands")  # in this transaction only, rolled back below
+        conn.execute("UPDATE commands c SET state = l.state FROM live l WHERE c.id = l.id")
+        for generic in (False, True):
+            plan = explain(conn, statement, generic=generic, repeat=1)
+            on_commands = [i for i in plan.indexes if "commands" in i]
+            assert on_commands == ["commands_pkey"], (name, generic, plan.nodes)

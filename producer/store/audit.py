@@ -41,7 +41,13 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from producer.audit.events import CONTENT_FIELDS, GENESIS, AuditEvent, canonical_json
 from producer.audit.verify import Problem, Report, Verifier
 from producer.errors import StoreError
-from producer.store.models import AuditAnchor, AuditEventRow, AuditHead, Command
+from producer.store.models import (
+    ONE_COMMAND_STATE_SQL,
+    AuditAnchor,
+    AuditEventRow,
+    AuditHead,
+    Command,
+)
 
 events_t = cast(Table, AuditEventRow.__table__)
 heads_t = cast(Table, AuditHead.__table__)
@@ -135,7 +141,8 @@ def pg_chained(lead: tuple[str, tuple[str, ...]] | None) -> TextClause:
     else:
         sql = (
             f"UPDATE commands SET {', '.join(f'{n} = :v_{n}' for n in names)} "
-            "WHERE id = :w_id AND state = :w_state AND version = :w_version RETURNING id"
+            f"WHERE id = :w_id AND {ONE_COMMAND_STATE_SQL} = :w_state AND version = :w_version "
+            "RETURNING id"
         )
         binds += [bindparam(n, type_=commands_t.c[n[2:]].type) for n in ("w_id", "w_state")]
         binds.append(bindparam("w_version", type_=commands_t.c.version.type))

@@ -26,9 +26,10 @@ from producer.store.batches import RUNNING as BATCH_RUNNING
 from producer.store.batches import batches as batches_table
 from producer.store.clock import as_utc as _utc
 from producer.store.clock import utcnow
-from producer.store.models import Command
+from producer.store.models import Command, one_command_state
 
 commands = cast(Table, Command.__table__)
+_state = one_command_state()  # in statements about one command, by id
 
 # Hot statements are built once: constructing a statement costs more CPU than running it.
 # What every claim returns (a command's or a compensation's).
@@ -49,7 +50,7 @@ _CLAIM = (
     .where(
         commands.c.id == bindparam("w_id"),
         commands.c.tenant == bindparam("w_tenant"),
-        commands.c.state == State.PENDING.value,
+        _state == State.PENDING.value,
         # A held step of a batch waits for the step before it, whatever message arrives.
         commands.c.held.is_(False),
     )
@@ -96,7 +97,7 @@ _CLAIM_REVERT = (
     .where(
         commands.c.id == bindparam("w_id"),
         commands.c.tenant == bindparam("w_tenant"),
-        commands.c.state == State.REVERTING.value,
+        _state == State.REVERTING.value,
         commands.c.lease_owner.is_(None),
     )
     .values(
@@ -119,7 +120,7 @@ _RENEW = (
     update(commands)
     .where(
         commands.c.id == bindparam("w_id"),
-        commands.c.state.in_([State.RUNNING.value, State.REVERTING.value]),
+        _state.in_([State.RUNNING.value, State.REVERTING.value]),
         commands.c.lease_owner == bindparam("w_owner"),
     )
     .values(
@@ -321,7 +322,7 @@ class Claims:
         with self._one() as conn:
             value = conn.execute(
                 select(commands.c.cancel_requested).where(
-                    commands.c.id == command_id, commands.c.state == State.RUNNING.value
+                    commands.c.id == command_id, _state == State.RUNNING.value
                 )
             ).scalar_one_or_none()
         return bool(value)
@@ -335,7 +336,7 @@ class Claims:
         """Flag a running command for termination; False when it is not running."""
         return self._changed_one(
             update(commands)
-            .where(commands.c.id == command_id, commands.c.state == State.RUNNING.value)
+            .where(commands.c.id == command_id, _state == State.RUNNING.value)
             .values(cancel_requested=True)
         )
 
@@ -345,7 +346,7 @@ class Claims:
             update(commands)
             .where(
                 commands.c.id == command_id,
-                commands.c.state == State.PENDING.value,
+                _state == State.PENDING.value,
                 commands.c.held.is_(True),
                 # Checked in the same statement: a batch revoked a moment ago keeps it held.
                 commands.c.batch_id.in_(
@@ -361,7 +362,7 @@ class Claims:
             update(commands)
             .where(
                 commands.c.id == command_id,
-                commands.c.state == State.RUNNING.value,
+                _state == State.RUNNING.value,
                 commands.c.cancel_requested.is_(False),
             )
             .values(cancel_requested=True)

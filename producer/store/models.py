@@ -18,11 +18,15 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    literal_column,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.elements import ColumnElement
 
 # Predicates of the partial indexes, spelled as the store's queries spell them.
+# A statement about one command (by id) must never be able to prove one of them: see
+# one_command_state() below.
 _LIVE_LEASES = "state IN ('running', 'reverting')"
 _OUTBOX = "state IN ('pending', 'reverting')"
 _ROLLBACK_DUE = "state = 'failed' AND rollback_on_failure IS true AND compensation IS NULL"
@@ -259,3 +263,18 @@ class Batch(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+# How a statement about one command, by id, compares its state: through `|| ''`, a no-op on
+# the value that the planner cannot see through. From `state = 'pending'` it could prove the
+# predicate of a partial index of live rows (above), and with statistics gathered while few
+# commands were live (a quiet night, then a burst) that index looks nearly empty: the planner
+# took it over the primary key as the cheapest way to reach at most one row, and each claim
+# read every pending command of its tenant, O(backlog) per claim under a backlog. Measured at
+# 3000 pending: 1.9 ms per claim instead of 0.02, growing with the queue.
+ONE_COMMAND_STATE_SQL = "(state || '')"
+
+
+def one_command_state() -> ColumnElement[str]:
+    """`commands.state || ''`, for the WHERE of a statement about one command (see above)."""
+    return Command.__table__.c.state.op("||")(literal_column("''"))
