@@ -42,7 +42,7 @@ from producer.audit.events import CONTENT_FIELDS, GENESIS, AuditEvent, canonical
 from producer.audit.verify import Problem, Report, Verifier
 from producer.errors import StoreError
 from producer.store.models import (
-    ONE_COMMAND_STATE_SQL,
+    BY_ID_ONLY_STATE_SQL,
     AuditAnchor,
     AuditEventRow,
     AuditHead,
@@ -141,7 +141,7 @@ def pg_chained(lead: tuple[str, tuple[str, ...]] | None) -> TextClause:
     else:
         sql = (
             f"UPDATE commands SET {', '.join(f'{n} = :v_{n}' for n in names)} "
-            f"WHERE id = :w_id AND {ONE_COMMAND_STATE_SQL} = :w_state AND version = :w_version "
+            f"WHERE id = :w_id AND {BY_ID_ONLY_STATE_SQL} = :w_state AND version = :w_version "
             "RETURNING id"
         )
         binds += [bindparam(n, type_=commands_t.c[n[2:]].type) for n in ("w_id", "w_state")]

@@ -26,10 +26,12 @@ from producer.store.batches import RUNNING as BATCH_RUNNING
 from producer.store.batches import batches as batches_table
 from producer.store.clock import as_utc as _utc
 from producer.store.clock import utcnow
-from producer.store.models import Command, one_command_state
+from producer.store.models import Command, by_id_only
 
 commands = cast(Table, Command.__table__)
-_state = one_command_state()  # in statements about one command, by id
+# In statements about one command, by id: see by_id_only.
+_state = by_id_only(commands.c.state)
+_tenant = by_id_only(commands.c.tenant)
 
 # Hot statements are built once: constructing a statement costs more CPU than running it.
 # What every claim returns (a command's or a compensation's).
@@ -49,7 +51,7 @@ _CLAIM = (
     update(commands)
     .where(
         commands.c.id == bindparam("w_id"),
-        commands.c.tenant == bindparam("w_tenant"),
+        _tenant == bindparam("w_tenant"),
         _state == State.PENDING.value,
         # A held step of a batch waits for the step before it, whatever message arrives.
         commands.c.held.is_(False),
@@ -96,7 +98,7 @@ _CLAIM_REVERT = (
     update(commands)
     .where(
         commands.c.id == bindparam("w_id"),
-        commands.c.tenant == bindparam("w_tenant"),
+        _tenant == bindparam("w_tenant"),
         _state == State.REVERTING.value,
         commands.c.lease_owner.is_(None),
     )
@@ -349,7 +351,7 @@ class Claims:
                 _state == State.PENDING.value,
                 commands.c.held.is_(True),
                 # Checked in the same statement: a batch revoked a moment ago keeps it held.
-                commands.c.batch_id.in_(
+                by_id_only(commands.c.batch_id).in_(
                     select(batches_table.c.id).where(batches_table.c.state == BATCH_RUNNING)
                 ),
             )

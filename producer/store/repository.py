@@ -37,7 +37,7 @@ from producer.store.audit_log import AuditLog
 from producer.store.batches import BatchStore
 from producer.store.claims import Claims
 from producer.store.clock import utcnow
-from producer.store.models import Command, Transition, one_command_state
+from producer.store.models import Command, Transition, by_id_only
 from producer.store.reads import Reads
 from producer.store.snapshots import SnapshotStore
 from producer.store.sweeps import Sweeps
@@ -54,7 +54,7 @@ def _transition_statement(names: tuple[str, ...]) -> Update:
         update(commands)
         .where(
             commands.c.id == bindparam("w_id"),
-            one_command_state() == bindparam("w_state", type_=commands.c.state.type),
+            by_id_only(commands.c.state) == bindparam("w_state", type_=commands.c.state.type),
             commands.c.version == bindparam("w_version"),
         )
         .values({name: bindparam(f"v_{name}", type_=commands.c[name].type) for name in names})
