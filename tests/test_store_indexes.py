@@ -91,18 +91,6 @@ def test_without_indexes_the_rollback_sweep_seq_scans_and_the_check_says_so(
     assert plan.seq_scans == ["Seq Scan on commands"]
 
 
-# Statements about one command, by id: each must reach it through the primary key whatever
-# the statistics say, never by scanning a partial index of live rows.
-BY_ID = [
-    "claim",
-    "claim compensation",
-    "renew lease",
-    "cancel requested?",
-    "finish (transition)",
-    "lookup",
-]
-
-
 @pytest.fixture(scope="module")
 def new_store() -> Iterator[Filled]:
     """A store that was never analysed: one tenant's first burst of 3000 commands, two of
