@@ -9,6 +9,7 @@ import select
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -122,9 +123,11 @@ def test_up_shows_neither_server_password(tmp_path: Path, redis_url: str) -> Non
             assert info["database"] == store.render_as_string(hide_password=True)
             assert info["workers"]
         finally:
+            # Ctrl-C at once: the workers (in sessions of their own) must stop with it.
             os.killpg(proc.pid, signal.SIGINT)
             _, err = proc.communicate(timeout=60)
         assert secret not in err
+        assert [pid for pid in info["workers"].values() if psutil.pid_exists(pid)] == []
 
 
 def test_a_broker_url_is_shown_without_credentials_or_query() -> None:
@@ -134,3 +137,30 @@ def test_a_broker_url_is_shown_without_credentials_or_query() -> None:
         "sentinel://:pw3@a:26379;sentinel://:pw4@b:26379?master_name=m&sentinel_password=pw5"
     )
     assert shown_url(sentinels) == "sentinel://a:26379;sentinel://b:26379"
+
+
+def test_ctrl_c_while_up_starts_stops_the_workers_it_started(
+    tmp_path: Path, redis_url: str
+) -> None:
+    env = _stack_env(tmp_path, redis_url, f"sqlite:///{tmp_path}/up.db")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "workers.cli", "up", "--json"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    up = psutil.Process(proc.pid)
+    started: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not started and time.monotonic() < deadline:  # workers spawned, not yet ready
+            started = [c for c in up.children() if "worker" in " ".join(c.cmdline())]
+            time.sleep(0.02)
+        assert started, "execq up started no worker in 60 s"
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(60)
+    _, alive = psutil.wait_procs(started, timeout=30)
+    assert alive == [], [p.cmdline() for p in alive]

@@ -13,7 +13,7 @@ import signal
 import sys
 import time
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -29,6 +29,9 @@ from workers.cli_compose import compose_app
 from workers.cli_config import config_app
 from workers.cli_show import STATE_STYLE, load, open_producer, print_record
 from workers.clikit import JsonOpt, OperatorOpt, ReasonOpt, TicketOpt, err, fail, handled, out
+
+if TYPE_CHECKING:
+    from workers.stack import Stack
 
 app = typer.Typer(
     name="execq",
@@ -406,15 +409,38 @@ def flower(
 @handled
 def up(as_json: JsonOpt = False) -> None:
     """The whole local stack (Redis if none, store, a worker per tenant) until Ctrl-C."""
-    from sqlalchemy.engine import make_url  # noqa: PLC0415
-
-    from producer.redisconn import shown_url  # noqa: PLC0415
     from workers.stack import Stack  # noqa: PLC0415
 
     settings, tenants = load()
     stack = Stack(settings, tenants)
-    stack.start()
-    # What the terminal (or a log collecting it) shows: no password of either server.
+    stopping = False
+
+    def _stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    stack.start()  # stops what it started if interrupted
+    # From here on every way out stops the workers: they run in sessions of their own, so a
+    # Ctrl-C (or a SIGTERM) that reaches only this process would otherwise leave them running.
+    try:
+        _announce(stack, settings, as_json)
+        while not stopping and all(p.poll() is None for p in stack.workers.values()):
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stack.stop()
+    if not as_json:
+        out.print("stopped")
+
+
+def _announce(stack: Stack, settings: Settings, as_json: bool) -> None:
+    """What `execq up` started, without the password of either server."""
+    from sqlalchemy.engine import make_url  # noqa: PLC0415
+
+    from producer.redisconn import shown_url  # noqa: PLC0415
+
     broker = shown_url(stack.broker_url)
     store = make_url(settings.database_url).render_as_string(hide_password=True)
     info = {
@@ -425,29 +451,13 @@ def up(as_json: JsonOpt = False) -> None:
     }
     if as_json:
         print(json.dumps(info), flush=True)
-    else:
-        out.print(f"execq is up: broker {broker}, store {store}")
-        for name, proc in stack.workers.items():
-            out.print(f"  worker {name}: pid {proc.pid}, log {stack.log_dir}/worker-{name}.log")
-        if stack.embedded is not None:
-            out.print("  (embedded Redis: other shells use EXECQ_BROKER_URL=embedded)")
-        out.print("Ctrl-C stops everything started here.")
-    stopping = False
-
-    def _stop(*_: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, _stop)
-    try:
-        while not stopping and all(p.poll() is None for p in stack.workers.values()):
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        stack.stop()
-    if not as_json:
-        out.print("stopped")
+        return
+    out.print(f"execq is up: broker {broker}, store {store}")
+    for name, proc in stack.workers.items():
+        out.print(f"  worker {name}: pid {proc.pid}, log {stack.log_dir}/worker-{name}.log")
+    if stack.embedded is not None:
+        out.print("  (embedded Redis: other shells use EXECQ_BROKER_URL=embedded)")
+    out.print("Ctrl-C stops everything started here.")
 
 
 @app.command()

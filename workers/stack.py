@@ -39,6 +39,15 @@ class Stack:
         finally:
             engine.dispose()
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._start_workers(ready_timeout_s)
+        except BaseException:
+            # Ctrl-C or a failure half-way: the workers run in sessions of their own, so
+            # nothing else would stop the ones already started.
+            self.stop()
+            raise
+
+    def _start_workers(self, ready_timeout_s: float) -> None:
         env = {**os.environ, "EXECQ_BROKER_URL": self.broker_url}
         for name in self.tenants.tenants:
             log_path = self.log_dir / f"worker-{name}.log"
@@ -56,7 +65,6 @@ class Stack:
             log_path = self.log_dir / f"worker-{name}.log"
             if not wait_for_file_line(log_path, " ready", ready_timeout_s) or proc.poll():
                 tail = log_path.read_text(errors="replace")[-2000:]
-                self.stop()
                 raise RuntimeError(f"worker for tenant {name!r} did not start:\n{tail}")
 
     def stop(self, *, grace_s: float = 30.0) -> None:
