@@ -98,21 +98,26 @@ def test_the_demo_table_ends_with_an_intact_audit_trail(tmp_path: Path, redis_ur
     assert "execq audit show" in done.stdout
 
 
+def _up(env: dict[str, str], cwd: Path, *, stdout: int, stderr: int) -> subprocess.Popen[str]:
+    """`execq up --json` in a process group of its own (a Ctrl-C is sent to the group)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "workers.cli", "up", "--json"],
+        env=env,
+        cwd=cwd,
+        stdout=stdout,
+        stderr=stderr,
+        text=True,
+        start_new_session=True,
+    )
+
+
 def test_up_shows_neither_server_password(tmp_path: Path, redis_url: str) -> None:
     # PostgreSQL here trusts local connections, so a password in the URL is accepted unused.
     secret = "up-s3cret-0a9b8c"
     with fresh_database("execq_up") as name:
         store = sa.make_url(PG_ADMIN_URL).set(database=name, password=secret)
         env = _stack_env(tmp_path, redis_url, store.render_as_string(hide_password=False))
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "workers.cli", "up", "--json"],
-            env=env,
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
+        proc = _up(env, tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             assert proc.stdout is not None
             ready, _, _ = select.select([proc.stdout], [], [], 120)
@@ -143,14 +148,7 @@ def test_ctrl_c_while_up_starts_stops_the_workers_it_started(
     tmp_path: Path, redis_url: str
 ) -> None:
     env = _stack_env(tmp_path, redis_url, f"sqlite:///{tmp_path}/up.db")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "workers.cli", "up", "--json"],
-        env=env,
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    proc = _up(env, tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     up = psutil.Process(proc.pid)
     started: list[psutil.Process] = []
     try:
