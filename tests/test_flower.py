@@ -212,5 +212,5 @@ def test_task_events_are_sent_from_the_start_when_configured(env: Env, workers: 
 def test_by_default_a_worker_no_flower_watches_publishes_no_task_events(
     env: Env, workers: Start
 ) -> None:
-    # They would cost a busy worker about 10 % of its throughput for nobody.
+    # They would cost a busy worker about 12 % of its throughput for nobody.
     assert _task_events(env, workers) == []
