@@ -28,6 +28,7 @@ from pydantic import (
 )
 from pydantic.json_schema import SkipJsonSchema
 
+from config.actions import Action, rename_allowed_env
 from config.settings import (
     ConfigInvalid,
     Environment,
@@ -89,6 +90,62 @@ OpenFiles = Annotated[int, Field(ge=8, le=65_536)]
 # daemons, so a tenant running as it could reach their files.
 Uid = Annotated[int, Field(ge=1000, lt=65_534)]
 Gid = Annotated[int, Field(ge=1, lt=65_534)]
+
+
+# What a spec's `env` may set when the tenant says nothing: locale and time zone only.
+DEFAULT_ENV_ALLOW = (
+    "LANG",
+    "LANGUAGE",
+    "LC_ALL",
+    "LC_COLLATE",
+    "LC_CTYPE",
+    "LC_MESSAGES",
+    "LC_MONETARY",
+    "LC_NUMERIC",
+    "LC_TIME",
+    "TZ",
+)
+PARAM_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,63}$")
+ACTION_NAME = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
+DENIED_OPTION = re.compile(r"^(--[A-Za-z0-9][A-Za-z0-9_-]*|-[A-Za-z0-9?@#][A-Za-z0-9_-]*)$")
+
+
+def _env_names(value: tuple[str, ...]) -> tuple[str, ...]:
+    for name in value:
+        if not ENV_NAME.fullmatch(name):
+            raise ValueError(f"{name!r} is not a valid environment variable name")
+    return value
+
+
+def _deny_options(value: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+    for executable, options in value.items():
+        _absolute(executable)
+        if not options:
+            raise ValueError(f"{executable}: list at least one option")
+        for option in options:
+            if not DENIED_OPTION.fullmatch(option):
+                raise ValueError(
+                    f"{executable}: {option!r} is not an option spelling "
+                    "(write --long, -x, or a single-dash word such as -exec)"
+                )
+    return value
+
+
+EnvNames = Annotated[tuple[str, ...], AfterValidator(_env_names)]
+DenyOptions = Annotated[dict[str, tuple[str, ...]], AfterValidator(_deny_options)]
+ENV_ALLOW_HELP = (
+    "The only variable names a spec's env may set (secrets aside); left out: locale and time "
+    "zone (LANG, LC_*, TZ). Names in execq's table of dangerous variables are always refused."
+)
+RAW_ARGV_HELP = (
+    "true: callers may send a raw argv (checked by the rules here); false: only the tenant's "
+    "actions run and a raw argv is refused (rule raw_argv)."
+)
+DENY_OPTIONS_HELP = (
+    "Per executable (symlinks resolved), options refused in any spelling the program accepts: "
+    "--long, its unambiguous prefixes and --long=value, -x alone or bundled (-rf), anywhere "
+    "before `--`; single-dash words (find's -exec) anywhere."
+)
 
 
 class LimitCeilings(BaseModel):
@@ -247,8 +304,8 @@ class TenantOverrides(BaseModel):
     """What one environment changes in a tenant's policy; anything left out is kept.
 
     Lists replace the tenant's list (write the whole list, e.g. all of deny_args); `limits`
-    are merged field by field. An explicit null resets the nullable fields (allowed_env,
-    run_as, max_concurrent, submit_rate, filesystem) to none.
+    are merged field by field. An explicit null resets the nullable fields (run_as,
+    max_concurrent, submit_rate, filesystem) to none, and env_allow to its default.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra=_no_defaults)
@@ -257,7 +314,6 @@ class TenantOverrides(BaseModel):
     # (`model_fields_set`) are applied, so "left out" and "null" stay distinct.
     executables: Executables = ()
     deny_args: DenyArgs = ()
-    allowed_env: tuple[str, ...] | None = None
     limits: LimitOverrides = LimitOverrides()
     max_retries: MaxRetries = 0
     snapshot_roots: SnapshotRoots = ()
@@ -266,13 +322,26 @@ class TenantOverrides(BaseModel):
     max_concurrent: MaxConcurrent | None = Field(default=None, description=MAX_CONCURRENT_HELP)
     submit_rate: SubmitRate | None = Field(default=None, description=SUBMIT_RATE_HELP)
     filesystem: FilesystemView | None = Field(default=None, description=FILESYSTEM_HELP)
+    env_allow: EnvNames | None = Field(default=None, description=ENV_ALLOW_HELP)
+    raw_argv: bool = Field(default=True, description=RAW_ARGV_HELP)
+    deny_options: DenyOptions = Field(default_factory=dict, description=DENY_OPTIONS_HELP)
+    actions: dict[str, Action] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _allowed_env_alias(cls, value: Any) -> Any:
+        return rename_allowed_env(value)
 
     def applied_to(self, tenant: Tenant) -> Tenant:
         """`tenant` with these overrides in place and no environments left to apply."""
         data = {name: getattr(tenant, name) for name in Tenant.model_fields}
         for name in self.model_fields_set:
             value = getattr(self, name)
-            data[name] = value.applied_to(tenant.limits) if name == "limits" else value
+            if name == "limits":
+                value = value.applied_to(tenant.limits)
+            elif name == "env_allow" and value is None:
+                value = DEFAULT_ENV_ALLOW  # an explicit null: back to the default
+            data[name] = value
         data["environments"] = EnvironmentOverrides()
         return Tenant.model_validate(data)
 
@@ -330,8 +399,12 @@ class Tenant(BaseModel):
         ),
     )
     env: dict[str, str] = Field(default_factory=dict, description="Set in every command's env.")
-    allowed_env: tuple[str, ...] | None = Field(
-        default=None, description="Names a spec's env may set; None allows any safe name."
+    env_allow: EnvNames = Field(default=DEFAULT_ENV_ALLOW, description=ENV_ALLOW_HELP)
+    raw_argv: bool = Field(default=True, description=RAW_ARGV_HELP)
+    deny_options: DenyOptions = Field(default_factory=dict, description=DENY_OPTIONS_HELP)
+    actions: dict[str, Action] = Field(
+        default_factory=dict,
+        description="Named command templates with typed parameters (see docs/actions.md).",
     )
     max_attempts: Annotated[int, Field(ge=1, le=100)] = 3
     max_retries: MaxRetries = Field(
@@ -368,6 +441,14 @@ class Tenant(BaseModel):
         description="Policy overrides for dev, staging or prod; the one for EXECQ_ENV applies.",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _allowed_env_alias(cls, value: Any) -> Any:
+        value = rename_allowed_env(value)
+        if isinstance(value, dict) and "env_allow" in value and value["env_allow"] is None:
+            value = {**value, "env_allow": DEFAULT_ENV_ALLOW}
+        return value
+
     @field_validator("env")
     @classmethod
     def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
@@ -375,6 +456,16 @@ class Tenant(BaseModel):
             if not ENV_NAME.fullmatch(name):
                 raise ValueError(f"{name!r} is not a valid environment variable name")
         return value
+
+    @model_validator(mode="after")
+    def _actions_fit(self) -> Tenant:
+        # Checked against the tenant they belong to: an action may only run what the tenant
+        # allows, within its ceilings (and again once an environment's overrides apply).
+        for name, action in self.actions.items():
+            problem = action.misfit(self)
+            if problem:
+                raise ValueError(f"action {name!r}: {problem}")
+        return self
 
     @property
     def queue(self) -> str:
