@@ -93,13 +93,17 @@ def submit(
     if idempotency_key is not None and len(idempotency_key) > MAX_BATCH_KEY:
         # Each step's key is `KEY#n`, and a key is at most 200 characters.
         raise SpecError(f"a batch's idempotency key has at most {MAX_BATCH_KEY} characters")
+    resolved = []
     for spec in specs:
         try:
-            policy.check(spec, producer.tenants)
+            filled = producer.resolve(spec)
+            policy.check(filled, producer.tenants)
         except Exception:
             # Recorded and audited as a rejected command, like any refused submit.
             producer.submit(spec)
             raise
+        resolved.append(filled)
+    specs = resolved
     store = producer.store
     spec_hash = _batch_hash(specs, compensate_on_revoke)
     if idempotency_key is not None:

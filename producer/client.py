@@ -18,7 +18,7 @@ from opentelemetry.trace import SpanKind
 
 from config.settings import ConfigInvalid, Settings, load_settings
 from config.tenants import TenantsFile, load_tenants
-from producer import batching, policy, saga, telemetry, tracing
+from producer import actions, batching, policy, saga, telemetry, tracing
 from producer.audit.events import AuditEvent, Outcome, Phase, Subject, now_ns
 from producer.audit.trail import Attempt, Trail, subject_of
 from producer.batching import BatchResult
@@ -154,7 +154,11 @@ class Producer(Reverting):
         """
         if not isinstance(spec, CommandSpec):
             raise TypeError(f"submit takes a CommandSpec, not {type(spec).__name__}")
-        attributes = {"execq.tenant": spec.tenant, "execq.executable": spec.argv[0]}
+        attributes = {"execq.tenant": spec.tenant}
+        if spec.action is not None:
+            attributes["execq.action"] = spec.action
+        else:
+            attributes["execq.executable"] = spec.argv[0]
         with tracing.span("execq.submit", kind=SpanKind.PRODUCER, attributes=attributes) as span:
             try:
                 result = self._submit(spec)
@@ -193,6 +197,7 @@ class Producer(Reverting):
             Outcome.OK,
             started_ns=started,
             argc=len(spec.argv),
+            action=spec.action,
             env_names=sorted(spec.env),
             secret_names=sorted(spec.secrets),
             idempotency_key=spec.idempotency_key,
@@ -254,10 +259,29 @@ class Producer(Reverting):
             )
             return [one.result for one in staged]
 
+    def resolve(self, spec: CommandSpec) -> CommandSpec:
+        """The spec with its action filled in (argv, env, limits...); raw specs as they are.
+
+        Raises PolicyDenied naming the parameter and rule a value breaks. A spec for an
+        unknown tenant is returned as it is (the policy check refuses it).
+        """
+        tenant = self.tenants.get(spec.tenant)
+        if spec.action is None or tenant is None:
+            return spec
+        return actions.resolve(spec, tenant)
+
     def _check(self, spec: CommandSpec, trace: TraceContext) -> _Checked:
         """The parse and authz phases of one command: its audit events, and its refusal."""
+        unfilled: PolicyDenied | None = None
+        try:
+            spec = self.resolve(spec)
+        except PolicyDenied as refusal:
+            unfilled = refusal  # recorded below like any refusal, with no argv to show
+            spec = actions.storable(spec, self.tenants.get(spec.tenant))
         spec, attempt = self._intake(spec, trace)
         try:
+            if unfilled is not None:
+                raise unfilled
             tenant = policy.check(spec, self.tenants)
             if tenant.submit_rate is not None:
                 self._limiter().take(tenant)

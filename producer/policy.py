@@ -7,7 +7,9 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
+from config.actions import Action
 from config.tenants import Tenant, TenantsFile
+from producer import actions, dangerous, options
 from producer.errors import ConfigError, PolicyDenied, UnknownTenant
 from producer.spec import CommandSpec
 
@@ -95,6 +97,23 @@ def denied(kind: str, argv: tuple[str, ...], tenant: Tenant) -> Denial | None:
     return None
 
 
+def denied_option(argv: tuple[str, ...], tenant: Tenant) -> options.OptionHit | None:
+    """The first argument spelling an option the tenant's deny_options refuses for argv[0]."""
+    target = _real(argv[0])
+    spellings = [
+        option
+        for executable, listed in tenant.deny_options.items()
+        if _real_listed(executable) == target
+        for option in listed
+    ]
+    if not spellings:
+        return None
+    # tar, ps, ar: a first argument without a dash is itself a bundle of short options.
+    program = dangerous.lookup(target)
+    old_style = program is not None and program.old_style_first
+    return options.denied_option(argv[1:], spellings, old_style_first=old_style)
+
+
 def _check_argv(kind: str, argv: tuple[str, ...], tenant: Tenant) -> None:
     _require_resolved(tenant)
     if not allowed(argv[0], tenant):
@@ -103,6 +122,15 @@ def _check_argv(kind: str, argv: tuple[str, ...], tenant: Tenant) -> None:
             rule="executables",
         )
     denial = denied(kind, argv, tenant)
+    # An executable refused outright is the stronger statement: it is named first.
+    if denial is not None and denial.rule.startswith("deny_executable:"):
+        raise PolicyDenied(denial.message, rule=denial.rule)
+    hit = denied_option(argv, tenant)
+    if hit is not None:
+        raise PolicyDenied(
+            f"{kind}: {options.describe(hit, argv[0])} for tenant {tenant.name!r}",
+            rule=f"deny_options:{hit.option}",
+        )
     if denial is not None:
         raise PolicyDenied(denial.message, rule=denial.rule)
 
@@ -123,14 +151,31 @@ def check_compensate(argv: tuple[str, ...], tenant: Tenant) -> None:
 
 
 def check(spec: CommandSpec, tenants: TenantsFile) -> Tenant:
-    """Return the spec's tenant if the spec may run, else raise PolicyDenied naming the rule."""
+    """Return the spec's tenant if the (resolved) spec may run, else raise PolicyDenied."""
     tenant = tenant_for(spec.tenant, tenants)
     check_tenant(spec, tenant)
     return tenant
 
 
 def check_tenant(spec: CommandSpec, tenant: Tenant) -> None:
-    """Raise PolicyDenied naming the rule unless `tenant`'s policy lets `spec` run."""
+    """Raise PolicyDenied naming the rule unless `tenant`'s policy lets `spec` run.
+
+    `spec` is a raw argv, or an action already filled in (`actions.resolve`): the resolved
+    argv meets every rule a raw one meets.
+    """
+    action = None
+    if spec.action is None:
+        if not tenant.raw_argv:
+            names = ", ".join(sorted(tenant.actions)) or "none defined"
+            raise PolicyDenied(
+                f"tenant {tenant.name!r} runs only actions (raw_argv: false); send an action "
+                f"name and params instead of an argv (actions: {names})",
+                rule="raw_argv",
+            )
+    else:
+        action = actions.action_of(spec, tenant)
+        if not spec.argv:
+            raise ValueError("check_tenant needs the resolved spec (actions.resolve)")
     _check_argv("argv", spec.argv, tenant)
     if spec.compensate is not None:
         _check_argv("compensate", spec.compensate, tenant)
@@ -163,13 +208,23 @@ def check_tenant(spec: CommandSpec, tenant: Tenant) -> None:
                 f"({roots})",
                 rule="snapshot_roots",
             )
-    if tenant.allowed_env is not None:
-        extra = sorted(set(spec.env) - set(tenant.allowed_env))
-        if extra:
-            raise PolicyDenied(
-                f"env {extra} not in tenant {tenant.name!r}'s allowed_env",
-                rule="allowed_env",
-            )
+    _check_env_names(spec, tenant, action)
+
+
+def _check_env_names(spec: CommandSpec, tenant: Tenant, action: Action | None) -> None:
+    # By allow-list: a name nobody thought of (TAR_OPTIONS, GIT_SSH_COMMAND...) is refused.
+    # An action's own env is the tenants file's, not the caller's, so it is not limited.
+    fixed = set(action.env) if action is not None else set()
+    allow, owner = tenant.env_allow, f"tenant {tenant.name!r}"
+    if action is not None and action.env_allow is not None:
+        allow, owner = action.env_allow, f"action {spec.action!r}"
+    extra = sorted(set(spec.env) - fixed - set(allow))
+    if extra:
+        listed = ", ".join(allow) or "none"
+        raise PolicyDenied(
+            f"env {', '.join(extra)} not in {owner}'s env_allow ({listed})",
+            rule="env_allow",
+        )
 
 
 def snapshot_allowed(path: str, tenant: Tenant) -> bool:

@@ -71,6 +71,8 @@ class CommandRecord:
     batch_id: str | None = None
     batch_step: int | None = None
     held: bool = False
+    action: str | None = None
+    params: dict[str, Any] | None = None
     transitions: list[TransitionRecord] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from producer.dangerous import dangerous_env
 from producer.errors import SpecError
 
 # Byte budgets keep one spec well inside a Redis message, a store row and the kernel's ARG_MAX.
@@ -26,30 +27,12 @@ MAX_LIMIT_INT = 2**31 - 1
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 KEY_PATTERN = re.compile(r"^[\x21-\x7e]{1,200}$")
 TENANT_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
+ACTION_PATTERN = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
+PARAM_PATTERN = re.compile(r"^[a-z_][a-z0-9_]{0,63}$")
+MAX_PARAMS = 64
 
 # Set by execq itself: a spec may not override them.
 RESERVED_ENV = frozenset({"PATH", "HOME", "TMPDIR", "TRACEPARENT", "TRACESTATE", "PWD"})
-# Change how the dynamic loader or common interpreters behave: a way to run other code.
-DANGEROUS_ENV_PREFIXES = ("LD_", "DYLD_", "GCONV_", "MALLOC_")
-DANGEROUS_ENV = frozenset(
-    {
-        "BASH_ENV",
-        "ENV",
-        "IFS",
-        "SHELLOPTS",
-        "PS4",
-        "PYTHONSTARTUP",
-        "PYTHONPATH",
-        "PERL5OPT",
-        "PERL5LIB",
-        "RUBYOPT",
-        "NODE_OPTIONS",
-        "LOCPATH",
-        "NLSPATH",
-        "HOSTALIASES",
-        "RES_OPTIONS",
-    }
-)
 
 
 def _check_env(kind: str, env: Mapping[str, str]) -> None:
@@ -61,8 +44,9 @@ def _check_env(kind: str, env: Mapping[str, str]) -> None:
             raise ValueError(f"{kind} name {name!r} is not a valid variable name")
         if name in RESERVED_ENV:
             raise ValueError(f"{kind} may not set {name}: execq sets it")
-        if name in DANGEROUS_ENV or name.startswith(DANGEROUS_ENV_PREFIXES):
-            raise ValueError(f"{kind} may not set {name}: it changes which code runs")
+        why = dangerous_env(name)
+        if why is not None:
+            raise ValueError(f"{kind} may not set {name}: it changes which code runs ({why})")
         if "\x00" in value:
             raise ValueError(f"{kind} {name} contains a NUL byte")
         size = _utf8_size(value, f"{kind} {name}")
@@ -80,7 +64,8 @@ def _utf8_size(text: str, what: str) -> int:
         raise ValueError(f"{what} is not valid UTF-8 text") from None
 
 
-def _check_argv(kind: str, argv: tuple[str, ...]) -> None:
+def check_argv(kind: str, argv: tuple[str, ...]) -> None:
+    """ValueError unless argv is non-empty, within the size budgets, with an absolute argv[0]."""
     if not argv:
         raise ValueError(f"{kind} must not be empty")
     if len(argv) > MAX_ARGS:
@@ -134,7 +119,11 @@ class CommandSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
     tenant: str
-    argv: tuple[str, ...]
+    # Either a raw argv or an action of the tenant's with its parameters: execq fills the
+    # action's template into argv (see producer.actions); a caller never gives both.
+    argv: tuple[str, ...] = ()
+    action: str | None = None
+    params: dict[str, str | int | bool] = Field(default_factory=dict, repr=False)
     idempotency_key: str | None = None
     timeout_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     cpu_s: int | None = Field(default=None, gt=0, le=MAX_LIMIT_INT)
@@ -188,14 +177,40 @@ class CommandSpec(BaseModel):
     @field_validator("argv")
     @classmethod
     def _argv(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        _check_argv("argv", value)
+        if value:  # empty only with an action: checked in _no_overlap
+            check_argv("argv", value)
+        return value
+
+    @field_validator("action")
+    @classmethod
+    def _action(cls, value: str | None) -> str | None:
+        if value is not None and not ACTION_PATTERN.fullmatch(value):
+            raise ValueError(f"{value[:80]!r} is not an action name ({ACTION_PATTERN.pattern})")
+        return value
+
+    @field_validator("params")
+    @classmethod
+    def _params(cls, value: dict[str, str | int | bool]) -> dict[str, str | int | bool]:
+        if len(value) > MAX_PARAMS:
+            raise ValueError(f"{len(value)} parameters, more than {MAX_PARAMS}")
+        for name, item in value.items():
+            if not PARAM_PATTERN.fullmatch(name):
+                raise ValueError(f"{name[:80]!r} is not a parameter name ({PARAM_PATTERN.pattern})")
+            if isinstance(item, str):
+                if "\x00" in item:
+                    raise ValueError(f"parameter {name} contains a NUL byte")
+                size = _utf8_size(item, f"parameter {name}")
+                if size > MAX_ARG_BYTES:
+                    raise ValueError(f"parameter {name} is {size} bytes, more than {MAX_ARG_BYTES}")
+            elif not isinstance(item, bool) and not -(2**63) <= item < 2**63:
+                raise ValueError(f"parameter {name} is outside the 64-bit integer range")
         return value
 
     @field_validator("compensate")
     @classmethod
     def _compensate(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
         if value is not None:
-            _check_argv("compensate", value)
+            check_argv("compensate", value)
         return value
 
     @field_validator("snapshot_paths")
@@ -243,10 +258,29 @@ class CommandSpec(BaseModel):
 
     @model_validator(mode="after")
     def _no_overlap(self) -> CommandSpec:
+        if self.action is None:
+            if not self.argv:
+                raise ValueError(
+                    "argv must not be empty (give an argv, or an action with its params)"
+                )
+            if self.params:
+                raise ValueError("params go with an action; this spec names none")
+        elif self.argv:
+            raise ValueError("give an argv or an action, not both (the action makes the argv)")
+        elif self.compensate is not None or self.snapshot_paths:
+            raise ValueError(
+                "an action's compensate and snapshot_paths come from the tenants file, "
+                "not from the caller"
+            )
         both = set(self.env) & set(self.secrets)
         if both:
             raise ValueError(f"{sorted(both)} given both as env and as secrets")
-        if self.rollback_on_failure and self.compensate is None and not self.snapshot_paths:
+        if (
+            self.rollback_on_failure
+            and self.action is None
+            and self.compensate is None
+            and not self.snapshot_paths
+        ):
             raise ValueError("rollback_on_failure needs a compensate command or snapshot_paths")
         if self.compensate_limits is not None and self.compensate is None:
             raise ValueError("compensate_limits given without a compensate command")
@@ -256,7 +290,7 @@ class CommandSpec(BaseModel):
 
     def __repr__(self) -> str:
         return (
-            f"CommandSpec(tenant={self.tenant!r}, argv={self.argv!r}, "
+            f"CommandSpec(tenant={self.tenant!r}, argv={self.argv!r}, action={self.action!r}, "
             f"idempotency_key={self.idempotency_key!r}, secrets={sorted(self.secrets)!r})"
         )
 
@@ -284,6 +318,10 @@ class CommandSpec(BaseModel):
             out["snapshot_paths"] = list(self.snapshot_paths)
         if self.max_retries:
             out["max_retries"] = self.max_retries
+        if self.action is not None:
+            # Params as sent (secret ones are in `secrets` by the time this is asked).
+            out["action"] = self.action
+            out["params"] = dict(sorted(self.params.items()))
         return out
 
     def spec_hash(self) -> str:

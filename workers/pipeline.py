@@ -362,6 +362,9 @@ class Pipeline:
                 memory_mb=claimed.memory_mb,
                 snapshot_paths=claimed.snapshot_paths,
             )
+            if claimed.action is not None:
+                # The argv the action was filled into; the action must still exist here.
+                spec = spec.model_copy(update={"action": claimed.action})
             policy.check_tenant(spec, self.tenant)
         except PolicyDenied as denied:
             log.warning("command %s refused at authz: %s", claimed.id, denied)

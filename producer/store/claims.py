@@ -41,6 +41,7 @@ _LEASED = (
     commands.c.version,
     commands.c.attempts,
     commands.c.argv,
+    commands.c.action,
     commands.c.env,
     commands.c.trace_id,
     commands.c.principal,
@@ -155,6 +156,7 @@ class Claimed:
     rollback_on_failure: bool = False
     snapshot_paths: tuple[str, ...] = ()
     batch_id: str | None = None
+    action: str | None = None
 
 
 @dataclass(frozen=True)
@@ -243,6 +245,7 @@ class Claims:
             rollback_on_failure=bool(row.rollback_on_failure),
             snapshot_paths=tuple(row.snapshot_paths or ()),
             batch_id=row.batch_id,
+            action=row.action,
         )
 
     def _lease_within(

@@ -76,6 +76,10 @@ class Command(Base):
     spec_hash: Mapped[str] = mapped_column(String(64))
     principal: Mapped[str | None] = mapped_column(String(200))
     argv: Mapped[list[str]] = mapped_column(JSON)
+    # An action's name and the parameters it was filled with (secret ones never); argv is
+    # then the resolved template.
+    action: Mapped[str | None] = mapped_column(String(64))
+    params: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
     env: Mapped[dict[str, str]] = mapped_column(JSON)
     secret_names: Mapped[list[str]] = mapped_column(JSON)
     has_secrets: Mapped[bool] = mapped_column(Boolean, default=False)

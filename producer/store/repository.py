@@ -395,6 +395,8 @@ def _new_row(
         "spec_hash": spec_hash,
         "principal": spec.principal,
         "argv": list(spec.argv),
+        "action": spec.action,
+        "params": dict(spec.params) if spec.action is not None else None,
         "env": dict(spec.env),
         "secret_names": sorted(spec.secrets),
         "has_secrets": bool(spec.secrets),
