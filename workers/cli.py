@@ -23,6 +23,8 @@ from producer.errors import NotFound, StoreError
 from producer.spec import CommandSpec
 from producer.states import State
 from workers import cli_batch, cli_revert
+from workers.cli_actions import actions as actions_cmd
+from workers.cli_actions import parse_params
 from workers.cli_audit import audit_app
 from workers.cli_batch import batch_app
 from workers.cli_compose import compose_app
@@ -50,6 +52,7 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(batch_app, name="batch")
 app.add_typer(config_app, name="config")
 app.add_typer(compose_app, name="compose")
+app.command("actions")(actions_cmd)
 
 
 def _setup_logging(level: str = "WARNING", settings: Settings | None = None) -> None:
@@ -66,8 +69,19 @@ def _setup_logging(level: str = "WARNING", settings: Settings | None = None) -> 
 @app.command()
 @handled
 def submit(
-    argv: Annotated[list[str], typer.Argument(help="The command, after `--`: ARGV[0] absolute.")],
     tenant: Annotated[str, typer.Option(help="Tenant whose pool runs it.")],
+    argv: Annotated[
+        list[str] | None,
+        typer.Argument(help="The command, after `--`: ARGV[0] absolute (or use --action)."),
+    ] = None,
+    action: Annotated[
+        str | None,
+        typer.Option(help="Run the tenant's action NAME instead of an argv (`execq actions`)."),
+    ] = None,
+    param: Annotated[
+        list[str] | None,
+        typer.Option(help="NAME=VALUE for the action, converted by its type; repeat."),
+    ] = None,
     key: Annotated[
         str | None, typer.Option(help="Idempotency key: same key, same command.")
     ] = None,
@@ -103,7 +117,14 @@ def submit(
     wait_timeout: Annotated[float, typer.Option(help="Seconds to --wait.")] = 300.0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Submit a command: [bold]execq submit --tenant acme -- /bin/echo hello[/]."""
+    """Submit a command: [bold]execq submit --tenant acme -- /bin/echo hello[/].
+
+    Or an action: [bold]execq submit --tenant acme --action greet --param name=bob[/].
+    """
+    if bool(argv) == (action is not None):
+        fail("give the command after `--`, or --action NAME (not both)", 2, as_json=as_json)
+    if param and action is None:
+        fail("--param goes with --action", 2, as_json=as_json)
     env_map: dict[str, str] = {}
     for item in env or []:
         name, sep, value = item.partition("=")
@@ -115,9 +136,12 @@ def submit(
         if name not in os.environ:
             fail(f"--secret-env {name}: ${name} is not set in this shell", 2, as_json=as_json)
         secrets[name] = os.environ[name]
+    what: dict[str, object] = {"argv": tuple(argv or ())}
+    if action is not None:
+        what = {"action": action, "params": parse_params(param or [], load()[1], tenant, action)}
     spec = CommandSpec(
         tenant=tenant,
-        argv=tuple(argv),
+        **what,
         idempotency_key=key,
         timeout_s=timeout,
         env=env_map,

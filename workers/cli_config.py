@@ -9,18 +9,21 @@ from typing import Annotated, Any
 import typer
 from rich.text import Text
 
+from config.actions import placeholders
 from config.settings import Environment, load_policy_settings
 from config.tenants import Tenant, TenantsFile, load_tenants, tenants_json_schema
+from producer import dangerous, policy
 from workers.clikit import JsonOpt, handled, out
 
 config_app = typer.Typer(
     help=(
         "The tenants file: validate it and see the policy each tenant gets.\n\n"
         "A tenant's `environments:` entry for dev, staging or prod overrides its policy when "
-        "EXECQ_ENV names that environment: lists (executables, deny_args, allowed_env, "
-        "snapshot_roots) are replaced, limits are merged field by field. A deny_args entry is "
-        "a regex for every executable, {executable: /bin/rm, pattern: '^-rf$'} for one, or "
-        "{executable: /bin/rm} to refuse that one outright."
+        "EXECQ_ENV names that environment: lists (executables, deny_args, env_allow, "
+        "snapshot_roots) and mappings (deny_options, actions) are replaced, limits are merged "
+        "field by field. A deny_args entry is a regex for every executable, "
+        "{executable: /bin/rm, pattern: '^-rf$'} for one, or {executable: /bin/rm} to refuse "
+        "that one outright; deny_options refuses an option in every spelling a program accepts."
     ),
     no_args_is_help=True,
 )
@@ -73,6 +76,8 @@ def check(
         overridden = written.tenants[name].environments.get(env) is not None
         out.print()
         _print_tenant(tenant, env if overridden else None)
+        for warning in warnings(tenant):
+            out.print(Text.assemble(("  warning: ", "bold yellow"), warning), soft_wrap=True)
 
 
 @config_app.command("schema")
@@ -114,7 +119,10 @@ def _print_tenant(tenant: Tenant, overridden: Environment | None) -> None:
         ("executables", list(tenant.executables)),
         ("deny", deny_rules(tenant) or ["none"]),
         ("limits", [limits]),
-        ("allowed_env", [", ".join(tenant.allowed_env) if tenant.allowed_env else "any safe name"]),
+        ("raw_argv", ["allowed" if tenant.raw_argv else "refused: actions only"]),
+        ("actions", sorted(tenant.actions) or ["none"]),
+        ("deny_options", _deny_options(tenant) or ["none"]),
+        ("env_allow", [", ".join(tenant.env_allow) or "none"]),
         ("max_retries", [str(tenant.max_retries)]),
         ("network", ["allowed" if tenant.network else "refused"]),
         ("run_as", [_run_as(tenant)]),
@@ -127,6 +135,33 @@ def _print_tenant(tenant: Tenant, overridden: Environment | None) -> None:
         for i, value in enumerate(values):
             # Plain text: patterns such as `[rR]` must not be read as Rich markup.
             out.print(f"  {label if i == 0 else '':<15} {value}", markup=False, soft_wrap=True)
+
+
+def _deny_options(tenant: Tenant) -> list[str]:
+    return [f"{exe}: {' '.join(opts)}" for exe, opts in tenant.deny_options.items()]
+
+
+def warnings(tenant: Tenant) -> list[str]:
+    """What a valid file still leaves open or contradicts: a sentence each."""
+    found = dangerous.raw_argv_warnings(
+        tenant.name, tenant.executables, tenant.deny_options, tenant.raw_argv
+    )
+    for name, action in sorted(tenant.actions.items()):
+        for kind, template in (("argv", action.argv), ("compensate", action.compensate)):
+            if template is None:
+                continue
+            # The template's own literal words meet the same rules as any argv: a rule that
+            # refuses one of them refuses every run of the action.
+            literal = tuple(t for t in template if not placeholders([t]))
+            hit = policy.denied_option(literal, tenant)
+            denial = policy.denied(kind, literal, tenant)
+            if hit is not None or denial is not None:
+                why = f"the option {hit.option}" if hit else f"rule {denial.rule}"  # type: ignore[union-attr]
+                found.append(
+                    f"tenant {tenant.name!r}: action {name!r} can never run: its {kind} "
+                    f"template is refused by the tenant's own {why}"
+                )
+    return found
 
 
 def _run_as(tenant: Tenant) -> str:
@@ -164,6 +199,7 @@ def _as_json(file: Path, env: Environment, tenants: TenantsFile) -> dict[str, An
                 **t.model_dump(mode="json", exclude={"name", "environments"}),
                 "queue": t.queue,
                 "deny_rules": deny_rules(t),
+                "warnings": warnings(t),
             }
             for name, t in tenants.tenants.items()
         },

@@ -47,8 +47,9 @@ def handled(func: F) -> F:
         except SpecError as exc:
             fail(f"invalid command: {exc}", 2, as_json=as_json)
         except PolicyDenied as exc:
+            recorded = f" (recorded as {exc.command_id})" if exc.command_id else ""
             fail(
-                f"refused by policy: {exc}",
+                f"refused by policy: {exc}{recorded}",
                 1,
                 as_json=as_json,
                 id=exc.command_id,

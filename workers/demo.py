@@ -1,8 +1,8 @@
 """`execq demo` (`make run`): every guarantee, shown on a live local stack.
 
 Success, a failure rolled back automatically, a timeout that kills a process tree, a policy
-refusal, a duplicate key, and a saga whose third step fails (the first two undone in
-reverse order); then the audit trail is verified.
+refusal, a duplicate key, an action run and an action refused, and a saga whose third step
+fails (the first two undone in reverse order); then the audit trail is verified.
 """
 
 from __future__ import annotations
@@ -37,11 +37,21 @@ class Row:
     tenant: str
     argv: tuple[str, ...]
     expect: State
+    action: str | None = None  # with `argv` holding its params, k=v, for display
     command_id: str | None = None
     state: State | None = None
     exit_code: int | None = None
     reason: str = ""
     note: str = ""
+
+
+def _params(pairs: tuple[str, ...]) -> dict[str, str | int | bool]:
+    """A demo row's `k=v` pairs as an action's parameters (digits are integers)."""
+    params: dict[str, str | int | bool] = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        params[name] = int(value) if value.isdigit() else value
+    return params
 
 
 def _alive_with_marker(marker: str) -> int:
@@ -144,6 +154,16 @@ def run_demo(settings: Settings, tenants: TenantsFile, *, as_json: bool, console
         ),
         Row("policy", "prod", ("/bin/rm", "-rf", "/srv/important"), State.REJECTED),
         Row("duplicate", "acme", ("/bin/echo", "run once"), State.SUCCEEDED),
+        # A typed template instead of an argv: the caller fills parameters, never options.
+        Row("action", "acme", ("name=web backend", "count=2"), State.SUCCEEDED, action="greet"),
+        # `..` climbs out of the directory the parameter must stay under: refused, recorded.
+        Row(
+            "action-refused",
+            "acme",
+            ("path=/tmp/execq-scratch/../../etc",),
+            State.REJECTED,
+            action="clean-dir",
+        ),
     ]
     code = 0
     enforced: str | None = None
@@ -161,7 +181,12 @@ def run_demo(settings: Settings, tenants: TenantsFile, *, as_json: bool, console
                 if row.title == "failure":
                     kwargs["compensate"] = ("/bin/rm", "-f", f"{scratch}/flag")
                     kwargs["rollback_on_failure"] = True
-                spec = CommandSpec(tenant=row.tenant, argv=row.argv, **kwargs)
+                if row.action is not None:
+                    kwargs["action"] = row.action
+                    kwargs["params"] = _params(row.argv)
+                else:
+                    kwargs["argv"] = row.argv
+                spec = CommandSpec(tenant=row.tenant, **kwargs)
                 try:
                     first = producer.submit(spec)
                     row.command_id = first.id
@@ -174,7 +199,7 @@ def run_demo(settings: Settings, tenants: TenantsFile, *, as_json: bool, console
                         )
                 except PolicyDenied as denied:
                     row.command_id = denied.command_id
-                    row.note = "refused at submit, recorded"
+                    row.note = f"refused at submit ({denied.rule}), recorded"
             saga = _submit_saga(producer, scratch)
             for row in rows:
                 assert row.command_id is not None
@@ -233,9 +258,8 @@ def run_demo(settings: Settings, tenants: TenantsFile, *, as_json: bool, console
         )
         return code
     for r in rows:
-        console.print(
-            f"  {r.title:<9} {r.tenant:<5} {shlex.join(r.argv)}", markup=False, highlight=False
-        )
+        what = f"action {r.action} {shlex.join(r.argv)}" if r.action else shlex.join(r.argv)
+        console.print(f"  {r.title:<14} {r.tenant:<5} {what}", markup=False, highlight=False)
     table = Table(title="execq demo: final states")
     for col in ("case", "state", "exit", "reason", "note"):
         table.add_column(col, overflow="fold")
