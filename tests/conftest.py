@@ -48,6 +48,18 @@ tenants:
               file_mb: 16}}
     env: {{TENANT_GREETING: hello-alpha}}
     snapshot_roots: [/tmp]
+    actions:
+      greet:
+        argv: [/bin/echo, "hello {{name}}", "{{count}}"]
+        params:
+          name: {{type: string, pattern: "^[a-z ]{{1,20}}$"}}
+          count: {{type: integer, minimum: 1, maximum: 5, default: 1}}
+      show-token:
+        argv: [/bin/sh, -c, 'echo "$GREETING:$TOKEN"']
+        env: {{GREETING: "hi {{name}}", TOKEN: "{{token}}"}}
+        params:
+          name: {{type: string, max_length: 10}}
+          token: {{type: string, secret: true}}
   beta:
     concurrency: 1
     executables: [/bin/echo, /bin/sh, /bin/sleep, /bin/true]

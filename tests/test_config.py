@@ -21,12 +21,16 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_the_shipped_tenants_file_is_valid_and_has_a_prod_tenant_with_deny_args() -> None:
     tenants = load_tenants(ROOT / "config" / "tenants.yaml", env="dev")
     assert len(tenants.tenants) >= 2
-    assert tenants.tenants["prod"].deny_args
+    assert tenants.tenants["prod"].deny_args and tenants.tenants["prod"].deny_options
     assert tenants.tenants["acme"].queue == "execq.acme"
+    assert tenants.tenants["acme"].actions and tenants.tenants["prod"].actions
     # Every environment resolves, and the prod tenant is stricter outside dev.
     for env in ("staging", "prod"):
         stricter = load_tenants(ROOT / "config" / "tenants.yaml", env=env).tenants["prod"]
         assert len(stricter.deny_args) > len(tenants.tenants["prod"].deny_args)
+    # In production, the prod tenant runs its actions only.
+    assert tenants.tenants["prod"].raw_argv
+    assert not load_tenants(ROOT / "config" / "tenants.yaml", env="prod").tenants["prod"].raw_argv
 
 
 def test_defaults_match_the_contract(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -54,8 +54,12 @@ def test_the_demo_shows_every_case_and_cleans_up(tmp_path: Path, redis_url: str)
         "timeout": "failed",
         "policy": "rejected",
         "duplicate": "succeeded",
+        "action": "succeeded",
+        "action-refused": "rejected",
         "saga": "reverted",
     }
+    # The refused action says which parameter broke which rule.
+    assert "param:path:under" in cases["action-refused"]["note"]
     # The failure keeps its own exit code; its compensation removed what it created.
     assert cases["failure"]["exit_code"] == 3
     assert cases["failure"]["note"].endswith("its file is gone")

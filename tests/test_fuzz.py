@@ -319,7 +319,9 @@ def test_policy_check_returns_the_tenant_or_refuses(
             "limits",
             "max_retries",
             "snapshot_roots",
-            "allowed_env",
+            "env_allow",
+            "deny_options",
+            "raw_argv",
         }, exc.rule
         assert str(exc)
         return
@@ -381,7 +383,12 @@ tenant_policies = st.fixed_dictionaries(
         "snapshot_roots": st.lists(
             st.sampled_from(["/tmp", "/tmp/../etc", "/nonexistent", "/var/"])
         ),
-        "allowed_env": st.one_of(st.none(), st.lists(st.sampled_from(["LANG", "A", "COLOR"]))),
+        "env_allow": st.one_of(st.none(), st.lists(st.sampled_from(["LANG", "A", "COLOR"]))),
+        "deny_options": st.dictionaries(
+            st.sampled_from(["/bin/echo", "/usr/bin/env"]),
+            st.lists(st.sampled_from(["-n", "--help", "-e", "-exec"]), min_size=1),
+            max_size=2,
+        ),
         "max_retries": st.integers(0, 20),
         "limits": st.fixed_dictionaries(
             {},

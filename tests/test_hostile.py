@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from config.tenants import TenantsFile
+from config.tenants import TenantsFile, load_tenants
 from producer import policy
 from producer.client import Producer
+from producer.dangerous import lookup
 from producer.errors import ExecutableRefused, PolicyDenied, SandboxError, SpecError
 from producer.spec import (
     MAX_ARG_BYTES,
@@ -31,6 +32,7 @@ from producer.states import State
 from tests.conftest import WorkerProc
 from workers.sandbox import ExecRequest, Limits, Sandbox, resolve_executable
 
+ROOT = Path(__file__).resolve().parent.parent
 ECHO = os.path.realpath("/bin/echo")
 SH = os.path.realpath("/bin/sh")
 # One tenant that may run /bin/echo and nothing else.
@@ -575,3 +577,118 @@ def test_a_malformed_idempotency_key_is_refused(key: str) -> None:
 )
 def test_a_malformed_tenant_name_is_refused(tenant: str) -> None:
     assert f"tenant: {tenant!r} is not a tenant name" in spec_refused(tenant=tenant)
+
+
+# --- argument tricks: options in every spelling, code through options and variables -----------
+
+# The shipped prod tenant's rm rules, and tar/rsync/find closed with execq's table of their
+# dangerous options (what `execq config check` asks for).
+TRICKS = load_tenants(ROOT / "config" / "tenants.yaml", env="dev")
+PROD = TRICKS.tenants["prod"]
+TOOLS = TenantsFile.model_validate(
+    {
+        "tenants": {
+            "tools": {
+                "executables": ["/bin/tar", "/usr/bin/rsync", "/usr/bin/find"],
+                "deny_options": {
+                    p: list(lookup(p).options)  # type: ignore[union-attr]
+                    for p in ("/bin/tar", "/usr/bin/rsync", "/usr/bin/find")
+                },
+            }
+        }
+    }
+).for_env("dev")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--rec", "--force", "/srv/x"],  # GNU takes any unambiguous prefix
+        ["--recursive", "--force", "/srv/x"],
+        ["--recursive=yes", "/srv/x"],
+        ["--r", "/srv/x"],
+        ["-r", "-f", "/srv/x"],
+        ["-Rf", "/srv/x"],
+        ["-rfv", "/srv/x"],
+        ["-fR", "/srv/x"],
+        ["-vrf", "/srv/x"],
+        ["/srv/x", "-r"],  # after an operand: GNU permutes
+        ["-v", "/srv/x", "--recu"],
+        ["-f", "/srv/x"],
+        ["--no-preserve-root", "-v", "/srv/x"],
+        ["--no-pres", "/srv/x"],
+    ],
+)
+def test_every_spelling_of_a_denied_rm_option_is_refused(args: list[str]) -> None:
+    with pytest.raises(PolicyDenied) as info:
+        policy.check_tenant(CommandSpec(tenant="prod", argv=["/bin/rm", *args]), PROD)
+    assert info.value.rule.startswith("deny_options:")
+    assert "spells the option" in str(info.value)
+
+
+def test_after_a_double_dash_a_dash_word_is_a_file_name() -> None:
+    policy.check_tenant(CommandSpec(tenant="prod", argv=["/bin/rm", "--", "-r"]), PROD)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["/bin/tar", "--checkpoint=1", "--checkpoint-action=exec=id", "-cf", "/dev/null", "/"],
+        ["/bin/tar", "-cf", "/dev/null", "--checkpoint-act=exec=id", "/"],
+        ["/bin/tar", "cIf", "sh -c id", "x.tgz", "/"],  # old-style bundle, -I attached
+        ["/bin/tar", "-xf", "x.tar", "--to-command=sh"],
+        ["/bin/tar", "-x", "--use-compress-prog=sh", "-f", "x.tar"],
+        ["/usr/bin/rsync", "-e", "sh -c id", "a", "b:"],
+        ["/usr/bin/rsync", "-ve'sh -c id'", "a", "b:"],
+        ["/usr/bin/rsync", "--rsh=sh", "a", "b:"],
+        ["/usr/bin/rsync", "--rsync-path=sh -c id", "a", "b:"],
+        ["/usr/bin/find", "/", "-exec", "id", ";"],
+        ["/usr/bin/find", "--", "/", "-execdir", "id", ";"],
+        ["/usr/bin/find", "/", "-delete"],
+    ],
+)
+def test_code_execution_through_a_programs_options_is_refused(argv: list[str]) -> None:
+    with pytest.raises(PolicyDenied) as info:
+        policy.check_tenant(CommandSpec(tenant="tools", argv=argv), TOOLS.tenants["tools"])
+    assert info.value.rule.startswith("deny_options:")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "TAR_OPTIONS",
+        "PERLLIB",
+        "RUBYLIB",
+        "NODE_PATH",
+        "JAVA_TOOL_OPTIONS",
+        "OPENSSL_CONF",
+        "GIT_SSH_COMMAND",
+        "PYTHONHOME",
+        "RSYNC_RSH",
+        "BASH_FUNC_ls%%",
+        "LD_AUDIT",
+    ],
+)
+def test_code_execution_through_the_environment_is_refused_in_env_and_secrets(
+    name: str,
+) -> None:
+    for field in ("env", "secrets"):
+        with pytest.raises(SpecError, match=r"is not a valid variable name|changes which code"):
+            spec(**{field: {name: "x"}})
+
+
+def test_a_variable_nobody_listed_is_refused_by_the_allow_list() -> None:
+    with pytest.raises(PolicyDenied) as info:
+        policy.check_tenant(
+            CommandSpec(tenant="prod", argv=["/bin/echo"], env={"SOME_TOOL_FLAGS": "x"}), PROD
+        )
+    assert info.value.rule == "env_allow" and "SOME_TOOL_FLAGS" in str(info.value)
+
+
+def test_an_option_trick_is_recorded_rejected_and_audited(producer: Producer) -> None:
+    with pytest.raises(PolicyDenied) as info:
+        producer.submit(spec(tenant="beta", argv=["/bin/echo", "x"], env={"TZ_HACK": "1"}))
+    rec = producer.get(info.value.command_id or "")
+    assert rec.state is State.REJECTED and rec.failure_reason == "policy:env_allow"
+    phases = [e.phase for e in producer.audit_events(command_id=rec.id)]
+    assert phases == ["parse", "authz", "abort"]

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from config.settings import ConfigInvalid, Environment
-from config.tenants import TenantsFile, load_tenants, tenants_json_schema
+from config.tenants import DEFAULT_ENV_ALLOW, TenantsFile, load_tenants, tenants_json_schema
 from producer import policy
 from producer.errors import ConfigError, PolicyDenied
 from producer.spec import CommandSpec
@@ -89,7 +89,7 @@ def test_limits_merge_field_by_field_and_the_rest_is_replaced(tmp_path: Path) ->
     prod = load_tenants(path, env=Environment.PROD).tenants["ops"]
     assert prod.limits.timeout_s == 60
     assert prod.executables == ("/bin/echo", "/bin/rm")
-    assert prod.allowed_env == ("LANG",) and prod.max_retries == 1
+    assert prod.env_allow == ("LANG",) and prod.max_retries == 1
     assert prod.snapshot_roots == ("/srv/ops",)
     assert prod.network is False and prod.max_concurrent == 4
     assert prod.run_as is not None and prod.run_as.uid_min == 20000
@@ -100,7 +100,7 @@ def test_limits_merge_field_by_field_and_the_rest_is_replaced(tmp_path: Path) ->
 def test_prod_overrides_are_enforced_by_the_policy(tmp_path: Path) -> None:
     prod = load_tenants(write(tmp_path, BASE), env="prod")
     assert refusal(prod, "/bin/ls") == "executables"
-    assert refusal(prod, "/bin/echo", env={"COLOR": "1"}) == "allowed_env"
+    assert refusal(prod, "/bin/echo", env={"COLOR": "1"}) == "env_allow"
     assert refusal(prod, "/bin/echo", retry_safe=True, max_retries=2) == "max_retries"
     assert refusal(prod, "/bin/echo", snapshot_paths=["/srv/ops/a"]) is None
     assert refusal(prod, "/bin/echo", snapshot_paths=["/srv/other"]) == "snapshot_roots"
@@ -242,9 +242,9 @@ def test_a_null_override_resets_a_nullable_field(tmp_path: Path) -> None:
         " environments: {dev: {allowed_env: null, max_concurrent: null}}}}",
     )
     dev = load_tenants(path, env="dev").tenants["ops"]
-    assert dev.allowed_env is None and dev.max_concurrent is None
+    assert dev.env_allow == DEFAULT_ENV_ALLOW and dev.max_concurrent is None
     prod = load_tenants(path, env="prod").tenants["ops"]
-    assert prod.allowed_env == ("LANG",) and prod.max_concurrent == 3
+    assert prod.env_allow == ("LANG",) and prod.max_concurrent == 3
 
 
 # --- the shipped file and its schema --------------------------------------------------------
@@ -252,15 +252,16 @@ def test_a_null_override_resets_a_nullable_field(tmp_path: Path) -> None:
 
 def test_the_shipped_prod_tenant_keeps_dev_behaviour_and_tightens_in_prod() -> None:
     # `execq demo` runs in dev and expects exactly this refusal.
-    assert refusal_of(load_tenants(SHIPPED, env="dev")) == "deny_args:^-rf$"
-    assert refusal_of(load_tenants(SHIPPED, env="staging")) == "deny_args:^-rf$"
-    assert refusal_of(load_tenants(SHIPPED, env="prod")) == "deny_executable:/bin/rm"
-    staging = load_tenants(SHIPPED, env="staging")
-    spec = CommandSpec(tenant="prod", argv=["/bin/rm", "-R", "/srv/x"])
+    assert refusal_of(load_tenants(SHIPPED, env="dev")) == "deny_options:-r"
+    # An executable refused outright is named as such, before any option rule.
+    assert refusal_of(load_tenants(SHIPPED, env="staging")) == "deny_executable:/bin/rm"
+    # In production the prod tenant runs its actions only.
+    assert refusal_of(load_tenants(SHIPPED, env="prod")) == "raw_argv"
+    dev = load_tenants(SHIPPED, env="dev")
     with pytest.raises(PolicyDenied) as caught:
-        policy.check(spec, staging)
-    assert caught.value.rule.startswith("deny_args:") and "/bin/rm" in str(caught.value)
-    policy.check(CommandSpec(tenant="prod", argv=["/bin/rm", "/srv/x/file"]), staging)
+        policy.check(CommandSpec(tenant="prod", argv=["/bin/rm", "-R", "/srv/x"]), dev)
+    assert caught.value.rule == "deny_options:-R" and "/bin/rm" in str(caught.value)
+    policy.check(CommandSpec(tenant="prod", argv=["/bin/rm", "/srv/x/file"]), dev)
 
 
 def refusal_of(tenants: TenantsFile) -> str:
@@ -388,7 +389,8 @@ def test_config_check_shows_the_effective_policy_for_an_environment() -> None:
     assert "snapshot_roots" in done.stdout
     dev = run_cli("check", str(SHIPPED))
     assert dev.returncode == 0, dev.stderr
-    assert "deny_executable" not in dev.stdout and "deny_args:^-rf$" in dev.stdout
+    assert "deny_executable" not in dev.stdout and "deny_args:^/$" in dev.stdout
+    assert "/bin/rm: --recursive -r -R" in dev.stdout and "actions only" in done.stdout
 
 
 def test_config_check_reads_the_settings_by_default(tmp_path: Path) -> None:
