@@ -44,6 +44,7 @@ lint: install  ## ruff + mypy (strict)
 bench: install  ## throughput and latency against bare Celery, same run; audit costs
 	$(VENV)/bin/python -m bench $(BENCH_ARGS)
 	$(VENV)/bin/python -m bench.audit
+	$(VENV)/bin/python -m bench.actions
 
 clean:
 	rm -rf $(VENV) .uv-bootstrap .execq .pytest_cache .mypy_cache .ruff_cache
