@@ -18,6 +18,7 @@ from typing import Protocol
 
 from producer.audit.events import GENESIS, AuditEvent
 from producer.audit.verify import Problem, Report, Verifier
+from producer.files import private_dir
 
 FILE_CHAIN = "file"
 # The last line of a file is found by reading this much of its end (events are far smaller).
@@ -115,7 +116,7 @@ class JsonlSink:
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent)
         with self._thread_lock:
             fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:

@@ -10,6 +10,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 from producer.errors import StoreError
+from producer.files import private_file
 
 # A query option of a PostgreSQL URL that execq takes for psycopg instead of passing it to
 # libpq: `?prepare_threshold=none` stops server-side prepared statements, which a pooler in
@@ -60,7 +61,9 @@ def _prepare_threshold(value: str | tuple[str, ...]) -> int | None:
 def _sqlite_engine(url: str) -> Engine:
     parsed = make_url(url)
     if parsed.database and parsed.database != ":memory:":
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        # Made 0600 before SQLite opens it: SQLite gives its -wal and -shm files the same
+        # mode as the database file, so all three stay private.
+        private_file(Path(parsed.database))
     # Connections are cheap and must not cross fork(): no pool to inherit.
     engine = create_engine(url, poolclass=NullPool, connect_args={"timeout": 30})
 
