@@ -76,7 +76,8 @@ def _templates(value: tuple[str, ...]) -> tuple[str, ...]:
     return value
 
 
-def _regex(pattern: str) -> str:
+def valid_regex(pattern: str) -> str:
+    """`pattern` if it compiles, else ValueError saying why (shared by the tenants file)."""
     try:
         re.compile(pattern)
     except re.error as exc:
@@ -84,7 +85,8 @@ def _regex(pattern: str) -> str:
     return pattern
 
 
-def _roots(value: tuple[str, ...]) -> tuple[str, ...]:
+def absolute_dirs(value: tuple[str, ...]) -> tuple[str, ...]:
+    """`value` if every entry is an absolute directory other than /, else ValueError."""
     for path in value:
         if not path.startswith("/") or path.rstrip("/") == "":
             raise ValueError(f"{path!r} is not an absolute directory other than /")
@@ -92,7 +94,8 @@ def _roots(value: tuple[str, ...]) -> tuple[str, ...]:
 
 
 Templates = Annotated[tuple[str, ...], AfterValidator(_templates)]
-Roots = Annotated[tuple[str, ...], AfterValidator(_roots)]
+Roots = Annotated[tuple[str, ...], AfterValidator(absolute_dirs)]
+Regex = Annotated[str, AfterValidator(valid_regex)]
 ParamType = Literal["string", "integer", "boolean", "path"]
 ParamValue = str | int | bool
 
@@ -115,7 +118,7 @@ class ActionParam(BaseModel):
 
     type: ParamType
     description: str = ""
-    pattern: Annotated[str, AfterValidator(_regex)] | None = Field(
+    pattern: Regex | None = Field(
         default=None, description="string: the whole value must match (fullmatch)."
     )
     enum: tuple[str | int, ...] | None = Field(

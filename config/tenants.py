@@ -28,7 +28,7 @@ from pydantic import (
 )
 from pydantic.json_schema import SkipJsonSchema
 
-from config.actions import Action, rename_allowed_env
+from config.actions import Action, Regex, Roots, rename_allowed_env
 from config.settings import (
     ConfigInvalid,
     Environment,
@@ -58,25 +58,9 @@ def _absolute(path: str) -> str:
     return path
 
 
-def _snapshot_roots(value: tuple[str, ...]) -> tuple[str, ...]:
-    for path in value:
-        if not path.startswith("/") or path.rstrip("/") == "":
-            raise ValueError(f"{path!r} is not an absolute directory other than /")
-    return value
-
-
-def _regex(pattern: str) -> str:
-    try:
-        re.compile(pattern)
-    except re.error as exc:
-        raise ValueError(f"{pattern!r} is not a valid regex: {exc}") from None
-    return pattern
-
-
 Executables = Annotated[tuple[str, ...], AfterValidator(_absolute_executables)]
 AbsolutePath = Annotated[str, AfterValidator(_absolute)]
-SnapshotRoots = Annotated[tuple[str, ...], AfterValidator(_snapshot_roots)]
-Regex = Annotated[str, AfterValidator(_regex)]
+SnapshotRoots = Roots
 MaxRetries = Annotated[int, Field(ge=0, le=20)]
 MaxConcurrent = Annotated[int, Field(ge=1, le=100_000)]
 TimeoutS = Annotated[float, Field(gt=0, le=86_400)]
@@ -105,7 +89,6 @@ DEFAULT_ENV_ALLOW = (
     "LC_TIME",
     "TZ",
 )
-PARAM_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,63}$")
 ACTION_NAME = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
 DENIED_OPTION = re.compile(r"^(--[A-Za-z0-9][A-Za-z0-9_-]*|-[A-Za-z0-9?@#][A-Za-z0-9_-]*)$")
 
@@ -462,6 +445,8 @@ class Tenant(BaseModel):
         # Checked against the tenant they belong to: an action may only run what the tenant
         # allows, within its ceilings (and again once an environment's overrides apply).
         for name, action in self.actions.items():
+            if not ACTION_NAME.fullmatch(name):
+                raise ValueError(f"action name {name!r} must match {ACTION_NAME.pattern}")
             problem = action.misfit(self)
             if problem:
                 raise ValueError(f"action {name!r}: {problem}")

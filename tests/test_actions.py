@@ -206,28 +206,6 @@ def test_env_is_limited_by_the_tenants_or_the_actions_allow_list(acme: TenantsFi
     assert env_rule({"LANG": "C"}, **echo) == "env_allow"  # the action's list replaces it
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "TAR_OPTIONS",
-        "PERLLIB",
-        "RUBYLIB",
-        "NODE_PATH",
-        "JAVA_TOOL_OPTIONS",
-        "OPENSSL_CONF",
-        "GIT_SSH_COMMAND",
-        "PYTHONHOME",
-        "LD_PRELOAD",
-    ],
-)
-def test_dangerous_variables_are_refused_as_env_and_as_secrets(
-    acme: TenantsFile, name: str
-) -> None:
-    for field in ("env", "secrets"):
-        with pytest.raises(SpecError, match=name):
-            CommandSpec(tenant="acme", argv=["/bin/echo"], **{field: {name: "x"}})
-
-
 def test_an_action_asking_above_its_ceiling_is_refused_and_its_ceiling_is_the_default(
     acme: TenantsFile,
 ) -> None:

@@ -6,6 +6,7 @@ import json
 import shlex
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from config.settings import Settings, load_settings
@@ -54,7 +55,11 @@ def print_record(rec: CommandRecord, as_json: bool) -> None:
     style = STATE_STYLE.get(rec.state, "")
     table.add_row("id", rec.id)
     table.add_row("tenant", rec.tenant)
-    table.add_row("argv", shlex.join(rec.argv))
+    if rec.action is not None:
+        params = " ".join(f"{k}={v}" for k, v in (rec.params or {}).items())
+        table.add_row("action", escape(f"{rec.action} {params}".strip()))
+    # Escaped: an argument such as `[red]` is the caller's text, not Rich markup.
+    table.add_row("argv", escape(shlex.join(rec.argv)))
     table.add_row("state", f"[{style}]{rec.state}[/]")
     for name in (
         "exit_code",
