@@ -1,7 +1,8 @@
 """The Celery side shared by producers and workers: app settings, queues, and publishing.
 
 Redis only carries work: a message holds the command id, its tenant and (transiently) the
-secret values, never the spec. Workers read the spec from the store.
+secret values sealed with the tenant's key, never the spec. Workers read the spec from the
+store.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from config.settings import EMBEDDED_BROKER, Settings
 from config.tenants import TenantsFile
 from producer.errors import BrokerUnavailable, ConfigError
 from producer.redisconn import celery_broker
+from producer.sealing import Sealer
 from producer.signing import Signer
 
 log = logging.getLogger("execq.broker")
@@ -125,10 +127,17 @@ def make_celery(
 class Publisher:
     """Publishes `execq.run` messages: task id = command id, queue = the tenant's queue."""
 
-    def __init__(self, app: Celery, tenants: TenantsFile, signer: Signer | None = None) -> None:
+    def __init__(
+        self,
+        app: Celery,
+        tenants: TenantsFile,
+        signer: Signer | None = None,
+        sealer: Sealer | None = None,
+    ) -> None:
         self.app = app
         self.tenants = tenants
         self.signer = signer
+        self.sealer = sealer
         self._local = threading.local()  # the kombu producer of a batched() block
 
     def publish(
@@ -149,7 +158,10 @@ class Publisher:
         queue = self.tenants.tenants[tenant].queue
         kwargs: dict[str, Any] = {"command_id": command_id, "tenant": tenant}
         if secrets:
-            kwargs["secrets"] = dict(secrets)
+            if self.sealer is None:
+                raise ConfigError("secret values can only be published sealed: no sealer")
+            # Redis never holds a secret in clear text; only the tenant's workers open it.
+            kwargs["sealed"] = self.sealer.seal(command_id, tenant, secrets)
         sent_headers = dict(headers or {})
         if self.signer is not None:
             sent_headers.update(

@@ -39,6 +39,7 @@ from producer.redisconn import redis_client
 from producer.reverting import Reverting
 from producer.revocation import CANCEL_CHANNEL, revoke_event, revoke_pending
 from producer.saga import BatchRecord
+from producer.sealing import sealer_from_env
 from producer.signing import signer_from_env
 from producer.spec import CommandSpec, cmd_hash
 from producer.states import RETRYABLE, State, is_terminal
@@ -133,7 +134,10 @@ class Producer(Reverting):
         require_schema(engine)
         url = resolve_broker_url(settings)
         publisher = Publisher(
-            make_celery(settings, tenants, broker_url=url), tenants, signer_from_env()
+            make_celery(settings, tenants, broker_url=url),
+            tenants,
+            signer_from_env(),
+            sealer_from_env(settings),
         )
         return cls(
             settings=settings,

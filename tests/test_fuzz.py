@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from config.tenants import Tenant, TenantsFile
 from producer import policy
 from producer.errors import PolicyDenied, SpecError, UnknownTenant
+from producer.sealing import Sealer
 from producer.spec import MAX_LIMIT_INT, CommandSpec, cmd_hash
 from workers.binding import Delivery
 from workers.pipeline import BadMessage, decode
@@ -451,8 +452,20 @@ secret_maps = st.one_of(
 message_fields = {
     "command_id": command_ids,
     "tenant": st.one_of(tenant_names, values),
-    "secrets": secret_maps,
+    "sealed": values,
 }
+SEALER = Sealer(b"fuzz-master-key-" * 2)
+
+
+def _text(value: object) -> bool:
+    """Text a producer could seal (a validated spec holds nothing else)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @st.composite
@@ -460,9 +473,18 @@ def messages(draw: st.DrawFn) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     kwargs = draw(
         st.one_of(
             st.fixed_dictionaries(message_fields),  # what a producer sends, values aside
-            st.fixed_dictionaries({}, optional={**message_fields, "extra": values}),
+            st.fixed_dictionaries(
+                {}, optional={**message_fields, "secrets": secret_maps, "extra": values}
+            ),
         )
     )
+    cid, tenant = kwargs.get("command_id"), kwargs.get("tenant")
+    if draw(st.booleans()) and isinstance(cid, str) and isinstance(tenant, str):
+        # Sealed as a producer seals (values of any shape), sometimes for another command.
+        sealed_for = draw(st.one_of(st.just(cid), st.uuids().map(str)))
+        plain = draw(secret_maps)
+        if isinstance(plain, dict) and _text(tenant) and all(map(_text, plain.values())):
+            kwargs["sealed"] = SEALER.seal(sealed_for, tenant, plain)
     same = st.just(kwargs.get("command_id"))
     task_id = draw(st.one_of(same, same, same, st.uuids().map(str), st.none(), values))
     headers = draw(
@@ -480,7 +502,7 @@ def test_decode_returns_a_delivery_or_refuses_with_bad_message(
 ) -> None:
     task_id, kwargs, headers = message
     try:
-        delivery = decode(task_id, kwargs, headers)
+        delivery = decode(task_id, kwargs, headers, SEALER)
     except BadMessage as exc:
         assert str(exc)
         return
@@ -488,7 +510,7 @@ def test_decode_returns_a_delivery_or_refuses_with_bad_message(
     assert delivery.command_id == task_id and isinstance(delivery.command_id, str)
     assert uuid.UUID(delivery.command_id[:36])
     assert isinstance(delivery.tenant, str)
-    assert set(kwargs) <= {"command_id", "tenant", "secrets"}
+    assert set(kwargs) <= {"command_id", "tenant", "sealed"}  # clear text never passes
     for name, value in delivery.secrets.items():
         assert isinstance(name, str) and isinstance(value, str)
         assert "\x00" not in value

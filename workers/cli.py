@@ -391,6 +391,8 @@ def worker(
             2,
             as_json=as_json,
         )
+    from producer.sealing import sealer_from_env  # noqa: PLC0415
+
     config = WorkerConfig(
         settings=settings,
         tenants=tenants,
@@ -399,6 +401,7 @@ def worker(
         concurrency=concurrency or found.concurrency,
         metrics_port=metrics_port,
         signer=signer,
+        sealer=sealer_from_env(settings).for_tenant(found.name),
     )
     raise typer.Exit(run_worker(config, loglevel=loglevel))
 

@@ -39,6 +39,7 @@ from producer.audit.trail import Attempt, Trail, subject_of
 from producer.broker import Publisher
 from producer.errors import ExecutableRefused, PolicyDenied, SandboxError, StaleVersion
 from producer.redaction import PATTERNS_ONLY, Redactor
+from producer.sealing import Sealer, Unsealable
 from producer.spec import CommandSpec
 from producer.states import State
 from producer.store.claims import Claimed, ClaimedRevert
@@ -52,6 +53,7 @@ from workers.followups import FollowUps, backoff_s, kept_while_waiting
 from workers.lease import LeaseKeeper
 from workers.metrics import metrics
 from workers.sandbox import ExecRequest, ExecResult, Sandbox
+from workers.sandbox.capture import scrubbing
 
 log = logging.getLogger("execq.pipeline")
 
@@ -63,24 +65,40 @@ class BadMessage(ValueError):
     """Raised when a message's body is not what a producer sends (forged or corrupted)."""
 
 
-def decode(task_id: str | None, kwargs: Mapping[str, Any], headers: Mapping[str, Any]) -> Delivery:
-    """Validate a message's fields; raises BadMessage naming what is wrong."""
+def decode(
+    task_id: str | None,
+    kwargs: Mapping[str, Any],
+    headers: Mapping[str, Any],
+    sealer: Sealer | None = None,
+) -> Delivery:
+    """Validate a message's fields and open its sealed secrets; raises BadMessage naming
+    what is wrong."""
     command_id = kwargs.get("command_id")
     tenant = kwargs.get("tenant")
-    # Absent means none; anything else that is not a mapping is a forged body.
-    secrets = kwargs.get("secrets", {})
     if not isinstance(command_id, str) or not COMMAND_ID.fullmatch(command_id):
         raise BadMessage("command_id is not a command id")
     if task_id != command_id:
         raise BadMessage(f"task id {task_id!r} is not the command id")
     if not isinstance(tenant, str):
         raise BadMessage("tenant is not a string")
+    if "secrets" in kwargs:
+        # Producers seal secret values; one in clear text was not written by execq.
+        raise BadMessage("secret values in clear text are refused (execq seals them)")
+    sealed = kwargs.get("sealed")
+    secrets: Any = {}
+    if sealed is not None:
+        if not isinstance(sealed, str) or sealer is None:
+            raise BadMessage("sealed secrets this worker cannot open")
+        try:
+            secrets = sealer.open(command_id, tenant, sealed)
+        except Unsealable as exc:
+            raise BadMessage(str(exc)) from None
     if not isinstance(secrets, dict) or not all(
         isinstance(k, str) and ENV_NAME.fullmatch(k) and isinstance(v, str) and _text(v)
         for k, v in secrets.items()
     ):
         raise BadMessage("secrets is not a mapping of variable names to strings")
-    extra = set(kwargs) - {"command_id", "tenant", "secrets"}
+    extra = set(kwargs) - {"command_id", "tenant", "sealed"}
     if extra:
         raise BadMessage(f"unexpected fields {sorted(extra)}")
     tp, ts = headers.get("traceparent"), headers.get("tracestate")
@@ -275,7 +293,8 @@ class Pipeline:
         retry that many seconds from now; `snapshot_changes`: what it changed there."""
         if redactor is not None:
             # Nothing the command printed, or any error about it, may carry its secrets.
-            redacted = False
+            # Capture took out those it found before cutting the output (`redacted`).
+            redacted = bool(fields.get("redacted"))
             for name in ("stdout", "stderr", "error"):
                 fields[name], changed = redactor.scrub(fields.get(name))
                 redacted = redacted or changed
@@ -424,7 +443,7 @@ class Pipeline:
         )
         # execute
         started = now_ns()
-        with self.lease.hold(claimed.id) as cancel:
+        with self.lease.hold(claimed.id) as cancel, scrubbing(redactor) as scrubbed:
             try:
                 result = self.sandbox.run(request, cancel=cancel, on_spawn=self.lease.set_pid)
             except (ExecutableRefused, SandboxError) as exc:
@@ -439,7 +458,9 @@ class Pipeline:
         # archive
         if lost:
             log.error("command %s stopped: its lease was taken over", claimed.id)
-        return self._archive(claimed, attempt, started, result, redactor, archive)
+        return self._archive(
+            claimed, attempt, started, result, redactor, archive, redacted=scrubbed.redacted
+        )
 
     def _snapshot(self, claimed: Claimed) -> bytes:
         """Archive the snapshot paths into the store, unless an earlier attempt did."""
@@ -481,6 +502,8 @@ class Pipeline:
         result: ExecResult,
         redactor: Redactor,
         archive: bytes | None = None,
+        *,
+        redacted: bool = False,
     ) -> Handled:
         fields: dict[str, Any] = {
             "exit_code": result.exit_code,
@@ -492,6 +515,7 @@ class Pipeline:
             "output_truncated": result.stdout_truncated or result.stderr_truncated,
             "enforced": dict(result.enforced),
             "lease_pid": result.pid,
+            "redacted": redacted,
         }
         if result.killed == "cancelled":
             to, reason = State.REVOKED, "revoked"

@@ -21,6 +21,7 @@ from producer import telemetry
 from producer.audit.trail import Trail
 from producer.broker import Publisher, make_celery
 from producer.redisconn import redis_client
+from producer.sealing import Sealer
 from producer.signing import Signer
 from producer.store.db import make_engine
 from producer.store.repository import Store
@@ -44,6 +45,8 @@ class WorkerConfig:
     # None: messages are not signed (refused in prod at start, see `execq worker`).
     signer: Signer | None = None
     metrics_port: int | None = None
+    # Holds this tenant's key only: what opens (and seals) its messages' secret values.
+    sealer: Sealer | None = None
 
     @property
     def hostname(self) -> str:
@@ -85,7 +88,9 @@ class Runtime:
             app = make_celery(
                 self.config.settings, self.config.tenants, broker_url=self.config.broker_url
             )
-            self._publisher = Publisher(app, self.config.tenants, self.config.signer)
+            self._publisher = Publisher(
+                app, self.config.tenants, self.config.signer, self.config.sealer
+            )
         return self._publisher
 
     @property

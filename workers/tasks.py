@@ -48,7 +48,7 @@ def register(app: Celery, runtime: Callable[[], Runtime]) -> Task:
                     signer.verify(request.id, TASK_NAME, kwargs, headers)
                 except BadSignature as exc:
                     raise BadMessage(f"refused: {exc}") from None
-            delivery = decode(request.id, kwargs, headers)
+            delivery = decode(request.id, kwargs, headers, runtime().config.sealer)
         except BadMessage as exc:
             log.warning("refused message %s: %s", request.id, exc)
             # Audited in this pool's chain; the message's own fields are not trusted.
