@@ -232,6 +232,8 @@ in .env}}@postgres:5432/execq"
   EXECQ_LOG_FORMAT: json
   # Workers run only messages signed with this key; producers need the same key.
   EXECQ_SIGNING_KEY: "${{EXECQ_SIGNING_KEY:?set EXECQ_SIGNING_KEY in .env (openssl rand -hex 32)}}"
+  # Seals secret values in messages (a key per tenant derived from it): the same everywhere.
+  EXECQ_SECRETS_KEY: "${{EXECQ_SECRETS_KEY:?set EXECQ_SECRETS_KEY in .env (openssl rand -hex 32)}}"
   OTEL_EXPORTER_OTLP_ENDPOINT: http://otel-collector:4318
   OTEL_RESOURCE_ATTRIBUTES: "deployment.environment=${{EXECQ_ENV:-prod}}"
 
