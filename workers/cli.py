@@ -403,6 +403,10 @@ def worker(
         signer=signer,
         sealer=sealer_from_env(settings).for_tenant(found.name),
     )
+    from workers import secrecy  # noqa: PLC0415
+
+    # Read once, then out of reach of anything that reads this process's environment.
+    secrecy.forget()
     raise typer.Exit(run_worker(config, loglevel=loglevel))
 
 
