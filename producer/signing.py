@@ -5,8 +5,9 @@ task id, name and headers (where the trace context travels) stay unsigned, there
 expiry, and it needs a key pair and certificate store on every producer, worker, and on
 Flower and the CLI just to send a revoke (control messages use the task serializer). Here
 one shared key signs, per message: the task id (= command id), the task name, the kwargs
-(command id, tenant, secret values), and an expiry. Control messages are
-untouched, so Flower and `execq revoke` work as before.
+(command id, tenant, sealed secret values), and an expiry. Celery's remote-control revoke
+and terminate are signed the same way (`sign_control`): a worker ignores an unsigned one,
+which anyone who can publish to Redis could otherwise send (`execq flower` signs Flower's).
 
 The trace headers (`traceparent`, `tracestate`) are not signed: Celery's OpenTelemetry
 instrumentation rewrites them on publish, after execq has signed. They steer nothing but
@@ -34,6 +35,8 @@ from typing import Any
 SIGNATURE = "execq_sig"
 EXPIRES = "execq_exp"
 VERSION = "v1"
+# What a signed remote-control command (revoke, terminate) covers besides its expiry.
+CONTROL = "control:{name}"
 
 
 class BadSignature(ValueError):
@@ -97,6 +100,18 @@ class Signer:
             raise BadSignature("signature does not match (another key, or an altered message)")
         if exp < time.time():
             raise BadSignature(f"message expired {int(time.time() - exp)} s ago")
+
+    def sign_control(self, name: str, task_ids: list[str], *, terminate: bool) -> dict[str, Any]:
+        """The extra arguments that sign a remote-control `revoke`/`terminate` of `task_ids`."""
+        return self.sign(",".join(task_ids), CONTROL.format(name=name), {"terminate": terminate})
+
+    def verify_control(
+        self, name: str, task_ids: list[str], *, terminate: bool, arguments: Mapping[str, Any]
+    ) -> None:
+        """BadSignature unless `arguments` sign exactly this command, ids and terminate flag."""
+        self.verify(
+            ",".join(task_ids), CONTROL.format(name=name), {"terminate": terminate}, arguments
+        )
 
 
 def signer_from_env() -> Signer | None:

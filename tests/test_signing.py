@@ -243,3 +243,40 @@ def test_messages_a_traced_worker_publishes_are_signed_and_accepted(
         )
         wait_for(lambda: producer.get(r.id).state is State.REVERTED, 30, "the rollback")
         assert not _refusals(producer)
+
+
+def _control_revoke(producer: Producer, command_id: str, **arguments: object) -> None:
+    # What anyone who can publish to Redis can send: Celery's own broadcast.
+    producer.publisher.app.control.revoke(command_id, terminate=True, **arguments)
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_an_unsigned_remote_control_revoke_changes_nothing_and_is_audited(
+    signed_env: Env, workers: Start
+) -> None:
+    workers("alpha", concurrency=1)
+    with signed_env.producer() as producer:
+        busy = producer.submit(CommandSpec(tenant="alpha", argv=["/bin/sleep", "4"]))
+        wait_for(lambda: producer.get(busy.id).state is State.RUNNING, 20, "the command to run")
+        queued = producer.submit(CommandSpec(tenant="alpha", argv=["/bin/echo", "still runs"]))
+        # Unsigned terminate of the running one and revoke of the waiting one: ignored.
+        _control_revoke(producer, busy.id)
+        _control_revoke(producer, queued.id)
+        assert producer.wait(busy.id, timeout=30).state is State.SUCCEEDED
+        assert producer.wait(queued.id, timeout=30).state is State.SUCCEEDED
+        refused = [
+            e
+            for e in producer.audit_events(tenant="alpha")
+            if e.phase == "revoke" and e.outcome == "refused"
+        ]
+        assert {e.command_id for e in refused} == {busy.id, queued.id}
+        assert all("not signed" in (e.reason or "") for e in refused)
+        # Signed with the deployment's key, the same revoke terminates the whole tree.
+        slow = producer.submit(CommandSpec(tenant="alpha", argv=["/bin/sleep", "30"]))
+        wait_for(lambda: producer.get(slow.id).state is State.RUNNING, 20, "the command to run")
+        signer = producer.publisher.signer
+        assert signer is not None
+        _control_revoke(
+            producer, slow.id, **signer.sign_control("revoke", [slow.id], terminate=True)
+        )
+        assert producer.wait(slow.id, timeout=30).state is State.REVOKED
