@@ -3,8 +3,10 @@
 `Redactor.scrub` works in two layers, in this order:
 
 1. **Exact secrets, always**: each declared secret value becomes `[secret:NAME]`, and so do its
-   common encodings (base64 at any alignment, URL-encoding), because a command that prints
-   `base64 <<< $TOKEN` leaks it just the same. No level turns this off.
+   common encodings (JSON string escapes, with `/` escaped or not and non-ASCII as `\\uXXXX` or
+   not; shell quoting; URL-encoding; base64 at any alignment), because a command that prints
+   `base64 <<< $TOKEN` or `json.dumps(token)` leaks it just the same. No level turns this off.
+   `secret_spans` finds the same forms in raw output bytes, for capture to scrub before it cuts.
 2. **Pattern masking**, chosen by `MaskLevel` (a tenant's `masking` setting); `off` skips it.
 
    Secret-like text is masked whole at L1, L2 and L3 alike:
@@ -59,7 +61,9 @@ from __future__ import annotations
 
 import base64
 import copy
+import json
 import re
+import shlex
 from collections.abc import Callable, Mapping
 from enum import StrEnum
 from urllib.parse import quote, quote_plus
@@ -386,10 +390,20 @@ def _b64_cores(raw: bytes) -> set[str]:
     return cores
 
 
+def _forms(value: str) -> set[str]:
+    """How `value` reads when printed raw, JSON-escaped, shell-quoted, URL-encoded or in base64."""
+    forms = {value, quote(value, safe=""), quote_plus(value), shlex.quote(value)}
+    forms.add(value.replace("'", "'\"'\"'"))  # inside single quotes, as shlex.quote writes it
+    for ascii_only in (True, False):
+        escaped = json.dumps(value, ensure_ascii=ascii_only)[1:-1]
+        forms |= {escaped, escaped.replace("/", "\\/")}  # some encoders escape `/` too
+    return forms | _b64_cores(value.encode())
+
+
 class Redactor:
     """Replaces secret values (and encodings of them) with `[secret:NAME]`, then masks patterns."""
 
-    __slots__ = ("_level", "_marks", "_pattern")
+    __slots__ = ("_byte_marks", "_byte_pattern", "_level", "_marks", "_pattern")
 
     def __init__(
         self, secrets: Mapping[str, str] | None = None, *, level: MaskLevel | str = MaskLevel.L1
@@ -399,23 +413,44 @@ class Redactor:
         for name, value in (secrets or {}).items():
             if not value:
                 continue
-            # The mark must not itself contain the value, or scrubbing would put it back.
+            own = _forms(value)
+            # The mark must not itself contain a form, or scrubbing would put it back.
             mark = next(
-                m for m in (f"[secret:{name}]", "[redacted]", "\u2588" * 3) if value not in m
+                m
+                for m in (f"[secret:{name}]", "[redacted]", "\u2588" * 3)
+                if not any(form in m for form in own)
             )
-            for form in {value, quote(value, safe=""), quote_plus(value)}:
+            for form in own:
                 forms.setdefault(form, mark)
-            for core in _b64_cores(value.encode()):
-                forms.setdefault(core, mark)
         # Longest first, so a value is replaced whole before any shorter value inside it.
         ordered = sorted(forms, key=len, reverse=True)
         self._marks = forms
         self._pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
+        # The same forms as UTF-8, compiled on first use: most redactors never see raw bytes.
+        self._byte_marks = {form.encode(): mark.encode() for form, mark in forms.items()}
+        self._byte_pattern: re.Pattern[bytes] | None = None
 
     @property
     def level(self) -> MaskLevel:
         """The pattern masking level."""
         return self._level
+
+    @property
+    def longest_form(self) -> int:
+        """UTF-8 bytes of the longest form of a secret (0 without secrets): how far a secret
+        that a cut splits can reach past the cut."""
+        return max(map(len, self._byte_marks), default=0)
+
+    def secret_spans(self, data: bytes) -> list[tuple[int, int, bytes]]:
+        """Where the secret pass of `scrub` would replace a form in UTF-8 `data`: (start, end,
+        mark), in order; matching bytes keeps offsets exact where the text would be cut."""
+        if not self._byte_marks:
+            return []
+        if self._byte_pattern is None:
+            ordered = sorted(self._byte_marks, key=len, reverse=True)
+            self._byte_pattern = re.compile(b"|".join(map(re.escape, ordered)))
+        marks = self._byte_marks
+        return [(m.start(), m.end(), marks[m[0]]) for m in self._byte_pattern.finditer(data)]
 
     def with_level(self, level: MaskLevel | str) -> Redactor:
         """The same secrets at another level, sharing the compiled secret pattern."""

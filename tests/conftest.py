@@ -47,6 +47,7 @@ tenants:
     limits: {{timeout_s: 20, cpu_s: 10, memory_mb: 256, processes: 64, output_kb: 64,
               file_mb: 16}}
     env: {{TENANT_GREETING: hello-alpha}}
+    env_allow: [LANG, COLOR]
     snapshot_roots: [/tmp]
     actions:
       greet:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import json
+import shlex
 from typing import NamedTuple
 from urllib.parse import quote, quote_plus
 
@@ -45,6 +47,49 @@ def test_text_without_secrets_is_untouched() -> None:
 def test_a_secret_never_survives_scrubbing(secret: str, before: str, after: str) -> None:
     text, _ = Redactor({"S": secret}).scrub(before + secret + after)
     assert secret not in (text or "")
+
+
+QUOTED = "tok\"en/\\é-it's-7f3e9b1d"  # a double quote, a slash, a backslash, é, a single quote
+
+
+def test_a_secret_printed_through_json_dumps_is_scrubbed() -> None:
+    r = Redactor({"TOKEN": QUOTED})
+    printed = [
+        json.dumps(QUOTED),
+        json.dumps(QUOTED, ensure_ascii=False),
+        json.dumps(QUOTED).replace("/", "\\/"),
+        json.dumps({"t": QUOTED}, ensure_ascii=False).replace("/", "\\/"),
+    ]
+    for line in printed:
+        text, changed = r.scrub(f"out {line} end")
+        assert changed and "[secret:TOKEN]" in (text or ""), line
+        assert not any(piece in (text or "") for piece in ("tok", "7f3e9b1d", "\\u00e9")), text
+
+
+def test_a_shell_quoted_secret_is_scrubbed() -> None:
+    r = Redactor({"TOKEN": QUOTED}, level="off")
+    quoted = shlex.quote(QUOTED)
+    assert r.scrub(f"export TOKEN={quoted}") == ("export TOKEN=[secret:TOKEN]", True)
+    # The body alone, as in 'prefix-...-suffix' around a quoted secret.
+    body = QUOTED.replace("'", "'\"'\"'")
+    assert r.scrub(f"echo 'x-{body}-y'") == ("echo 'x-[secret:TOKEN]-y'", True)
+
+
+def test_secret_spans_find_every_form_in_raw_bytes_where_scrub_would() -> None:
+    r = Redactor({"TOKEN": QUOTED})
+    forms = [QUOTED, json.dumps(QUOTED)[1:-1], shlex.quote(QUOTED), quote(QUOTED, safe="")]
+    data = "·".join(forms).encode()
+    spans = r.secret_spans(data)
+    assert [data[s:e].decode() for s, e, _ in spans] == forms
+    assert {mark for _, _, mark in spans} == {b"[secret:TOKEN]"}
+    assert r.longest_form >= max(len(f.encode()) for f in forms)
+    assert (Redactor().longest_form, Redactor().secret_spans(data)) == (0, [])
+
+
+def test_an_empty_secret_is_ignored() -> None:
+    r = Redactor({"EMPTY": "", "T": CANARY})
+    assert r.scrub(f"a {CANARY} b") == ("a [secret:T] b", True)
+    assert r.longest_form == Redactor({"T": CANARY}).longest_form
 
 
 def test_a_secret_that_looks_like_the_mark_is_still_removed() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import time
 import uuid
@@ -578,3 +579,43 @@ def test_a_secret_the_command_prints_never_reaches_the_store(
 
     assert base64.b64encode(canary.encode()).decode()[:20] not in "".join(dump)
     assert rec.secret_names == ["API_TOKEN"]
+
+
+def test_a_secret_printed_through_json_dumps_or_split_by_the_cut_never_reaches_the_store(
+    producer: Producer, workers: Start
+) -> None:
+    import sqlalchemy as sa
+
+    secret = f'q"uo/te-{uuid.uuid4().hex}-\u00e9'
+    printed = json.dumps(secret)
+    forms = [secret, printed[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1]]
+    forms += [printed[1:-1].replace("/", "\\/"), shlex.quote(secret)]
+    workers("alpha")
+    dumped = producer.submit(
+        CommandSpec(
+            tenant="alpha",
+            secrets={"TOKEN": secret},
+            argv=[PYTHON, "-c", 'import json,os;print(json.dumps(os.environ["TOKEN"]))'],
+        )
+    )
+    # alpha keeps 64 KiB at each end: the head's cut falls 12 bytes into the first copy.
+    flood = (
+        "import json,os,sys;t=json.dumps(os.environ['TOKEN']);"
+        "sys.stdout.write('a' * (65536 - 12) + t * 4000)"
+    )
+    cut = producer.submit(
+        CommandSpec(tenant="alpha", secrets={"TOKEN": secret}, argv=[PYTHON, "-c", flood])
+    )
+    rec = producer.wait(dumped.id, timeout=30)
+    assert (rec.state, rec.redacted, rec.stdout) == (State.SUCCEEDED, True, '"[secret:TOKEN]"\n')
+    rec = producer.wait(cut.id, timeout=30)
+    assert (rec.state, rec.redacted, rec.output_truncated) == (State.SUCCEEDED, True, True)
+    assert rec.stdout_bytes == 65524 + 4000 * len(printed)
+    assert (rec.stdout or "").startswith("a" * 65524 + '"[secret:TOKEN]\n…[')
+    dump = []
+    with producer.store.engine.connect() as conn:
+        for table in ("commands", "transitions"):
+            dump += [repr(tuple(row)) for row in conn.execute(sa.text(f"SELECT * FROM {table}"))]
+    assert dump and not [form for form in forms if form in "".join(dump)]
+    pieces = {form[i : i + 8] for form in forms for i in range(len(form) - 7)}
+    assert not [piece for piece in pieces if piece in (rec.stdout or "") + (rec.stderr or "")]

@@ -287,14 +287,15 @@ class Pipeline:
         *,
         retry_in: float | None = None,
         snapshot_changes: dict[str, Any] | None = None,
+        scrubbed: bool = False,
         **fields: Any,
     ) -> Handled:
         """Record how the attempt ended. `retry_in`: it goes back to pending for an automatic
-        retry that many seconds from now; `snapshot_changes`: what it changed there."""
+        retry that many seconds from now; `snapshot_changes`: what it changed there;
+        `scrubbed`: capture already took secrets out of the output, before cutting it."""
         if redactor is not None:
             # Nothing the command printed, or any error about it, may carry its secrets.
-            # Capture took out those it found before cutting the output (`redacted`).
-            redacted = bool(fields.get("redacted"))
+            redacted = scrubbed
             for name in ("stdout", "stderr", "error"):
                 fields[name], changed = redactor.scrub(fields.get(name))
                 redacted = redacted or changed
@@ -515,7 +516,6 @@ class Pipeline:
             "output_truncated": result.stdout_truncated or result.stderr_truncated,
             "enforced": dict(result.enforced),
             "lease_pid": result.pid,
-            "redacted": redacted,
         }
         if result.killed == "cancelled":
             to, reason = State.REVOKED, "revoked"
@@ -567,9 +567,12 @@ class Pipeline:
                 redactor,
                 retry_in=delay,
                 snapshot_changes=changed,
+                scrubbed=redacted,
                 **fields,
             )
-        return self._finish(claimed, attempt, to, redactor, snapshot_changes=changed, **fields)
+        return self._finish(
+            claimed, attempt, to, redactor, snapshot_changes=changed, scrubbed=redacted, **fields
+        )
 
 
 def workdir_root(settings: Settings) -> Path:
