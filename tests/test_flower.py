@@ -11,6 +11,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -44,24 +45,31 @@ def call(
         return 0
 
 
-@pytest.fixture
-def flower(env: Env) -> Iterator[str]:
+@contextmanager
+def running_flower(env: Env, cwd: Path = ROOT) -> Iterator[str]:
+    """`execq flower` with basic auth, started in `cwd`; yields its base URL."""
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "workers.cli", "flower", "--port", str(port)],
         env={**os.environ, **env.vars, "FLOWER_BASIC_AUTH": AUTH},
-        cwd=ROOT,
+        cwd=cwd,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: call(base + "/healthcheck") == 200, 30, "Flower to listen")
+        wait_for(lambda: call(base + "/healthcheck", auth=AUTH) == 200, 30, "Flower to listen")
         yield base
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.fixture
+def flower(env: Env) -> Iterator[str]:
+    with running_flower(env) as base:
+        yield base
 
 
 def busy_and_queued(
@@ -96,6 +104,47 @@ def test_flower_refuses_unauthenticated_api_calls(flower: str) -> None:
     assert call(flower + "/api/workers") == 401
     assert call(flower + "/api/task/revoke/x", method="POST", data=b"") == 401
     assert call(flower + "/api/workers", auth=AUTH) == 200
+
+
+def test_every_flower_path_needs_the_credentials(flower: str) -> None:
+    pages = ["/metrics", "/healthcheck", "/api/workers", "/", "/static/css/flower.css"]
+    for path in [*pages, "/favicon.ico", "/login", "/logout", "/no-such-page"]:
+        assert call(flower + path) == 401, path
+        assert call(flower + path, auth="admin:wrong") == 401, path
+    assert call(flower + "/metrics", method="POST", data=b"") == 401
+    for path in pages:
+        assert call(flower + path, auth=AUTH) == 200, path
+    assert call(flower + "/no-such-page", auth=AUTH) == 404
+
+
+def test_a_flowerconfig_py_in_the_working_directory_is_never_loaded(
+    env: Env, tmp_path: Path
+) -> None:
+    # Flower executes ./flowerconfig.py by default, and its settings beat the environment's.
+    other_port, marker = _free_port(), tmp_path / "flowerconfig-ran"
+    (tmp_path / "flowerconfig.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\nbasic_auth = []\nauth = ''\nport = {other_port}\n"
+    )
+    with running_flower(env, cwd=tmp_path) as base:
+        assert call(base + "/") == 401
+        assert call(base + "/metrics") == 401
+        assert call(base + "/api/workers") == 401
+        assert call(base + "/api/workers", auth=AUTH) == 200
+        assert call(f"http://127.0.0.1:{other_port}/healthcheck") == 0
+    assert not marker.exists()
+
+
+def test_flower_refuses_a_configuration_file_named_in_the_environment(env: Env) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "flower", "--port", str(_free_port())],
+        env={**os.environ, **env.vars, "FLOWER_BASIC_AUTH": AUTH, "FLOWER_CONF": "/dev/null"},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2 and "FLOWER_CONF" in done.stderr
 
 
 def test_a_flower_revoke_reaches_the_store_and_terminate_kills_the_tree(
@@ -214,3 +263,27 @@ def test_by_default_a_worker_no_flower_watches_publishes_no_task_events(
 ) -> None:
     # They would cost a busy worker about 12 % of its throughput for nobody.
     assert _task_events(env, workers) == []
+
+
+def test_with_signing_on_flowers_revokes_are_signed_and_accepted_by_workers(
+    env: Env, workers: Start, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = "flower-signing-key-" + "f" * 20
+    monkeypatch.setenv("EXECQ_SIGNING_KEY", key)
+    env.vars["EXECQ_SIGNING_KEY"] = key
+    with env.producer() as signed, running_flower(env) as flower:
+        busy, queued, _pidfile, _marker = busy_and_queued(signed, workers, tmp_path)
+        revoke = f"{flower}/api/task/revoke/{queued.id}"
+        assert call(revoke, method="POST", auth=AUTH, data=b"") == 200
+        url = f"{flower}/api/task/revoke/{busy.id}"
+        assert call(url, method="POST", auth=AUTH, data=b"terminate=true") == 200
+        assert signed.wait(busy.id, timeout=30).state is State.REVOKED
+        assert signed.get(queued.id).state is State.REVOKED
+        # The workers heard the broadcast and accepted its signature: nothing was refused.
+        time.sleep(1)
+        refused = [
+            e
+            for e in signed.audit_events(tenant="alpha")
+            if e.phase == "revoke" and e.outcome == "refused"
+        ]
+        assert refused == []

@@ -339,10 +339,13 @@ services:
         condition: service_completed_successfully
       redis:
         condition: service_healthy
-    # /healthcheck needs no login.
+    # Every Flower path needs the login, /healthcheck too: the probe sends the first one.
     healthcheck:
-      test: ["CMD", "python", "-c", "import sys, urllib.request; \
-sys.exit(urllib.request.urlopen('http://127.0.0.1:5555/healthcheck', timeout=3).status != 200)"]
+      test: ["CMD", "python", "-c", "import base64, os, sys, urllib.request; \
+login = base64.b64encode(os.environ['FLOWER_BASIC_AUTH'].split(',')[0].encode()).decode(); \
+probe = urllib.request.Request('http://127.0.0.1:5555/healthcheck', \
+headers={{'Authorization': 'Basic ' + login}}); \
+sys.exit(urllib.request.urlopen(probe, timeout=3).status != 200)"]
       interval: 15s
       timeout: 5s
       retries: 3
