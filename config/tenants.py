@@ -8,7 +8,9 @@ effective policy per tenant and never the overrides themselves.
 
 from __future__ import annotations
 
+import pwd
 import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -23,6 +25,7 @@ from pydantic import (
     PrivateAttr,
     Tag,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -215,6 +218,16 @@ class RunAs(BaseModel):
         if self.uid_min > self.uid_max:
             raise ValueError(f"uid_min {self.uid_min} is above uid_max {self.uid_max}")
         return self
+
+    @property
+    def uids(self) -> int:
+        """How many uids the range holds: the most pool processes it can give one each."""
+        return self.uid_max - self.uid_min + 1
+
+    @property
+    def uid_range(self) -> str:
+        """The range as a message writes it: `20000-20009`."""
+        return f"{self.uid_min}-{self.uid_max}"
 
 
 class FilesystemView(BaseModel):
@@ -495,6 +508,19 @@ class TenantsFile(BaseModel):
             named[name] = tenant.model_copy(update={"name": name})
         return named
 
+    @field_validator("tenants")
+    @classmethod
+    def _own_uids(cls, value: dict[str, Tenant], info: ValidationInfo) -> dict[str, Tenant]:
+        # Only a resolved policy is checked: which range is in force depends on the environment.
+        if not all(t.resolved for t in value.values()):
+            return value
+        problems = run_as_problems(value)
+        if problems:
+            env = (info.context or {}).get("environment")
+            where = f" (EXECQ_ENV={env})" if env else ""
+            raise ValueError(f"run_as{where}: " + "; ".join(problems))
+        return value
+
     def get(self, name: str) -> Tenant | None:
         """The tenant called `name`, or None."""
         return self.tenants.get(name)
@@ -518,12 +544,61 @@ class TenantsFile(BaseModel):
         """Every tenant's effective policy in `env` (raises ValueError for an unknown env)."""
         environment = Environment(env)
         source = self.as_written
-        resolved = TenantsFile(
-            tenants={n: t.effective(environment) for n, t in source.tenants.items()}
+        resolved = TenantsFile.model_validate(
+            {"tenants": {n: t.effective(environment) for n, t in source.tenants.items()}},
+            context={"environment": environment.value},
         )
         resolved._source = source
         resolved._environment = environment
         return resolved
+
+
+def run_as_problems(tenants: Mapping[str, Tenant]) -> list[str]:
+    """What breaks "one uid per pool process, never shared between tenants": a sentence each."""
+    problems = []
+    ranged = sorted(
+        ((name, t.run_as) for name, t in tenants.items() if t.run_as is not None),
+        key=lambda item: item[1].uid_min,
+    )
+    for i, (name, run_as) in enumerate(ranged):
+        if tenants[name].concurrency > run_as.uids:
+            problems.append(
+                f"tenant {name!r} has concurrency {tenants[name].concurrency} but its uid "
+                f"range {run_as.uid_range} holds {run_as.uids} (one uid per pool process)"
+            )
+        for other, theirs in ranged[i + 1 :]:
+            if theirs.uid_min > run_as.uid_max:
+                break
+            last = min(run_as.uid_max, theirs.uid_max)
+            shared = f"uid {last}" if last == theirs.uid_min else f"uids {theirs.uid_min}-{last}"
+            problems.append(
+                f"tenants {name!r} ({run_as.uid_range}) and {other!r} ({theirs.uid_range}) "
+                f"overlap: both would run commands as {shared}"
+            )
+    return problems
+
+
+def host_conflicts(tenants: TenantsFile | Iterable[Tenant]) -> list[str]:
+    """run_as ranges that include an account of this host: a sentence each (empty: none).
+
+    A command would run as that account and reach its files. It depends on the host, not the
+    file, so it is checked where a worker or `execq config check` runs, not when loading.
+    """
+    accounts = sorted({(entry.pw_uid, entry.pw_name) for entry in pwd.getpwall()})
+    found = []
+    for tenant in tenants.tenants.values() if isinstance(tenants, TenantsFile) else tenants:
+        run_as = tenant.run_as
+        if run_as is None:
+            continue
+        hits = [f"{n!r} (uid {u})" for u, n in accounts if run_as.uid_min <= u <= run_as.uid_max]
+        if hits:
+            more = f" and {len(hits) - 5} more" if len(hits) > 5 else ""
+            found.append(
+                f"tenant {tenant.name!r}: run_as uid range {run_as.uid_range} includes the "
+                f"existing account{'s' if len(hits) > 1 else ''} {', '.join(hits[:5])}{more} "
+                "of this host"
+            )
+    return found
 
 
 def tenants_json_schema() -> dict[str, Any]:

@@ -39,3 +39,27 @@ def private_file(path: Path) -> None:
         return
     os.fchmod(fd, FILE_MODE)
     os.close(fd)
+
+
+def readable_by(path: Path, uid: int, gid: int) -> bool:
+    """Whether a process with this uid and gid (no capabilities) could read `path`.
+
+    Every directory on the way must let it search, and the file itself let it read, by the
+    owner, group or other bits that apply to it (a missing path is not readable).
+    """
+    try:
+        target = path.resolve(strict=True)
+    except OSError:
+        return False
+    for step in (*reversed(target.parents), target):
+        st = step.stat()
+        need = 0o4 if step == target else 0o1  # read the file, search each directory
+        if st.st_uid == uid:
+            bits = (st.st_mode >> 6) & 0o7
+        elif st.st_gid == gid:
+            bits = (st.st_mode >> 3) & 0o7
+        else:
+            bits = st.st_mode & 0o7
+        if not bits & need:
+            return False
+    return True

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -54,3 +56,38 @@ def test_the_audit_log_and_its_directory_are_private(tmp_path: Path) -> None:
     JsonlSink(path).append([make_event(subject, Phase.PARSE, Outcome.OK, actor="t")])
     assert mode(path) == 0o600 and mode(path.parent) == 0o700
     assert mode(Path(f"{path}.lock")) == 0o600
+
+
+def test_readable_by_follows_owner_group_and_other_bits_and_every_directory() -> None:
+    from producer.files import readable_by
+
+    # Under /tmp itself: pytest's own temporary directories are private to root.
+    base = Path(tempfile.mkdtemp(prefix="execq-readable-"))
+    base.chmod(0o755)
+    try:
+        _check_readable_by(base, readable_by)
+    finally:
+        shutil.rmtree(base)
+
+
+def _check_readable_by(base: Path, readable_by: Callable[[Path, int, int], bool]) -> None:
+    shared = base / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    secret = shared / "key"
+    secret.write_text("k")
+    secret.chmod(0o644)
+    assert readable_by(secret, 20001, 20001)  # world-readable, every directory searchable
+    secret.chmod(0o640)
+    assert not readable_by(secret, 20001, 20001)
+    os.chown(secret, 0, 20001)
+    assert readable_by(secret, 20001, 20001)  # through its group
+    secret.chmod(0o600)
+    assert not readable_by(secret, 20001, 20001)
+    os.chown(secret, 20001, 0)
+    assert readable_by(secret, 20001, 20001)  # its owner
+    secret.chmod(0o644)
+    os.chown(secret, 0, 0)
+    shared.chmod(0o700)
+    assert not readable_by(secret, 20001, 20001)  # a directory on the way shuts it out
+    assert not readable_by(base / "missing", 20001, 20001)

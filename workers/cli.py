@@ -6,6 +6,7 @@ Exit status: 0 success, 1 the thing asked failed (the command failed, not found,
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import shlex
@@ -19,6 +20,7 @@ import typer
 from rich.table import Table
 
 from config.settings import ConfigInvalid, Settings, load_settings
+from config.tenants import host_conflicts
 from producer.errors import NotFound, StoreError
 from producer.spec import CommandSpec
 from producer.states import State
@@ -360,6 +362,20 @@ def worker(
             2,
             as_json=as_json,
         )
+    conflicts = host_conflicts([found])
+    if conflicts:
+        fail(
+            f"invalid setting EXECQ_TENANTS_FILE: {settings.tenants_file}: {conflicts[0]}",
+            2,
+            as_json=as_json,
+        )
+    if found.run_as is not None and (concurrency or 0) > found.run_as.uids:
+        fail(
+            f"--concurrency {concurrency} is more than the {found.run_as.uids} uid(s) of tenant "
+            f"{tenant!r}'s run_as range {found.run_as.uid_range} (one uid per pool process)",
+            2,
+            as_json=as_json,
+        )
     from workers.sandbox import detect_capabilities  # noqa: PLC0415
 
     missing = detect_capabilities().can_isolate(
@@ -391,6 +407,20 @@ def worker(
             2,
             as_json=as_json,
         )
+    if found.run_as is None and settings.env.value == "prod":
+        # Without it, commands run as this worker's user: as root, they could read every key
+        # file and the store, whatever capabilities they lose.
+        fail(
+            f"EXECQ_ENV=prod needs run_as for tenant {tenant!r} (its commands would run as "
+            f"{getpass.getuser()}, the worker's user): give it a uid range in "
+            f"{settings.tenants_file} (environments: prod: run_as:)",
+            2,
+            as_json=as_json,
+        )
+    from workers.boundary import exposed  # noqa: PLC0415
+
+    for problem in exposed(settings, found)[:1]:
+        fail(f"tenant {tenant!r} cannot be served safely: {problem}", 2, as_json=as_json)
     from producer.sealing import sealer_from_env  # noqa: PLC0415
 
     config = WorkerConfig(

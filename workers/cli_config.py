@@ -10,8 +10,8 @@ import typer
 from rich.text import Text
 
 from config.actions import placeholders
-from config.settings import Environment, load_policy_settings
-from config.tenants import Tenant, TenantsFile, load_tenants, tenants_json_schema
+from config.settings import ConfigInvalid, Environment, load_policy_settings
+from config.tenants import Tenant, TenantsFile, host_conflicts, load_tenants, tenants_json_schema
 from producer import dangerous, policy
 from workers.clikit import JsonOpt, handled, out
 
@@ -51,8 +51,9 @@ def check(
 ) -> None:
     """Validate a tenants file and print each tenant's effective policy for an environment.
 
-    Exit 0 when the file is valid; 2, naming the file and field, when it is not. Try
-    `execq config check --env prod` before deploying a change to production.
+    Exit 0 when the file is valid; 2, naming the file and field, when it is not (also when a
+    run_as uid range includes an account of this host). Try `execq config check --env prod`
+    before deploying a change to production.
     """
     if file is None or env is None:
         # Only the two settings that choose the policy: a bad broker URL must not hide it.
@@ -60,6 +61,10 @@ def check(
         file = file if file is not None else settings.tenants_file
         env = env if env is not None else settings.env
     tenants = load_tenants(file, env=env)
+    conflicts = host_conflicts(tenants)
+    if conflicts:
+        detail = "\n".join(f"  {line}" for line in conflicts)
+        raise ConfigInvalid(f"invalid tenants file {file} on this host:\n{detail}")
     if as_json:
         print(json.dumps(_as_json(file, env, tenants)))
         return
