@@ -18,12 +18,12 @@ depends_on = None
 
 def upgrade() -> None:
     # Nullable, no default: adding them rewrites nothing, and a raw-argv command keeps NULLs.
-    with op.batch_alter_table("commands") as batch:
-        batch.add_column(sa.Column("action", sa.String(64), nullable=True))
-        batch.add_column(sa.Column("params", sa.JSON(none_as_null=True), nullable=True))
+    # Plain ALTER TABLE, not batch mode, which on SQLite copies the table without its triggers.
+    op.add_column("commands", sa.Column("action", sa.String(64), nullable=True))
+    op.add_column("commands", sa.Column("params", sa.JSON(none_as_null=True), nullable=True))
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("commands") as batch:
-        batch.drop_column("params")
-        batch.drop_column("action")
+    for column in ("params", "action"):
+        # Native DROP COLUMN (SQLite >= 3.35) keeps the triggers, unlike batch mode.
+        op.execute(f"ALTER TABLE commands DROP COLUMN {column}")
