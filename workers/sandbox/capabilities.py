@@ -46,6 +46,8 @@ class Capabilities:
     # execq-launch (launch.c, built by `make install`): rlimits, identity and parent-death
     # signal in one exec instead of prlimit + setpriv.
     launcher: str | None = None
+    # The launcher's `--no-sockets` seccomp filter installs here (a kernel with seccomp).
+    socket_filter: bool = False
 
     def can_isolate(
         self, *, run_as: bool, no_network: bool, filesystem: bool = False
@@ -55,8 +57,27 @@ class Capabilities:
             return "running commands as the tenant's uids needs a root worker and setpriv"
         if no_network and not (self.unshare and self.is_root):
             return "commands without network need a root worker and unshare (util-linux)"
+        if no_network and self.sockets_problem is not None:
+            return self.sockets_problem
         if filesystem and self.bwrap is None:
             return f"a filesystem view needs bubblewrap: {self.bwrap_problem}"
+        return None
+
+    @property
+    def sockets_problem(self) -> str | None:
+        """Why commands without network could still reach the host's Unix sockets here (a
+        network namespace does not hide them), or None when execq-launch refuses them."""
+        if self.launcher is None:
+            return (
+                "commands without network need execq-launch (`make install` builds it with a "
+                "C compiler) to refuse their sockets: a network namespace leaves the host's "
+                "Unix sockets reachable"
+            )
+        if not self.socket_filter:
+            return (
+                f"commands without network need {self.launcher} --no-sockets, which failed "
+                "here (a kernel without seccomp filters?): see the capability notes"
+            )
         return None
 
     @property
@@ -132,6 +153,7 @@ def detect_capabilities() -> Capabilities:
     v2_dir, v2_kill = _probe_v2(mounts, own, notes)
     bwrap, bwrap_problem = _probe_bwrap(notes)
     launcher = _find_launcher(notes)
+    socket_filter = launcher is not None and _launcher_filters_sockets(launcher, notes)
     return Capabilities(
         euid=os.geteuid(),
         prlimit=prlimit,
@@ -148,6 +170,7 @@ def detect_capabilities() -> Capabilities:
         bwrap=bwrap,
         bwrap_problem=bwrap_problem,
         launcher=launcher,
+        socket_filter=socket_filter,
     )
 
 
@@ -200,6 +223,21 @@ def _find_launcher(notes: list[str]) -> str | None:
             return path
         notes.append(f"{candidate} failed its trial: {done.stderr.decode(errors='replace')}")
     return None
+
+
+def _launcher_filters_sockets(launcher: str, notes: list[str]) -> bool:
+    """Whether the launcher's `--no-sockets` seccomp filter installs on this kernel."""
+    trial = [launcher, "--pdeathsig", "--no-sockets", "--", "/bin/true"]
+    try:
+        done = subprocess.run(trial, capture_output=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        notes.append(f"{launcher} --no-sockets does not run: {exc}")
+        return False
+    if done.returncode == 0:
+        return True
+    err = done.stderr.decode(errors="replace").strip()
+    notes.append(f"{launcher} --no-sockets failed its trial ({done.returncode}): {err}")
+    return False
 
 
 def _probe_bwrap(notes: list[str]) -> tuple[str | None, str | None]:

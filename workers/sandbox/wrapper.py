@@ -4,6 +4,8 @@
 extra exec. Without it (not built), `prlimit` then `setpriv`: two, 1.2 ms more per command.
 Either way not preexec_fn, which forces fork() and costs ~10 ms in a 300 MB pool process.
 A namespace wrapper (unshare, bwrap) goes between the limits and the identity switch.
+Without network, the launcher after it also refuses every socket (seccomp): a network
+namespace alone leaves the host's Unix sockets reachable.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from .model import FsView, Limits
 from .procfs import count_tasks_of_uid
 
 MiB = 1024 * 1024
+NO_NETWORK = "none (network namespace, sockets refused by seccomp)"
 
 
 @dataclass(frozen=True)
@@ -101,18 +104,19 @@ def build_launch(
         enforced["filesystem"] = (
             f"bubblewrap (read-only root, private /tmp {filesystem.tmp_mb} MB, no /run)"
         )
-        if not network:
-            enforced["network"] = "none (network namespace)"
     elif not network:
         if not (caps.unshare and caps.is_root):
             raise SandboxError("a command without network needs a root worker and unshare")
         namespaces = [caps.unshare, "--net", "--"]
-        enforced["network"] = "none (network namespace)"
+    if not network:
+        if caps.sockets_problem is not None:
+            raise SandboxError(caps.sockets_problem)
+        enforced["network"] = NO_NETWORK
     if run_as is not None:
         enforced["identity"] = f"uid {run_as[0]} gid {run_as[1]}"
     if caps.launcher and not namespaces:
         # One exec does it all: the identity and the parent-death signal after the limits.
-        chain += _identity(caps.launcher, run_as, caps, launcher=True)
+        chain += _identity(caps.launcher, run_as, caps, launcher=True, no_sockets=not network)
     else:
         if caps.launcher:
             chain.append("--")
@@ -121,7 +125,8 @@ def build_launch(
         # identity switch comes after it), or after prlimit when there is no launcher.
         step = caps.launcher or caps.setpriv
         if step is not None:
-            identity = _identity(step, run_as, caps, launcher=step == caps.launcher)
+            launcher = step == caps.launcher
+            identity = _identity(step, run_as, caps, launcher=launcher, no_sockets=not network)
             chain += [step, *identity] if identity else []
         elif run_as is not None:
             raise SandboxError(
@@ -171,16 +176,26 @@ def bwrap_args(caps: Capabilities, view: FsView, workdir: str, *, network: bool)
 
 
 def _identity(
-    program: str, run_as: tuple[int, int] | None, caps: Capabilities, *, launcher: bool
+    program: str,
+    run_as: tuple[int, int] | None,
+    caps: Capabilities,
+    *,
+    launcher: bool,
+    no_sockets: bool = False,
 ) -> list[str]:
-    """Arguments of `program` (execq-launch or setpriv) for the identity and the
-    parent-death signal, ending with `--`; [] for setpriv with nothing to do."""
+    """Arguments of `program` (execq-launch or setpriv) for the identity, the parent-death
+    signal and (launcher only) the socket filter, ending with `--`; [] for setpriv with
+    nothing to do."""
     if run_as is not None and not caps.is_root:
         raise SandboxError(f"running as uid {run_as[0]} needs a root worker")
     uid, gid = run_as if run_as is not None else (None, None)
     if launcher:
         args = [] if uid is None else ["--uid", str(uid), "--gid", str(gid)]
-        return [*args, "--pdeathsig", "--"]
+        # The filter goes on the last step only: bubblewrap needs a netlink socket to bring
+        # up the namespace's loopback, and it would inherit a filter set before it.
+        return [*args, "--pdeathsig", *(["--no-sockets"] if no_sockets else []), "--"]
+    if no_sockets:
+        raise SandboxError("only execq-launch can refuse a command's sockets")
     args = []
     if uid is not None:
         args += [f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--no-new-privs"]
