@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import pwd
 
 
 def default_principal() -> str:
@@ -15,3 +16,16 @@ def default_principal() -> str:
         return getpass.getuser()
     except Exception:  # no passwd entry in some containers
         return "unknown"
+
+
+def os_identity() -> str:
+    """The OS user running this process, as the system knows it (its real uid's name).
+
+    Unlike `default_principal`, nothing the caller sets (USER, LOGNAME, OTEL_SERVICE_NAME)
+    changes it, so it can tell two people apart: approvals rely on that.
+    """
+    uid = os.getuid()
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:  # no passwd entry in some containers: the uid still names someone
+        return f"uid:{uid}"

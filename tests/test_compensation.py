@@ -20,6 +20,7 @@ import pytest
 
 from producer.client import Producer
 from producer.errors import InvalidOperation, PolicyDenied, SpecError
+from producer.identity import os_identity
 from producer.record import CommandRecord
 from producer.spec import CommandSpec
 from producer.states import State
@@ -402,10 +403,8 @@ def test_override_needs_ticket_operator_and_reason_and_is_audited(
         producer.override(r.id, ticket="  ", operator="alice", reason="x")
     with pytest.raises(InvalidOperation, match="only revert_failed"):
         producer.override(ok.id, **full)
-    with pytest.raises(InvalidOperation, match="--approver"):
-        producer.override(ok.id, resolution="failed", force=True, **full)
-    with pytest.raises(InvalidOperation, match="someone other"):
-        producer.override(ok.id, resolution="failed", force=True, approver="alice", **full)
+    with pytest.raises(InvalidOperation, match="--approver is no longer accepted"):
+        producer.override(ok.id, resolution="failed", force=True, approver="bob", **full)
     assert producer.get(r.id).state is State.REVERT_FAILED
     assert producer.get(ok.id).state is State.SUCCEEDED
 
@@ -416,13 +415,17 @@ def test_override_needs_ticket_operator_and_reason_and_is_audited(
     assert [e.outcome for e in overrides] == ["refused"] * 4 + ["ok"]
     done = overrides[-1]
     assert (done.operator, done.ticket, done.reason) == ("alice", "OPS-1", "cleaned up by hand")
+    assert done.actor == done.detail["identity"] == os_identity()
     assert all(e.reason and "needs --" in e.reason for e in overrides[:4])
 
-    # With a second person's approval, a command in another state may be settled too.
-    forced = producer.override(ok.id, resolution="failed", force=True, approver="bob", **full)
+    # A command in another state may be settled too, once a different identity approves.
+    asked = producer.override(ok.id, resolution="failed", force=True, identity="alice", **full)
+    assert asked.state is State.SUCCEEDED
+    forced = producer.approve(ok.id, ticket="OPS-1", identity="bob")
     assert forced.state is State.FAILED
     (forced_event,) = [e for e in events(producer, ok.id, "override") if e.outcome == "ok"]
     assert forced_event.detail["approver"] == "bob" and forced_event.detail["forced"] is True
+    assert forced_event.detail["requested_by"] == "alice"
 
 
 @PG_ONLY

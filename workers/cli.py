@@ -285,6 +285,7 @@ def retry(
 
 app.command("rollback")(cli_revert.rollback)
 app.command("override")(cli_revert.override)
+app.command("approve")(cli_revert.approve)
 app.command("submit-batch")(cli_batch.submit_batch)
 
 

@@ -39,6 +39,9 @@ class Phase(StrEnum):
     REVOKE = "revoke"
     ROLLBACK = "rollback"
     OVERRIDE = "override"
+    # A forced override waits for a second person: asked for, then approved (or refused).
+    OVERRIDE_REQUEST = "override_request"
+    APPROVE = "approve"
     COMPENSATE = "compensate"
     PRUNE = "prune"
 
