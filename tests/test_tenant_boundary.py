@@ -14,6 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from sqlalchemy.engine import make_url
 
 from config.settings import Settings
 from config.tenants import load_tenants
@@ -158,8 +159,8 @@ def test_tenant_b_finds_nothing_of_tenant_a(
                 "keys_dir": str(keys_dir),
                 "worker_pid": started[0].proc.pid,
                 "command_pid": command_pid,
-                "redis_port": int(redis_url.rsplit(":", 1)[1].split("/")[0]),
-                "redis_db": int(redis_url.rsplit("/", 1)[1]),
+                "redis_port": make_url(redis_url).port or 6379,
+                "redis_db": int(make_url(redis_url).database or 0),
                 # Reversed, so that B's own record does not hold the canary it looks for.
                 "canary_reversed": CANARY[::-1],
             }
