@@ -1,5 +1,7 @@
 """Key settings: the master key that seals secret values in messages (`EXECQ_SECRETS_KEY` or
-`EXECQ_SECRETS_KEY_FILE`); without either, a local key file beside the default store."""
+`EXECQ_SECRETS_KEY_FILE`) and the key of the audit chains (`EXECQ_AUDIT_KEY` or
+`EXECQ_AUDIT_KEY_FILE`), with where the audit chains' checkpoints go; without a key, a local key
+file beside the default store."""
 
 from __future__ import annotations
 
@@ -35,30 +37,81 @@ class KeySettings(BaseSettings):
 
     def key(self) -> bytes | None:
         """The configured key's bytes, or None (use the local key file); ConfigInvalid else."""
-        if self.secrets_key_file is not None:
-            name = "EXECQ_SECRETS_KEY_FILE"
-            try:
-                raw = self.secrets_key_file.read_bytes().strip()
-            except OSError as exc:
-                raise ConfigInvalid(
-                    f"invalid setting {name}: cannot read {self.secrets_key_file}: {exc.strerror}"
-                ) from None
-        elif self.secrets_key is not None:
-            name = "EXECQ_SECRETS_KEY"
-            raw = self.secrets_key.get_secret_value().encode()
-        else:
-            return None
-        if len(raw) < MIN_KEY_BYTES:
+        return _read_key("EXECQ_SECRETS_KEY", self.secrets_key, self.secrets_key_file)
+
+
+AUDIT_KEY_HELP = (
+    "Key of the audit chains (>= 32 bytes, the same on every process that writes or verifies "
+    "the trail): event links are HMAC-SHA256 under a key derived from it."
+)
+
+
+class AuditKeySettings(BaseSettings):
+    """The audit chains' key, and the witness their checkpoints are written to."""
+
+    model_config = SettingsConfigDict(env_prefix="EXECQ_", extra="ignore", frozen=True)
+
+    audit_key: SecretStr | None = Field(default=None, description=AUDIT_KEY_HELP)
+    audit_key_file: Path | None = Field(
+        default=None, description="A file holding the audit key (e.g. a Kubernetes secret)."
+    )
+    audit_witness: Path = Field(
+        default=Path(".execq/audit-witness.jsonl"),
+        description="Append-only JSON lines of signed checkpoints of every audit chain's head; "
+        "ship it off the host (a log shipper, a write-once bucket).",
+    )
+    audit_checkpoint_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=3600,
+        description="A worker checkpoints a chain it appends to when its last checkpoint of "
+        "that chain is older than this.",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> AuditKeySettings:
+        if self.audit_key is not None and self.audit_key_file is not None:
+            raise ValueError("set EXECQ_AUDIT_KEY or EXECQ_AUDIT_KEY_FILE, not both")
+        return self
+
+    def key(self) -> bytes | None:
+        """The configured audit key's bytes, or None (use the local key file)."""
+        return _read_key("EXECQ_AUDIT_KEY", self.audit_key, self.audit_key_file)
+
+
+def _read_key(name: str, value: SecretStr | None, file: Path | None) -> bytes | None:
+    """The key from `<name>_FILE` or `<name>`, or None; ConfigInvalid naming the variable."""
+    if file is not None:
+        name = f"{name}_FILE"
+        try:
+            raw = file.read_bytes().strip()
+        except OSError as exc:
             raise ConfigInvalid(
-                f"invalid setting {name}: the key has {len(raw)} bytes, at least "
-                f"{MIN_KEY_BYTES} are needed (e.g. `openssl rand -hex 32`)"
-            )
-        return raw
+                f"invalid setting {name}: cannot read {file}: {exc.strerror}"
+            ) from None
+    elif value is not None:
+        raw = value.get_secret_value().encode()
+    else:
+        return None
+    if len(raw) < MIN_KEY_BYTES:
+        raise ConfigInvalid(
+            f"invalid setting {name}: the key has {len(raw)} bytes, at least "
+            f"{MIN_KEY_BYTES} are needed (e.g. `openssl rand -hex 32`)"
+        )
+    return raw
 
 
 def load_keys() -> KeySettings:
     """The key settings from the environment; ConfigInvalid naming the bad variable."""
     try:
         return KeySettings()
+    except ValidationError as exc:
+        raise ConfigInvalid(describe_validation_error(exc)) from None
+
+
+def load_audit_keys() -> AuditKeySettings:
+    """The audit key settings from the environment; ConfigInvalid naming the bad variable."""
+    try:
+        return AuditKeySettings()
     except ValidationError as exc:
         raise ConfigInvalid(describe_validation_error(exc)) from None

@@ -91,9 +91,7 @@ class Sealer:
         aead = self._aead(tenant)
         try:
             raw = base64.urlsafe_b64decode(body.encode("ascii"))
-            plain = aead.decrypt(
-                raw[:NONCE_BYTES], raw[NONCE_BYTES:], _bound(command_id, tenant)
-            )
+            plain = aead.decrypt(raw[:NONCE_BYTES], raw[NONCE_BYTES:], _bound(command_id, tenant))
         except (InvalidTag, ValueError, UnicodeEncodeError):
             raise Unsealable(
                 "sealed secrets do not open with this tenant's key (another key, command or "
@@ -111,20 +109,25 @@ def _bound(command_id: str, tenant: str) -> bytes:
 
 def key_dir(settings: Settings) -> Path:
     """Where local key files live: `keys/` beside a SQLite store, else `.execq/keys`."""
-    url = make_url(settings.database_url)
+    return key_dir_of(settings.database_url)
+
+
+def key_dir_of(database_url: str) -> Path:
+    """`key_dir` for a store URL."""
+    url = make_url(database_url)
     if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
         return Path(url.database).parent / "keys"
     return Path(".execq/keys")
 
 
-def local_key(directory: Path) -> bytes:
-    """The key in `directory/secrets.key`, created (0600, directory 0700) when missing."""
-    path = directory / KEY_FILE
+def local_key(directory: Path, name: str = KEY_FILE) -> bytes:
+    """The key in `directory/name`, created (0600, directory 0700) when missing."""
+    path = directory / name
     private_dir(directory)
     if not path.exists():
         # Written whole under another name, then linked: a process starting at the same
         # moment reads either no file or the whole key, and both end up with the same one.
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".secrets.")
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.stem}.")
         try:
             os.write(fd, random.token_hex(32).encode() + b"\n")
             os.fchmod(fd, 0o600)

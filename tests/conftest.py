@@ -173,6 +173,13 @@ def store(database_url: str) -> Iterator[Store]:
 # --- settings, tenants, producer ------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def _own_audit_witness(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test's audit checkpoints go to a witness of its own (inherited by the processes it
+    starts): a store emptied for the next test must not contradict this one's checkpoints."""
+    monkeypatch.setenv("EXECQ_AUDIT_WITNESS", str(tmp_path / "audit-witness.jsonl"))
+
+
 @pytest.fixture
 def tenants_path(tmp_path: Path) -> Path:
     """A tenants file with two tenants: alpha (roomy) and beta (tight, deny -rf)."""

@@ -150,12 +150,20 @@ def test_a_reordered_event_is_found(store: Store) -> None:
     assert report.problem.seq == 2
 
 
-def test_an_inserted_event_is_found_even_with_a_correct_hash(store: Store) -> None:
+@pytest.mark.parametrize(
+    ("with_key", "expect_seq", "words"),
+    [(False, 3, "without the audit key"), (True, 4, "altered")],
+)
+def test_an_inserted_event_is_found_even_with_a_correct_hash(
+    store: Store, with_key: bool, expect_seq: int, words: str
+) -> None:
+    # Without the audit key, a correctly computed plain SHA-256 link no longer passes (it
+    # did before chains were keyed); with the key, the events after it still break.
     _fill(store, 3)
     events = list(store.audit.events())
     drop_guards(store)
     forged = make_event(subject(), Phase.OVERRIDE, Outcome.OK, actor="intruder").linked(
-        "alpha", 3, events[1].hash or ""
+        "alpha", 3, events[1].hash or "", store.audit.keys() if with_key else None
     )
     with store.engine.begin() as conn:
         conn.execute(text("UPDATE audit_events SET seq = seq + 1000 WHERE seq >= 3"))
@@ -172,8 +180,8 @@ def test_an_inserted_event_is_found_even_with_a_correct_hash(store: Store) -> No
         )
     report = store.audit.verify()
     assert not report.ok and report.problem is not None
-    assert report.problem.seq == 4, report.problem
-    assert "altered" in report.problem.message
+    assert report.problem.seq == expect_seq, report.problem
+    assert words in report.problem.message
 
 
 def _append_many(url: str, worker: int, n: int) -> None:

@@ -1,4 +1,4 @@
-"""`execq audit …`: verify, export, show and prune the hash-chained audit trail."""
+"""`execq audit …`: verify, checkpoint, export, show and prune the keyed audit trail."""
 
 from __future__ import annotations
 
@@ -12,19 +12,31 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from config.keys import load_audit_keys
 from config.settings import load_settings
 from producer.audit.verify import Report
 from workers.clikit import JsonOpt, fail, handled, out
 
 audit_app = typer.Typer(
     help=(
-        "The audit trail: one hash-chained event per phase and operator action.\n\n"
+        "The audit trail: one event per phase and operator action, in chains keyed with "
+        "EXECQ_AUDIT_KEY.\n\n"
         "The store keeps one chain per tenant; EXECQ_AUDIT_LOG (a JSON-lines file, rotated "
-        "by size) keeps its own chain. `verify` exits 1 and names the first event that was "
-        "edited, deleted, inserted or reordered."
+        "by size) keeps its own chain. Signed checkpoints of each chain's head go to "
+        "EXECQ_AUDIT_WITNESS. `verify` exits 1 and names the first event that was edited, "
+        "deleted, inserted or reordered, and a chain cut short of its last checkpoint."
     ),
     no_args_is_help=True,
 )
+
+WitnessOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--witness",
+        help="The checkpoints to check against (default: EXECQ_AUDIT_WITNESS), e.g. a copy "
+        "fetched from where the witness is shipped.",
+    ),
+]
 
 
 def _store() -> Any:
@@ -49,20 +61,32 @@ def _when(value: str | None, option: str) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
+def _witness(path: Path | None) -> Path:
+    return path if path is not None else load_audit_keys().audit_witness
+
+
 def _print_report(report: Report, elapsed_s: float, as_json: bool) -> None:
     if as_json:
         print(json.dumps({**report.to_json(), "elapsed_s": round(elapsed_s, 3)}))
         return
     table = Table(title=f"audit chains in {report.source}", title_justify="left")
-    for col in ("chain", "seq", "events", "starts at", "last hash"):
+    for col in ("chain", "seq", "events", "starts at", "checkpoint", "last hash"):
         table.add_column(col)
     for name, c in sorted(report.chains.items()):
         start = "genesis" if c.anchor is None else f"anchor {c.anchor[:12]}…"
+        checkpoint = "-" if c.checkpoint is None else f"seq {c.checkpoint}"
         table.add_row(
-            name, f"{c.first_seq}..{c.last_seq}", str(c.events), start, c.last_hash[:16] + "…"
+            name,
+            f"{c.first_seq}..{c.last_seq}",
+            str(c.events),
+            start,
+            checkpoint,
+            c.last_hash[:16] + "…",
         )
     if report.chains:
         out.print(table)
+    for warning in report.warnings:
+        out.print(f"[yellow]note:[/] {warning}", highlight=False)
     rate = report.events / elapsed_s if elapsed_s > 0 else 0.0
     if report.problem is None:
         out.print(
@@ -97,21 +121,71 @@ def verify_cmd(
             help="Accept chains that start mid-way (e.g. an export made with --since).",
         ),
     ] = False,
+    witness: WitnessOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Check every link of the audit chains; exit 1 naming the first bad event."""
+    """Check every link of the audit chains, their starts and their last checkpoints; exit 1
+    naming the chain and the first bad event."""
+    from producer.audit import keys as audit_keys  # noqa: PLC0415
     from producer.audit.sinks import verify_file  # noqa: PLC0415
 
     started = time.perf_counter()
     if file is not None:
         if not file.exists() and not file.with_name(f"{file.name}.1").exists():
             fail(f"no audit file at {file}", 2, as_json=as_json)
-        report = verify_file(file, allow_anchor=anchored)
+        keys = audit_keys.load(load_settings().database_url)
+        report = verify_file(file, allow_anchor=anchored, keys=keys, witness=_witness(witness))
     else:
-        report = _store().audit.verify(tenant=tenant)
+        audit = _store().audit
+        latest = audit.witnessed(_witness(witness))
+        if latest.problem is not None:
+            report = Report("store", problem=latest.problem)
+        else:
+            report = audit.verify(tenant=tenant, checkpoints=latest.checkpoints)
     _print_report(report, time.perf_counter() - started, as_json)
     if not report.ok:
         raise typer.Exit(1)
+
+
+@audit_app.command("checkpoint")
+@handled
+def checkpoint_cmd(
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant's chain.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a signed checkpoint of every chain's head (and the audit file's) to the witness.
+
+    Workers write them as they go; run this after an upgrade, before a backup, or from cron
+    when no worker runs.
+    """
+    from producer.audit.trail import Trail  # noqa: PLC0415
+    from producer.audit.witness import writer  # noqa: PLC0415
+
+    settings = load_settings()
+    trail = Trail.from_settings(settings)
+    assert trail.witness is not None
+    store = _store()
+    written = store.audit.checkpoints(None if tenant is None else [tenant], by=writer())
+    trail.witness.write(written)
+    if tenant is None:
+        written += trail.checkpoint_files()
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "witness": str(trail.witness.path),
+                    "checkpoints": [
+                        {"kind": cp.kind, "chain": cp.chain, "seq": cp.seq, "hash": cp.hash}
+                        for cp in written
+                    ],
+                }
+            )
+        )
+        return
+    for cp in written:
+        where = cp.chain if cp.kind == "store" else f"{cp.chain} ({settings.audit_log})"
+        out.print(f"{where}: checkpointed at seq {cp.seq} ({cp.hash[:16]}…)", highlight=False)
+    out.print(f"{len(written)} checkpoint(s) written to {trail.witness.path}", highlight=False)
 
 
 @audit_app.command("export")
@@ -187,10 +261,10 @@ def prune_cmd(
     ),
     as_json: JsonOpt = False,
 ) -> None:
-    """Delete old events, keeping every chain verifiable from an anchor.
+    """Delete old events, keeping every chain verifiable from a signed anchor.
 
-    Each pruned chain keeps an anchor (the hash the first kept event links to) and gets a
-    `prune` event saying who removed how many events.
+    Each pruned chain keeps an anchor (the hash the first kept event links to, signed with the
+    audit key) and gets a `prune` event saying who removed how many events.
     """
     from producer.identity import default_principal  # noqa: PLC0415
 

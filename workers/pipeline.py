@@ -155,6 +155,7 @@ class Pipeline:
         self.lease = lease
         self.worker_id = worker_id
         self.trail = trail or Trail()
+        self.trail.watch(store.audit)  # checkpoints of the chains it appends to
         # Re-queues (retries, rollbacks, a batch's next step); without one the outbox does.
         self.follow_ups = FollowUps(store, publisher, tenant.name, worker_id, self.trail)
 

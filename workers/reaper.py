@@ -69,6 +69,7 @@ class Reaper:
         self.redis_url = redis_url
         self.actor = actor
         self.trail = trail if trail is not None else Trail.from_settings(settings)
+        self.trail.watch(store.audit)
         self.interval_s = max(settings.lease_s / 3, 0.2)
         self.outbox_grace_s = max(2.0, min(settings.lease_s / 3, 10.0))
         self.republish_after_s = max(30.0, 2 * settings.lease_s)
@@ -102,6 +103,8 @@ class Reaper:
         lost, requeued = self._expired_leases()
         self._left_behind()
         published = self._outbox() if self._take_turn() else 0
+        # The tenant's last events need not wait for more appends to be checkpointed.
+        self.trail.checkpoint_moved([self.tenant.name])
         return ReapReport(lost=lost, requeued=requeued, published=published)
 
     def _left_behind(self) -> None:

@@ -5,6 +5,10 @@ chain name, its position, the previous event's hash and that content, so editing
 inserting or reordering an event breaks every link after it. Each sink keeps its own chains
 (the store: one per tenant; a JSON-lines file: one per file series): the content of an event
 is the same everywhere, its `chain`, `seq`, `prev_hash` and `hash` are the sink's.
+
+The hash is HMAC-SHA256 under the audit chain key (`producer.audit.keys`), so only a holder of
+the key can write a link that verifies. Chains written before links were keyed hold plain
+SHA-256 links over the same message; verification tells the two apart by recomputing both.
 """
 
 from __future__ import annotations
@@ -17,9 +21,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from producer.spec import cmd_hash
+
+if TYPE_CHECKING:
+    from producer.audit.keys import AuditKeys
 
 GENESIS = "0" * 64
 # The cmd_hash of events that have no command to hash (a malformed message).
@@ -85,10 +92,14 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+def link_message(chain: str, seq: int, prev_hash: str, content: str) -> bytes:
+    """What a link hashes: the event's place in its chain and its content (SQL builds the same)."""
+    return f"{chain}\n{seq}\n{prev_hash}\n{content}".encode()
+
+
 def link_hash(chain: str, seq: int, prev_hash: str, content: str) -> str:
-    """SHA-256 over the event's place in its chain and its content (SQL computes the same)."""
-    data = f"{chain}\n{seq}\n{prev_hash}\n{content}".encode()
-    return hashlib.sha256(data).hexdigest()
+    """An unkeyed link: plain SHA-256 of the link message (chains written before keyed links)."""
+    return hashlib.sha256(link_message(chain, seq, prev_hash, content)).hexdigest()
 
 
 def iso_ns(ns: int) -> str:
@@ -132,14 +143,21 @@ class AuditEvent:
         """The content as the exact string that is hashed."""
         return canonical_json(self.content())
 
-    def linked(self, chain: str, seq: int, prev_hash: str) -> AuditEvent:
-        """This event placed at `seq` of `chain` after an event whose hash is `prev_hash`."""
+    def linked(
+        self, chain: str, seq: int, prev_hash: str, keys: AuditKeys | None = None
+    ) -> AuditEvent:
+        """This event placed at `seq` of `chain` after an event whose hash is `prev_hash`.
+
+        The link is keyed with `keys`; without, it is an unkeyed link (as before keyed chains),
+        which only verifies where a chain may still be unkeyed.
+        """
+        message = link_message(chain, seq, prev_hash, self.canonical())
         return replace(
             self,
             chain=chain,
             seq=seq,
             prev_hash=prev_hash,
-            hash=link_hash(chain, seq, prev_hash, self.canonical()),
+            hash=keys.link(message) if keys is not None else hashlib.sha256(message).hexdigest(),
         )
 
     def to_json(self) -> dict[str, Any]:

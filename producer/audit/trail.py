@@ -2,7 +2,8 @@
 
 The store writes events in the same transaction as the state change they record; once that
 commits, `Trail.copy` hands the same events to the process's other sinks (the JSON-lines
-file). A failed copy is logged, never raised: the store's chain is the record of truth.
+file), and, in a worker that `watch`es its store, checkpoints the chains it appended to. A
+failed copy or checkpoint is logged, never raised: the store's chain is the record of truth.
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ import logging
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from config.keys import load_audit_keys
 from config.settings import Settings
+from producer.audit import keys as audit_keys
 from producer.audit.events import AuditEvent, Outcome, Phase, Subject, make_event, now_ns
 from producer.audit.sinks import AuditSink, JsonlSink
+from producer.audit.witness import Checkpoint, Checkpointer, Heads, Witness
 from producer.redaction import Redactor
 from producer.spec import cmd_hash
 
@@ -23,23 +27,62 @@ log = logging.getLogger("execq.audit")
 class Trail:
     """The sinks besides the store that this process copies committed events to."""
 
-    def __init__(self, sinks: Sequence[AuditSink] = ()) -> None:
+    def __init__(
+        self,
+        sinks: Sequence[AuditSink] = (),
+        *,
+        witness: Witness | None = None,
+        checkpoint_s: float = 5.0,
+    ) -> None:
         self.sinks = list(sinks)
+        self.witness = witness
+        self.checkpoint_s = checkpoint_s
+        self._checkpointer: Checkpointer | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Trail:
-        """The JSON-lines file of `EXECQ_AUDIT_LOG` (none when it is `off`)."""
-        if settings.audit_log is None:
-            return cls()
-        return cls(
-            [
+        """The JSON-lines file of `EXECQ_AUDIT_LOG` (none when it is `off`), keyed, and the
+        witness of `EXECQ_AUDIT_WITNESS`."""
+        audit = load_audit_keys()
+        keys = audit_keys.load(settings.database_url)
+        witness = Witness(audit.audit_witness, keys)
+        sinks: list[AuditSink] = []
+        if settings.audit_log is not None:
+            sinks.append(
                 JsonlSink(
                     settings.audit_log,
                     max_bytes=int(settings.audit_log_max_mb * (1 << 20)),
                     keep=settings.audit_log_keep,
+                    keys=keys,
+                    witness=witness,
                 )
-            ]
-        )
+            )
+        return cls(sinks, witness=witness, checkpoint_s=audit.audit_checkpoint_s)
+
+    def watch(self, heads: Heads) -> None:
+        """Checkpoint the store chains this trail's copies go with (a worker's store).
+
+        After a copy, each chain it touched whose last checkpoint from this process is older
+        than `checkpoint_s` is checkpointed. Nothing happens without a witness.
+        """
+        if self.witness is not None:
+            self._checkpointer = Checkpointer(heads, self.witness, self.checkpoint_s)
+
+    def checkpoint_moved(self, chains: Sequence[str]) -> None:
+        """Checkpoint each of `chains` whose head moved since this process last did (a
+        periodic pass calls this, so that a chain's last events do not wait for more)."""
+        if self._checkpointer is not None:
+            self._checkpointer.moved(chains)
+
+    def checkpoint_files(self) -> list[Checkpoint]:
+        """Checkpoint the end of each JSON-lines sink's chain now; the checkpoints written."""
+        written = []
+        for sink in self.sinks:
+            if isinstance(sink, JsonlSink):
+                cp = sink.checkpoint()
+                if cp is not None:
+                    written.append(cp)
+        return written
 
     def copy(self, events: Sequence[AuditEvent]) -> None:
         """Append committed events to every sink; a sink that fails is logged and skipped."""
@@ -55,6 +98,8 @@ class Trail:
                     len(events),
                     exc,
                 )
+        if self._checkpointer is not None:
+            self._checkpointer.appended({event.tenant for event in events})
 
 
 class Claim(Protocol):

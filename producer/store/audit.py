@@ -1,58 +1,135 @@
-"""The store's audit sink: appends that cannot fork a chain, reads, verification and pruning.
+"""The store's audit sink: keyed appends that cannot fork a chain (reads, verification,
+checkpoints and pruning are in `producer.store.audit_log`).
 
 Each tenant has its own chain, whose last link is a row of `audit_heads`. An append locks
 that row, links its events after it and moves it forward, in the same transaction as the
 state change the events record:
 
 - PostgreSQL: one statement. The command's INSERT/UPDATE, the head's `SELECT … FOR UPDATE`,
-  the SHA-256 links (computed by the server from the canonical content Python sends), the
-  event rows and the head update are data-modifying CTEs: one round trip, and no events are
-  written when the command's conditional UPDATE matched nothing.
+  the HMAC-SHA256 links (computed by the server from the canonical content Python sends, as
+  two SHA-256 calls over the chain key's pads, which are bound to the statement by an engine
+  hook, never written into its text), the event rows and the head update are data-modifying
+  CTEs: one round trip, and no events are written when the command's conditional UPDATE
+  matched nothing.
 - SQLite: one `BEGIN IMMEDIATE` transaction (which already serialises every writer), linking
   in Python.
 
 Chains are per tenant so that tenants never queue behind each other's appends, and so that a
-tenant's trail can be exported, verified and pruned on its own.
+tenant's trail can be exported, verified and pruned on its own. The audit keys of a store are
+looked up by its URL: `bind` (when a Store is made) forgets any earlier ones, and the first
+append or verification loads them (`producer.audit.keys.load`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping, Sequence
-from datetime import datetime
+import os
+import threading
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, cast
 
 from sqlalchemy import (
+    URL,
+    BindParameter,
     Connection,
+    Engine,
+    LargeBinary,
     String,
     Table,
     Text,
     TextClause,
     bindparam,
-    func,
     insert,
     select,
     text,
     update,
 )
+from sqlalchemy import event as sa_event
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
+from producer.audit import keys as audit_keys
 from producer.audit.events import CONTENT_FIELDS, GENESIS, AuditEvent, canonical_json
-from producer.audit.verify import Problem, Report, Verifier
+from producer.audit.keys import AuditKeys
 from producer.errors import StoreError
 from producer.store.models import (
     BY_ID_ONLY_STATE_SQL,
     AuditAnchor,
     AuditEventRow,
     AuditHead,
+    AuditLegacy,
     Command,
 )
 
 events_t = cast(Table, AuditEventRow.__table__)
 heads_t = cast(Table, AuditHead.__table__)
 anchors_t = cast(Table, AuditAnchor.__table__)
+legacy_t = cast(Table, AuditLegacy.__table__)
 commands_t = cast(Table, Command.__table__)
+
+# --- the audit keys of each store -------------------------------------------------------------
+
+_keys: dict[URL, AuditKeys] = {}
+_keys_lock = threading.Lock()
+
+
+def _new_lock_after_fork() -> None:
+    global _keys_lock  # noqa: PLW0603 (a lock held in the parent at fork stays held)
+    _keys_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_after_fork)
+# Marks the append statement, whose chain key pads the engine hook binds.
+_KEYED = "execq_audit_keyed"
+
+
+def bind(engine: Engine) -> None:
+    """Use the audit keys the settings name now for `engine`'s store (forget earlier ones)."""
+    with _keys_lock:
+        _keys.pop(engine.url, None)
+    if engine.dialect.name == "postgresql" and not sa_event.contains(
+        engine, "before_execute", _bind_pads
+    ):
+        sa_event.listen(engine, "before_execute", _bind_pads, retval=True)
+
+
+def keys_of(conn: Connection) -> AuditKeys:
+    """The audit keys of the store `conn` is connected to (loaded on first use)."""
+    url = conn.engine.url
+    found = _keys.get(url)
+    if found is None:
+        with _keys_lock:
+            found = _keys.get(url)
+            if found is None:
+                found = _keys[url] = audit_keys.load(url.render_as_string(hide_password=False))
+    return found
+
+
+def _bind_pads(
+    conn: Connection,
+    clause: Any,
+    multiparams: list[dict[str, Any]],
+    params: dict[str, Any],
+    execution_options: Mapping[str, Any],
+) -> tuple[Any, list[dict[str, Any]], dict[str, Any]]:
+    """Bind the chain key's pads to an append statement: parameters, never statement text."""
+    if execution_options.get(_KEYED):
+        ipad, opad = keys_of(conn).sql_pads
+        pads = {"a_ipad": ipad, "a_opad": opad}
+        if multiparams:
+            multiparams = [{**p, **pads} for p in multiparams]
+        else:
+            params = {**params, **pads}
+    return clause, multiparams, params
+
+
+def source_of(url: URL) -> str:
+    """How checkpoints name a store: its SQLite file, or its PostgreSQL database's name."""
+    if url.get_backend_name() == "sqlite":
+        return f"sqlite:{Path(url.database or ':memory:').resolve()}"
+    return f"{url.get_backend_name()}:{url.database}"
+
 
 # Every content field is a column of its own (detail as canonical JSON text).
 _CONTENT_COLUMNS = CONTENT_FIELDS
@@ -82,9 +159,10 @@ _PG_TYPES = {"attempt": "int", "exec_time_ns": "bigint", "duration_ns": "bigint"
 _RECORD = ", ".join(
     ["k int", "content text"] + [f"{c} {_PG_TYPES.get(c, 'text')}" for c in CONTENT_FIELDS]
 )
+# HMAC-SHA256(k, m) = SHA-256((k ^ opad) || SHA-256((k ^ ipad) || m)): no extension needed.
 _LINK = (
-    "encode(sha256(convert_to(concat(:a_chain, chr(10), {prev}.seq + 1, chr(10), {prev}.hash, "
-    "chr(10), ev.content), 'UTF8')), 'hex')"
+    "encode(sha256(:a_opad || sha256(:a_ipad || convert_to(concat(:a_chain, chr(10), "
+    "{prev}.seq + 1, chr(10), {prev}.hash, chr(10), ev.content), 'UTF8'))), 'hex')"
 )
 # The events travel as one JSON parameter and the chain is linked by a recursive CTE, so the
 # statement's text is the same for any number of events: short enough for the driver's parse
@@ -124,14 +202,19 @@ def pg_chained(lead: tuple[str, tuple[str, ...]] | None) -> TextClause:
     `lead` is ("insert", columns) — ON CONFLICT DO NOTHING, a repeated key appends nothing —
     or ("update", columns) — the conditional UPDATE on (id, state, version); either way no
     events are written when it changed no row. Parameters: the lead's `v_*`/`w_*`,
-    `a_chain` and `a_events` (from `pg_params`). Returns one row: `lead_rows` (0: nothing
+    `a_chain` and `a_events` (from `pg_params`), and the chain key's pads (bound by the hook
+    `bind` installs). Returns one row: `lead_rows` (0: nothing
     happened), `appended`, `moved`.
     """
-    binds = [bindparam("a_chain", type_=String), bindparam("a_events", type_=Text)]
+    binds: list[BindParameter[Any]] = [
+        bindparam("a_chain", type_=String),
+        bindparam("a_events", type_=Text),
+        bindparam("a_ipad", type_=LargeBinary),
+        bindparam("a_opad", type_=LargeBinary),
+    ]
     if lead is None:
-        return text("WITH RECURSIVE " + _APPEND.format(lead_cond="", lead_rows="1")).bindparams(
-            *binds
-        )
+        sql = "WITH RECURSIVE " + _APPEND.format(lead_cond="", lead_rows="1")
+        return text(sql).bindparams(*binds).execution_options(**{_KEYED: True})
     kind, names = lead
     if kind == "insert":
         sql = (
@@ -150,7 +233,8 @@ def pg_chained(lead: tuple[str, tuple[str, ...]] | None) -> TextClause:
     append = _APPEND.format(
         lead_cond=" AND EXISTS (SELECT 1 FROM lead)", lead_rows="(SELECT count(*) FROM lead)"
     )
-    return text(f"WITH RECURSIVE lead AS ({sql}),{append}").bindparams(*binds)
+    statement = text(f"WITH RECURSIVE lead AS ({sql}),{append}").bindparams(*binds)
+    return statement.execution_options(**{_KEYED: True})
 
 
 def pg_params(chain: str, events: Sequence[AuditEvent]) -> dict[str, Any]:
@@ -175,14 +259,15 @@ def append_linked(conn: Connection, chain: str, events: Sequence[AuditEvent]) ->
         seq, prev = 0, GENESIS
     else:
         seq, prev = head.seq, head.hash
+    keys = keys_of(conn)
     rows = []
-    for event in events:
+    for one in events:
         seq += 1
-        linked = event.linked(chain, seq, prev)
+        linked = one.linked(chain, seq, prev, keys)
         prev = linked.hash or ""
         rows.append(
             {
-                **row_values(event),
+                **row_values(one),
                 "chain": chain,
                 "seq": seq,
                 "prev_hash": linked.prev_hash,
@@ -209,121 +294,3 @@ def check_appended(row: Any, n: int, chain: str) -> bool:
     if row.appended != n or row.moved != 1:
         raise StoreError(f"audit chain {chain!r} has no head row; events were not appended")
     return True
-
-
-# --- reading, verifying, pruning ------------------------------------------------------------
-
-
-def iter_events(
-    conn: Connection,
-    *,
-    tenant: str | None = None,
-    since_ns: int | None = None,
-    command_id: str | None = None,
-    in_chain_order: bool = False,
-) -> Iterator[AuditEvent]:
-    """Events in insertion order (or per chain by seq), streamed in batches."""
-    query = select(events_t)
-    if tenant is not None:
-        query = query.where(events_t.c.chain == tenant)
-    if since_ns is not None:
-        query = query.where(events_t.c.exec_time_ns >= since_ns)
-    if command_id is not None:
-        query = query.where(events_t.c.command_id == command_id)
-    order = (events_t.c.chain, events_t.c.seq) if in_chain_order else (events_t.c.id,)
-    result = conn.execution_options(yield_per=2000).execute(query.order_by(*order))
-    for row in result:
-        yield event_from_row(row)
-
-
-def anchors(conn: Connection) -> dict[str, tuple[int, str]]:
-    """Each pruned chain's latest anchor: (seq of the first kept event, its prev_hash)."""
-    latest: dict[str, tuple[int, str]] = {}
-    for row in conn.execute(select(anchors_t).order_by(anchors_t.c.chain, anchors_t.c.seq)):
-        latest[row.chain] = (row.seq, row.prev_hash)
-    return latest
-
-
-def heads(conn: Connection) -> dict[str, tuple[int, str]]:
-    """Each chain's head: (seq, hash) of its last event."""
-    return {r.chain: (r.seq, r.hash) for r in conn.execute(select(heads_t))}
-
-
-def verify(conn: Connection, *, tenant: str | None = None) -> Report:
-    """Verify every chain in the store (or one tenant's) against its anchor and its head."""
-    known_heads = heads(conn)
-    verifier = Verifier("store", anchors=anchors(conn))
-    last: AuditEvent | None = None
-    for event in iter_events(conn, tenant=tenant, in_chain_order=True):
-        if last is not None and last.chain != event.chain:
-            _check_head(verifier, last, known_heads)
-        if not verifier.feed(event, "store"):
-            return verifier.report
-        last = event
-    if last is not None:
-        _check_head(verifier, last, known_heads)
-    for chain, (seq, _) in sorted(known_heads.items()):
-        if seq > 0 and chain not in verifier.report.chains and tenant in (None, chain):
-            verifier.fail(
-                Problem("store", f"head is at seq {seq} but the chain has no events left", chain)
-            )
-    return verifier.report
-
-
-def _check_head(verifier: Verifier, last: AuditEvent, known: Mapping[str, tuple[int, str]]) -> None:
-    assert last.chain is not None
-    head = known.get(last.chain)
-    if head is None:
-        verifier.fail(
-            Problem("store", "chain has no head row", last.chain, last.seq, last.event_id)
-        )
-    elif head != (last.seq, last.hash):
-        verifier.fail(
-            Problem(
-                "store",
-                f"last event of the chain is not its head (seq {head[0]}): events at the end "
-                "were deleted, or appended behind the store's back",
-                last.chain,
-                last.seq,
-                last.event_id,
-            )
-        )
-
-
-def prune_plan(
-    conn: Connection, before_ns: int, *, tenant: str | None
-) -> dict[str, tuple[int, int]]:
-    """Per chain, (last seq, how many) of the events older than `before_ns`."""
-    query = (
-        select(events_t.c.chain, func.max(events_t.c.seq), func.count())
-        .where(events_t.c.exec_time_ns < before_ns)
-        .group_by(events_t.c.chain)
-    )
-    if tenant is not None:
-        query = query.where(events_t.c.chain == tenant)
-    return {chain: (int(seq), int(n)) for chain, seq, n in conn.execute(query)}
-
-
-def prune_chain(conn: Connection, chain: str, upto_seq: int, *, actor: str, at: datetime) -> int:
-    """Anchor the chain after `upto_seq`, then delete events up to it; returns how many."""
-    kept_from = conn.execute(
-        select(events_t.c.hash).where(events_t.c.chain == chain, events_t.c.seq == upto_seq)
-    ).scalar_one()
-    count = conn.execute(
-        select(func.count())
-        .select_from(events_t)
-        .where(events_t.c.chain == chain, events_t.c.seq <= upto_seq)
-    ).scalar_one()
-    conn.execute(
-        insert(anchors_t),
-        {
-            "chain": chain,
-            "seq": upto_seq + 1,
-            "prev_hash": kept_from,
-            "pruned_at": at,
-            "pruned_events": count,
-            "actor": actor,
-        },
-    )
-    conn.execute(events_t.delete().where(events_t.c.chain == chain, events_t.c.seq <= upto_seq))
-    return int(count)

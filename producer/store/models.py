@@ -225,6 +225,21 @@ class AuditAnchor(Base):
     pruned_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     pruned_events: Mapped[int] = mapped_column(BigInteger)
     actor: Mapped[str] = mapped_column(String(200))
+    # HMAC-SHA256 under the audit seal key; NULL for an anchor written before they were signed.
+    mac: Mapped[str | None] = mapped_column(String(64))
+
+
+class AuditLegacy(Base):
+    """How far a chain holds links written before chains were keyed (filled once, on upgrade).
+
+    Verify accepts a plain SHA-256 link only up to this seq: in a chain that has no row, every
+    link must be keyed. Triggers refuse any change after the upgrade that filled it.
+    """
+
+    __tablename__ = "audit_legacy"
+
+    chain: Mapped[str] = mapped_column(String(40), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger)
 
 
 class Snapshot(Base):
