@@ -18,6 +18,7 @@ from workers import secrecy
 
 SIGNING = "signing-key-value-" + "s" * 20
 SEALING = "sealing-key-value-" + "k" * 20
+AUDITING = "audit-key-value-" + "a" * 20
 
 
 def test_forget_wipes_the_value_from_the_process_environment_block(tmp_path: Path) -> None:
@@ -51,22 +52,29 @@ def test_a_running_worker_shows_no_key_in_its_environment(
         env.settings.broker_url,
         EXECQ_SIGNING_KEY=SIGNING,
         EXECQ_SECRETS_KEY=SEALING,
+        EXECQ_AUDIT_KEY=AUDITING,
     )
-    worker = workers(
-        "alpha", extra_env={k: keyed.vars[k] for k in ("EXECQ_SIGNING_KEY", "EXECQ_SECRETS_KEY")}
-    )
+    names = ("EXECQ_SIGNING_KEY", "EXECQ_SECRETS_KEY", "EXECQ_AUDIT_KEY")
+    worker = workers("alpha", extra_env={k: keyed.vars[k] for k in names})
     # It still works: a signed, sealed command from a producer with the same keys runs.
-    os.environ.update(EXECQ_SIGNING_KEY=SIGNING, EXECQ_SECRETS_KEY=SEALING)
+    os.environ.update(
+        EXECQ_SIGNING_KEY=SIGNING, EXECQ_SECRETS_KEY=SEALING, EXECQ_AUDIT_KEY=AUDITING
+    )
     try:
         producer = Producer.from_settings(env.settings, env.tenants)
         r = producer.submit(
             CommandSpec(tenant="alpha", argv=["/bin/echo", "ok"], secrets={"T": "value-1"})
         )
         assert producer.wait(r.id, timeout=30).state is State.SUCCEEDED
+        # The worker linked its events with the configured audit key, read before the wipe.
+        report = producer.store.audit.verify()
+        assert report.ok, report.problem
         producer.close()
     finally:
-        del os.environ["EXECQ_SIGNING_KEY"], os.environ["EXECQ_SECRETS_KEY"]
+        for name in names:
+            del os.environ[name]
     main = psutil.Process(worker.proc.pid)
     for proc in [main, *main.children(recursive=True)]:
         raw = Path(f"/proc/{proc.pid}/environ").read_bytes()
-        assert SIGNING.encode() not in raw and SEALING.encode() not in raw, proc.pid
+        for value in (SIGNING, SEALING, AUDITING):
+            assert value.encode() not in raw, (proc.pid, value[:10])

@@ -434,9 +434,11 @@ def worker(
         signer=signer,
         sealer=sealer_from_env(settings).for_tenant(found.name),
     )
+    from producer.audit import keys as audit_keys  # noqa: PLC0415
     from workers import secrecy  # noqa: PLC0415
 
     # Read once, then out of reach of anything that reads this process's environment.
+    audit_keys.preload(settings.database_url)
     secrecy.forget()
     raise typer.Exit(run_worker(config, loglevel=loglevel))
 

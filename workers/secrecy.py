@@ -15,7 +15,12 @@ from collections.abc import Iterable
 log = logging.getLogger("execq.worker")
 
 # What a worker reads at start and never needs again in its environment.
-KEY_VARIABLES = ("EXECQ_SIGNING_KEY", "EXECQ_SIGNING_ACCEPTED_KEYS", "EXECQ_SECRETS_KEY")
+KEY_VARIABLES = (
+    "EXECQ_SIGNING_KEY",
+    "EXECQ_SIGNING_ACCEPTED_KEYS",
+    "EXECQ_SECRETS_KEY",
+    "EXECQ_AUDIT_KEY",
+)
 
 
 def forget(names: Iterable[str] = KEY_VARIABLES) -> list[str]:

@@ -72,8 +72,20 @@ def _signed_bytes(record: dict[str, Any]) -> bytes:
     return canonical_json({k: v for k, v in record.items() if k != "mac"}).encode()
 
 
+# The keys a worker read at start, before it wiped the key variables from its environment
+# (its pool processes inherit them when they fork). A worker serves one store.
+_preloaded: list[AuditKeys] = []
+
+
+def preload(database_url: str) -> None:
+    """Read the audit keys now and keep them for this process and the ones it forks."""
+    _preloaded[:] = [load(database_url)]
+
+
 def load(database_url: str) -> AuditKeys:
     """The deployment's audit keys: EXECQ_AUDIT_KEY[_FILE], else the local key file."""
+    if _preloaded:
+        return _preloaded[0]
     master = load_audit_keys().key()
     if master is None:
         master = local_key(key_dir_of(database_url), KEY_FILE)
