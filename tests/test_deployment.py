@@ -376,7 +376,13 @@ def test_every_referenced_variable_is_in_env_example() -> None:
 
 def test_secrets_have_no_defaults_and_stop_compose_when_missing() -> None:
     text = COMPOSE.read_text()
-    secrets = ("REDIS_PASSWORD", "POSTGRES_PASSWORD", "EXECQ_SIGNING_KEY", "EXECQ_SECRETS_KEY")
+    secrets = (
+        "REDIS_PASSWORD",
+        "POSTGRES_PASSWORD",
+        "EXECQ_SIGNING_KEY",
+        "EXECQ_SECRETS_KEY",
+        "EXECQ_AUDIT_KEY",
+    )
     for name in (*secrets, "FLOWER_BASIC_AUTH"):
         uses = re.findall(r"\$\{" + name + r"([^}]*)\}", text)
         assert uses, name
@@ -445,6 +451,8 @@ def test_the_stack_signs_messages_and_uses_the_redis_password() -> None:
     assert env["EXECQ_SIGNING_KEY"].startswith("${EXECQ_SIGNING_KEY:?")
     # Every producer and worker container seals and opens with the same master key.
     assert env["EXECQ_SECRETS_KEY"].startswith("${EXECQ_SECRETS_KEY:?")
+    assert env["EXECQ_AUDIT_KEY"].startswith("${EXECQ_AUDIT_KEY:?")
+    assert env["EXECQ_AUDIT_WITNESS"].startswith("/var/lib/execq/audit/")
     assert env["EXECQ_BROKER_URL"].startswith("redis://:${REDIS_PASSWORD:?")
 
 
@@ -460,6 +468,7 @@ def test_docker_compose_accepts_the_file() -> None:
         "POSTGRES_PASSWORD": "x",
         "EXECQ_SIGNING_KEY": "x",
         "EXECQ_SECRETS_KEY": "x",
+        "EXECQ_AUDIT_KEY": "x",
         "FLOWER_BASIC_AUTH": "u:p",
     }
     # `config` resolves and validates the file against the compose-spec; it needs no engine.

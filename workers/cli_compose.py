@@ -227,6 +227,10 @@ in .env}}@postgres:5432/execq"
   EXECQ_TENANTS_FILE: /etc/execq/tenants.yaml
   # One chained audit file for every execq container of this host (appends take a flock).
   EXECQ_AUDIT_LOG: /var/lib/execq/audit/audit.jsonl
+  # Signed checkpoints of every chain's head, outside the store: ship this file elsewhere too.
+  EXECQ_AUDIT_WITNESS: /var/lib/execq/audit/audit-witness.jsonl
+  # Links the audit chains (HMAC) and signs their checkpoints: the same everywhere.
+  EXECQ_AUDIT_KEY: "${{EXECQ_AUDIT_KEY:?set EXECQ_AUDIT_KEY in .env (openssl rand -hex 32)}}"
   EXECQ_ENV: "${{EXECQ_ENV:-prod}}"
   EXECQ_LEASE_S: "30"
   EXECQ_LOG_FORMAT: json
