@@ -146,6 +146,10 @@ class LimitCeilings(BaseModel):
     output_kb: OutputKb = 256
     file_mb: FileMb = 64
     open_files: OpenFiles = 256
+    disk_mb: Annotated[int, Field(ge=1, le=1_048_576)] = Field(
+        default=256,
+        description="All a command may write in its private directory (HOME, TMPDIR, cwd).",
+    )
 
 
 class LimitOverrides(BaseModel):
@@ -160,6 +164,7 @@ class LimitOverrides(BaseModel):
     output_kb: OutputKb | None = None
     file_mb: FileMb | None = None
     open_files: OpenFiles | None = None
+    disk_mb: Annotated[int, Field(ge=1, le=1_048_576)] | None = None
 
     def applied_to(self, base: LimitCeilings) -> LimitCeilings:
         """`base` with the ceilings given here replaced, field by field."""

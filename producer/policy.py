@@ -25,6 +25,7 @@ class EffectiveLimits:
     output_kb: int
     file_mb: int
     open_files: int
+    disk_mb: int
 
 
 def _real(path: str) -> str:
@@ -254,4 +255,5 @@ def effective_limits(
         output_kb=c.output_kb,
         file_mb=c.file_mb,
         open_files=c.open_files,
+        disk_mb=c.disk_mb,
     )

@@ -154,9 +154,15 @@ def _root_note(plan: WorkerPlan) -> str | None:
     if not plan.root_in:
         return None
     if len(plan.root_in) == len(Environment):
-        return "Without run_as the commands run as root and inherit these capabilities too."
+        return (
+            "Without run_as the commands run as root, though with no capability and "
+            "no_new_privs (execq-launch drops them)."
+        )
     where = " and ".join(plan.root_in)
-    return f"In {where} (no run_as there) the commands run as root and inherit these too."
+    return (
+        f"In {where} (no run_as there) the commands run as root, without capabilities "
+        "(execq-launch drops them)."
+    )
 
 
 def _worker_service(plan: WorkerPlan) -> str:

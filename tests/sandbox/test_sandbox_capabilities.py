@@ -9,6 +9,7 @@ from workers.sandbox import Capabilities, detect_capabilities
 from .helpers import execq_cgroups
 
 LIMIT_NAMES = {"time", "cpu", "memory", "processes", "file_size", "open_files", "core", "kill"}
+LIMIT_NAMES |= {"capabilities", "disk", "kernel_files", "signals"}
 
 
 def test_detection_is_cached_per_process() -> None:
@@ -49,6 +50,12 @@ def test_a_host_without_anything_still_gets_a_summary_of_fallbacks() -> None:
     assert m["memory"].startswith("rlimit-after-spawn-as")
     assert m["processes"] == "rlimit-after-spawn-nproc (per-uid)"
     assert m["parent_death"] == "none"
+    # Nothing to drop capabilities with: commands would keep the worker's, so none run.
+    assert m["capabilities"] == "kept (no execq-launch or setpriv)"
+    assert bare.can_isolate(run_as=False, no_network=False) is not None
+    assert m["disk"] == "unlimited (a mount namespace needs a root worker)"
+    assert m["kernel_files"] == "not writable (commands are not root)"
+    assert m["signals"] == "uid (kernel checks only)"
 
 
 def test_this_root_host_enforces_everything_with_cgroups() -> None:
@@ -59,3 +66,7 @@ def test_this_root_host_enforces_everything_with_cgroups() -> None:
     assert m["memory"] == "cgroup-v1"
     assert m["processes"] == "cgroup-v1-pids"
     assert m["cpu"] == m["file_size"] == m["open_files"] == m["core"] == "rlimit"
+    if caps.launcher is not None:
+        assert m["capabilities"] == "none (bounding set empty, no_new_privs)"
+        assert m["disk"] == "tmpfs (own mount namespace)", caps.notes
+        assert m["kernel_files"] == "read-only (own mount namespace)"

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from producer.errors import IsolationUnavailable
+from producer.errors import IsolationUnavailable, SandboxError
 from workers.sandbox import Capabilities, Sandbox
+from workers.sandbox.launcher import CANNOT_DROP
 
 from .helpers import CAPS, ESCAPEES, python, request, survivors, wait_pidfiles
 
@@ -59,10 +60,10 @@ def test_without_prlimit_limits_are_set_after_the_spawn(tmp_path: Path) -> None:
     assert r.enforced["cpu"] == "rlimit-after-spawn"
 
 
-def test_with_nothing_at_all_a_timeout_still_kills_the_process_group(
+def test_with_nothing_but_setpriv_a_timeout_still_kills_the_process_group(
     tmp_path: Path, pids_dir: Path
 ) -> None:
-    caps = degraded(**NO_CGROUPS, cgroup_kill=False, prlimit=None, setpriv=None, pdeathsig=False)
+    caps = degraded(**NO_CGROUPS, cgroup_kill=False, prlimit=None, pdeathsig=False)
     caps = replace(caps, subreaper=False)
     script = f"sleep 30 & echo $! > {pids_dir}/a.pid; sleep 30 & echo $! > {pids_dir}/b.pid; wait"
     with Sandbox(workdir_root=tmp_path / "runs", capabilities=caps) as sb:
@@ -72,6 +73,18 @@ def test_with_nothing_at_all_a_timeout_still_kills_the_process_group(
     assert r.enforced["parent_death"] == "none"
     assert r.duration_s < 2
     assert survivors(wait_pidfiles(pids_dir, ["a", "b"]).values()) == []
+
+
+def test_a_host_that_cannot_drop_capabilities_refuses_to_run_commands(tmp_path: Path) -> None:
+    caps = degraded(setpriv=None)
+    assert caps.can_isolate(run_as=False, no_network=False) == CANNOT_DROP
+    assert caps.mechanisms()["capabilities"] == "kept (no execq-launch or setpriv)"
+    with (
+        Sandbox(workdir_root=tmp_path / "runs", capabilities=caps) as sb,
+        pytest.raises(SandboxError, match="dropping them needs execq-launch"),
+    ):
+        sb.run(request("/bin/true"))
+    assert list((tmp_path / "runs").iterdir()) == []
 
 
 def test_a_required_limit_the_host_cannot_enforce_is_refused_up_front(tmp_path: Path) -> None:

@@ -11,12 +11,31 @@ import functools
 import os
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass
 
 from producer.errors import ExecutableRefused
 
-from .resolve import check_safe, resolve_executable
+from .launcher import (
+    CANNOT_DROP,
+    LANDLOCK_SIGNAL_ABI,
+    LAUNCHER,
+    find_launcher,
+    landlock_abi,
+    launcher_candidates,
+    launcher_filters_sockets,
+    launcher_mounts,
+)
+from .resolve import resolve_executable
+
+# LAUNCHER and launcher_candidates: where callers have always found them.
+__all__ = [
+    "LAUNCHER",
+    "Capabilities",
+    "detect_capabilities",
+    "launcher_candidates",
+    "own_dir",
+    "set_subreaper",
+]
 
 PR_SET_CHILD_SUBREAPER = 36
 PR_GET_CHILD_SUBREAPER = 37
@@ -48,11 +67,21 @@ class Capabilities:
     launcher: str | None = None
     # The launcher's `--no-sockets` seccomp filter installs here (a kernel with seccomp).
     socket_filter: bool = False
+    # The launcher can give a command a mount namespace of its own with its private tmpfs
+    # (`--mount`, the disk limit) and read-only kernel files (`--read-only`): root, Linux 5.2.
+    private_mounts: bool = False
+    # Landlock's ABI version (0: none); 6 and later scope signals (`--scope-signals`).
+    landlock_abi: int = 0
+    # CAP_SETPCAP: lets a command's securebits be locked and its bounding set emptied (a
+    # container may drop it; no_new_privs then keeps every exec from gaining capabilities).
+    setpcap: bool = False
 
     def can_isolate(
         self, *, run_as: bool, no_network: bool, filesystem: bool = False
     ) -> str | None:
         """Why this host cannot give a tenant the isolation it requires; None if it can."""
+        if self.launcher is None and self.setpriv is None:
+            return CANNOT_DROP
         if run_as and not ((self.setpriv or self.launcher) and self.is_root):
             return "running commands as the tenant's uids needs a root worker and setpriv"
         if no_network and not (self.unshare and self.is_root):
@@ -81,6 +110,62 @@ class Capabilities:
         return None
 
     @property
+    def mounts_privately(self) -> bool:
+        """Each command in a mount namespace of its own: private tmpfs, read-only /sys."""
+        return self.launcher is not None and self.private_mounts and self.is_root
+
+    @property
+    def scopes_signals(self) -> bool:
+        """The launcher confines a command's signals and ptrace to its own tree (Landlock)."""
+        return self.launcher is not None and self.landlock_abi >= LANDLOCK_SIGNAL_ABI
+
+    @property
+    def capabilities_label(self) -> str:
+        """What a command keeps of the worker's capabilities: nothing, if a tool drops them."""
+        if self.launcher is None and self.setpriv is None:
+            return "kept (no execq-launch or setpriv)"
+        if self.setpcap:
+            return "none (bounding set empty, no_new_privs)"
+        if not self.is_root:
+            return "none (no_new_privs)"
+        if self.launcher is None:
+            # setpriv cannot empty a uid-0 command's permitted set: its exec refills it.
+            return f"kept by uid-0 commands ({ROOT_NEEDS_LAUNCHER})"
+        return f"none (no_new_privs; {KEPT_BOUNDING})"
+
+    @property
+    def disk_label(self) -> str:
+        """How the disk limit holds on this host, for commands without a filesystem view."""
+        if self.mounts_privately:
+            return "tmpfs (own mount namespace)"
+        return f"unlimited ({self.disk_problem})"
+
+    @property
+    def disk_problem(self) -> str:
+        """Why commands without a filesystem view get no disk limit here."""
+        if not self.is_root:
+            return "a mount namespace needs a root worker"
+        if self.launcher is None:
+            return "needs execq-launch"
+        return "execq-launch --mount failed here: see the capability notes"
+
+    @property
+    def kernel_files_label(self) -> str:
+        """Whether a uid-0 command may write /sys (cgroups included) and /proc/sys."""
+        if self.mounts_privately:
+            return "read-only (own mount namespace)"
+        if self.is_root:
+            return "writable by uid 0 (no mount namespace)"
+        return "not writable (commands are not root)"
+
+    @property
+    def signals_label(self) -> str:
+        """Whom a command may signal or ptrace: its own tree, or whatever its uid allows."""
+        if self.scopes_signals:
+            return "landlock (own process tree only)"
+        return "uid (kernel checks only)"
+
+    @property
     def is_root(self) -> bool:
         """Root ignores RLIMIT_NPROC, so processes need the pids cgroup there."""
         return self.euid == 0
@@ -104,6 +189,10 @@ class Capabilities:
                 else "none"
             ),
             "output": "head+tail",
+            "capabilities": self.capabilities_label,
+            "disk": self.disk_label,
+            "kernel_files": self.kernel_files_label,
+            "signals": self.signals_label,
         }
 
     @property
@@ -152,8 +241,9 @@ def detect_capabilities() -> Capabilities:
     pids_dir = _probe_v1("pids", mounts, own, "pids.max", notes)
     v2_dir, v2_kill = _probe_v2(mounts, own, notes)
     bwrap, bwrap_problem = _probe_bwrap(notes)
-    launcher = _find_launcher(notes)
-    socket_filter = launcher is not None and _launcher_filters_sockets(launcher, notes)
+    launcher = find_launcher(notes)
+    socket_filter = launcher is not None and launcher_filters_sockets(launcher, notes)
+    private = launcher is not None and os.geteuid() == 0 and launcher_mounts(launcher, notes)
     return Capabilities(
         euid=os.geteuid(),
         prlimit=prlimit,
@@ -171,72 +261,26 @@ def detect_capabilities() -> Capabilities:
         bwrap_problem=bwrap_problem,
         launcher=launcher,
         socket_filter=socket_filter,
+        private_mounts=private,
+        landlock_abi=landlock_abi(),
+        setpcap=_has_effective(CAP_SETPCAP),
     )
 
 
-LAUNCHER = "execq-launch"
+CAP_SETPCAP = 8
+KEPT_BOUNDING = "bounding set kept: the worker lacks CAP_SETPCAP"
+ROOT_NEEDS_LAUNCHER = "setpriv without CAP_SETPCAP cannot drop them: needs execq-launch"
 
 
-def _unsafe(path: str, what: str) -> str | None:
-    """Why someone other than root or us could change `path` (the allow-list's own check of
-    a file or directory), or None."""
+def _has_effective(cap: int) -> bool:
+    """Whether this process holds `cap` in its effective set (/proc/self/status)."""
     try:
-        check_safe(path, path, os.stat(path), what)
-    except OSError as exc:
-        return f"cannot stat {path}: {exc.strerror}"
-    except ExecutableRefused as exc:
-        return str(exc)
-    return None
-
-
-def launcher_candidates() -> list[str]:
-    """Where execq-launch may be: EXECQ_LAUNCHER, this environment's libexec, the system's."""
-    found = [os.environ.get("EXECQ_LAUNCHER", "")]
-    found += [os.path.join(sys.prefix, "libexec", LAUNCHER)]
-    found += [f"/usr/local/libexec/{LAUNCHER}", f"/usr/libexec/{LAUNCHER}"]
-    return [path for path in found if path]
-
-
-def _find_launcher(notes: list[str]) -> str | None:
-    """execq-launch if built and safe, after a trial run.
-
-    Trusted like execq's own code, which lives beside it: the file and its directory must be
-    root's or ours and writable by no one else. The directories above are not checked as a
-    tenant's executables are: a checkout under /tmp is as safe for the launcher as for the
-    Python files the worker runs from it.
-    """
-    for candidate in launcher_candidates():
-        if not os.path.exists(candidate):
-            continue
-        path = os.path.realpath(candidate)
-        problem = _unsafe(path, "file") or _unsafe(os.path.dirname(path), "directory")
-        if problem is not None:
-            notes.append(f"{candidate} refused: {problem}")
-            continue
-        trial = [path, "--rlimit", "core=0:0", "--pdeathsig", "--", "/bin/true"]
-        try:
-            done = subprocess.run(trial, capture_output=True, timeout=10, check=False)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            notes.append(f"{candidate} does not run: {exc}")
-            continue
-        if done.returncode == 0:
-            return path
-        notes.append(f"{candidate} failed its trial: {done.stderr.decode(errors='replace')}")
-    return None
-
-
-def _launcher_filters_sockets(launcher: str, notes: list[str]) -> bool:
-    """Whether the launcher's `--no-sockets` seccomp filter installs on this kernel."""
-    trial = [launcher, "--pdeathsig", "--no-sockets", "--", "/bin/true"]
-    try:
-        done = subprocess.run(trial, capture_output=True, timeout=10, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        notes.append(f"{launcher} --no-sockets does not run: {exc}")
-        return False
-    if done.returncode == 0:
-        return True
-    err = done.stderr.decode(errors="replace").strip()
-    notes.append(f"{launcher} --no-sockets failed its trial ({done.returncode}): {err}")
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> cap & 1)
+    except (OSError, ValueError):
+        pass
     return False
 
 

@@ -26,6 +26,7 @@ from .capabilities import Capabilities, detect_capabilities
 from .capture import Captured, capture
 from .cgroup import CgroupManager, CgroupSlot
 from .cgroup import sweep_stale as _sweep
+from .disk import PrivateDisk, disk_for_run
 from .model import ExecRequest, ExecResult, Limits
 from .procfs import boot_ticks_now
 from .resolve import resolve_executable
@@ -90,11 +91,23 @@ class Sandbox:
         exe = resolve_executable(req.argv[0], req.allowed_executables)
         _check_request(req)
         subreaper = orphans.ensure_subreaper(self.capabilities)
-        with private_dir(self.workdir_root, req.command_id) as workdir, self._slot() as slot:
+        own_disk = self.capabilities.mounts_privately
+        with (
+            private_dir(self.workdir_root, req.command_id) as workdir,
+            self._slot() as slot,
+            disk_for_run(own_disk, req.limits.disk_mb, req.run_as) as disk,
+        ):
             if req.run_as is not None:
                 self._hand_over(workdir, req.run_as)
             return self._run(
-                req, exe, workdir, slot, subreaper=subreaper, cancel=cancel, on_spawn=on_spawn
+                req,
+                exe,
+                workdir,
+                slot,
+                disk,
+                subreaper=subreaper,
+                cancel=cancel,
+                on_spawn=on_spawn,
             )
 
     def _hand_over(self, workdir: str, run_as: tuple[int, int]) -> None:
@@ -131,6 +144,7 @@ class Sandbox:
         exe: str,
         workdir: str,
         slot: CgroupSlot | None,
+        disk: PrivateDisk | None,
         *,
         subreaper: bool,
         cancel: threading.Event | None,
@@ -155,6 +169,7 @@ class Sandbox:
             network=req.network,
             filesystem=req.filesystem,
             workdir=workdir,
+            disk_fd=None if disk is None else disk.fd,
         )
         _check_required(self.required, launch.enforced)
         env = _child_env(req, workdir)
@@ -182,6 +197,7 @@ class Sandbox:
                         cwd=workdir,
                         env=env,
                         close_fds=True,
+                        pass_fds=() if disk is None else (disk.fd,),
                         process_group=0,
                     )
                 except OSError as exc:
@@ -233,6 +249,7 @@ class Sandbox:
             enforced=launch.enforced,
             oom_before=oom_before,
             slot=slot,
+            disk=disk,
         )
 
     def _kill_tree(
@@ -253,9 +270,16 @@ def sweep_stale(capabilities: Capabilities | None = None) -> list[str]:
 
 
 def is_best_effort(mechanism: str) -> bool:
-    """Mechanisms that exist but can be escaped or may not hold: see sandbox-measurements."""
-    weak = ("none", "after-spawn", "(virtual", "(per-uid)")
-    return mechanism == "killpg" or any(w in mechanism for w in weak)
+    """Mechanisms that exist but can be escaped or may not hold: see sandbox-measurements.
+
+    "none (...)" with a reason is a strong answer (no network, no capabilities); bare
+    "none" is not, nor "unlimited (...)", "kept ...", "writable by ..." or "uid (...)".
+    """
+    weak_start = ("unlimited", "kept", "writable by", "uid (")
+    weak = ("after-spawn", "(virtual", "(per-uid)")
+    if mechanism in ("none", "killpg") or mechanism.startswith(weak_start):
+        return True
+    return any(w in mechanism for w in weak)
 
 
 def _check_required(required: frozenset[str], enforced: dict[str, str]) -> None:
@@ -291,6 +315,7 @@ def _check_limits(limits: Limits) -> None:
         "output_kb": 0,
         "file_mb": 0,
         "open_files": 1,
+        "disk_mb": 1,
     }
     for name, low in minimums.items():
         if getattr(limits, name) < low:
@@ -344,6 +369,7 @@ def _result(
     enforced: dict[str, str],
     oom_before: int | None,
     slot: CgroupSlot | None,
+    disk: PrivateDisk | None = None,
 ) -> ExecResult:
     exit_code: int | None = None
     sig: int | None = None
@@ -370,6 +396,8 @@ def _result(
         oom_after = slot.oom_kills()
         if oom_after is not None and oom_after > oom_before:
             killed = "memory"
+    if killed is None and disk is not None and (sig or exit_code) and disk.full():
+        killed = "disk"  # it failed with its private directory full (ENOSPC)
     if killed is None and sig == signal.SIGKILL and (cpu_s or 0) >= req.limits.cpu_s:
         killed = "cpu"  # SIGXCPU was ignored: the hard limit (cpu_s + 1) sent SIGKILL
     return ExecResult(

@@ -17,6 +17,8 @@ class Limits:
     output_kb: int
     file_mb: int
     open_files: int = 256
+    # All the command may write in its private directory (HOME, TMPDIR, cwd), in total.
+    disk_mb: int = 256
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,8 @@ class ExecRequest:
 
 @dataclass(frozen=True)
 class ExecResult:
-    """How a run ended. `killed` says why execq (or a limit) stopped it, None if it exited."""
+    """How a run ended. `killed` says why execq (or a limit) stopped it, None if it exited;
+    `disk` when it failed with its private directory full (ENOSPC: the limit stopped it)."""
 
     exit_code: int | None
     signal: int | None

@@ -1,9 +1,10 @@
 """The wrapper chain that applies per-command limits without running Python in the child.
 
-`execq-launch` (launch.c: rlimits, identity, parent-death signal) then the command: one
-extra exec. Without it (not built), `prlimit` then `setpriv`: two, 1.2 ms more per command.
-Either way not preexec_fn, which forces fork() and costs ~10 ms in a 300 MB pool process.
-A namespace wrapper (unshare, bwrap) goes between the limits and the identity switch.
+`execq-launch` (launch.c: rlimits, private mounts, identity, capability drop, parent-death
+signal) then the command: one extra exec. Without it (not built), `prlimit` then `setpriv`:
+two, 1.2 ms more per command. Either way not preexec_fn, which forces fork() and costs
+~10 ms in a 300 MB pool process. A namespace wrapper (unshare, bwrap) goes between the
+limits and the identity switch; the step after it drops the capabilities it needed.
 Without network, the launcher after it also refuses every socket (seccomp): a network
 namespace alone leaves the host's Unix sockets reachable.
 """
@@ -18,12 +19,15 @@ from dataclasses import dataclass
 
 from producer.errors import SandboxError
 
-from .capabilities import Capabilities
+from .capabilities import KEPT_BOUNDING, ROOT_NEEDS_LAUNCHER, Capabilities
+from .launcher import CANNOT_DROP, kernel_files
 from .model import FsView, Limits
 from .procfs import count_tasks_of_uid
 
 MiB = 1024 * 1024
 NO_NETWORK = "none (network namespace, sockets refused by seccomp)"
+# setpriv's spelling of what execq-launch locks: no capabilities back through any exec.
+SECUREBITS = "+noroot,+noroot_locked,+no_setuid_fixup,+no_setuid_fixup_locked,+keep_caps_locked"
 
 
 @dataclass(frozen=True)
@@ -53,12 +57,16 @@ def build_launch(
     network: bool = True,
     filesystem: FsView | None = None,
     workdir: str = "",
+    disk_fd: int | None = None,
 ) -> Launch:
-    """Compose prlimit -> [unshare | bwrap] -> setpriv -> exe and say what each relies on.
+    """Compose launcher (or prlimit) -> [unshare | bwrap] -> [launcher | setpriv] -> exe and
+    say what each relies on.
 
-    `run_as`: setpriv also switches to that uid/gid with no supplementary groups and
-    no_new_privs (a setuid binary cannot bring root back). It applies the parent-death
-    signal after the switch, which would otherwise clear it.
+    `run_as`: the last step also switches to that uid/gid with no supplementary groups. It
+    drops every capability (uid 0 included) and sets no_new_privs, then the parent-death
+    signal, which the switch would otherwise clear. `disk_fd`: the command's private tmpfs
+    (disk.private_disk), which the first launcher attaches on `workdir` in a mount namespace
+    of its own, where the kernel's files are read-only too.
     """
     rl: list[tuple[str, int, int, int]] = [
         ("cpu", resource.RLIMIT_CPU, limits.cpu_s, limits.cpu_s + 1),
@@ -84,6 +92,8 @@ def build_launch(
         enforced["processes"] = f"{rlimit}-nproc (per-uid)"
     else:
         enforced["processes"] = "none"
+    if caps.launcher is None and caps.setpriv is None:
+        raise SandboxError(CANNOT_DROP)
 
     chain: list[str] = []
     after: tuple[tuple[int, int, int], ...] = ()
@@ -91,6 +101,7 @@ def build_launch(
         chain.append(caps.launcher)
         for name, _, soft, hard in rl:
             chain += ["--rlimit", f"{name}={soft}:{hard}"]
+        chain += _private_mounts(caps, enforced, limits, disk_fd, workdir, filesystem, run_as)
     elif caps.prlimit:
         chain.append(caps.prlimit)
         for name, _, soft, hard in rl:
@@ -98,12 +109,23 @@ def build_launch(
         chain.append("--")
     else:
         after = tuple((res, soft, hard) for _, res, soft, hard in rl)
+    if disk_fd is None and caps.mounts_privately:
+        enforced["disk"] = "unlimited (no private tmpfs for this run)"
+    elif disk_fd is None:
+        enforced["disk"] = caps.disk_label
     namespaces: list[str] = []
     if filesystem is not None:
-        namespaces = bwrap_args(caps, filesystem, workdir, network=network)
+        # Without the launcher's tmpfs, bubblewrap's own (root's: not for a run_as uid).
+        own_disk = disk_fd is None and run_as is None
+        namespaces = bwrap_args(
+            caps, filesystem, workdir, network=network, disk_mb=limits.disk_mb if own_disk else None
+        )
         enforced["filesystem"] = (
             f"bubblewrap (read-only root, private /tmp {filesystem.tmp_mb} MB, no /run)"
         )
+        enforced["kernel_files"] = "read-only (bubblewrap)"
+        if own_disk and workdir:
+            enforced["disk"] = f"tmpfs {limits.disk_mb} MB (bubblewrap)"
     elif not network:
         if not (caps.unshare and caps.is_root):
             raise SandboxError("a command without network needs a root worker and unshare")
@@ -112,40 +134,82 @@ def build_launch(
         if caps.sockets_problem is not None:
             raise SandboxError(caps.sockets_problem)
         enforced["network"] = NO_NETWORK
+    if caps.launcher is None and caps.is_root and not caps.setpcap:
+        if run_as is None:
+            raise SandboxError(
+                f"a command run as root would keep capabilities: {ROOT_NEEDS_LAUNCHER}"
+            )
+        enforced["capabilities"] = f"none (uid switch, no_new_privs; {KEPT_BOUNDING})"
     if run_as is not None:
         enforced["identity"] = f"uid {run_as[0]} gid {run_as[1]}"
+        if filesystem is None:
+            enforced["kernel_files"] = f"not writable (uid {run_as[0]})"
     if caps.launcher and not namespaces:
-        # One exec does it all: the identity and the parent-death signal after the limits.
+        # One exec does it all: mounts, identity, capabilities, then the parent-death signal.
         chain += _identity(caps.launcher, run_as, caps, launcher=True, no_sockets=not network)
     else:
         if caps.launcher:
-            chain.append("--")
+            # unshare and bubblewrap need the capabilities: the step after them drops them.
+            chain += ["--keep-caps", "--"]
         chain += namespaces
-        # A second step, after the namespace wrapper if there is one (it needs root, so the
-        # identity switch comes after it), or after prlimit when there is no launcher.
         step = caps.launcher or caps.setpriv
-        if step is not None:
-            launcher = step == caps.launcher
-            identity = _identity(step, run_as, caps, launcher=launcher, no_sockets=not network)
-            chain += [step, *identity] if identity else []
-        elif run_as is not None:
-            raise SandboxError(
-                f"running as uid {run_as[0]} needs a root worker and setpriv (util-linux)"
-            )
+        assert step is not None  # refused above
+        launcher = step == caps.launcher
+        chain += [step, *_identity(step, run_as, caps, launcher=launcher, no_sockets=not network)]
     return Launch(argv=(*chain, exe, *args), enforced=enforced, after_spawn=after)
 
 
-def bwrap_args(caps: Capabilities, view: FsView, workdir: str, *, network: bool) -> list[str]:
+def _private_mounts(
+    caps: Capabilities,
+    enforced: dict[str, str],
+    limits: Limits,
+    disk_fd: int | None,
+    workdir: str,
+    filesystem: FsView | None,
+    run_as: tuple[int, int] | None,
+) -> list[str]:
+    """The first launcher's `--mount` (the disk limit) and `--read-only` arguments.
+
+    The kernel's files are made read-only for uid 0 only: they are root's, so its owner
+    bits let a command without capabilities write them (its cgroups, sysctls); to any other
+    uid they are read-only already. bubblewrap's read-only root covers them in a view.
+    """
+    if not caps.mounts_privately:
+        return []
+    out: list[str] = []
+    if disk_fd is not None:
+        if not workdir:
+            raise SandboxError("a private tmpfs needs the run's private directory")
+        out += ["--mount", f"{disk_fd}:{workdir}"]
+        enforced["disk"] = f"tmpfs {limits.disk_mb} MB (own mount namespace)"
+    if filesystem is None and run_as is None:
+        for path in kernel_files():
+            out += ["--read-only", path]
+    return out
+
+
+def bwrap_args(
+    caps: Capabilities,
+    view: FsView,
+    workdir: str,
+    *,
+    network: bool,
+    disk_mb: int | None = None,
+) -> list[str]:
     """bubblewrap's arguments: the host read-only, the command's own directories writable.
 
     The workdir's siblings (other commands' directories) are under an empty tmpfs; /run
-    (daemons' sockets) too. `--new-session` is left out on purpose: it would move the command
-    out of the process group the executor kills. A signal that kills the command shows as
-    exit code 128+N (bubblewrap's own exit status).
+    (daemons' sockets) too. `disk_mb`: the workdir itself a tmpfs of that size, root's
+    (when the launcher has not already mounted one there). `--new-session` is left out on
+    purpose: it would move the command out of the process group the executor kills. A
+    signal that kills the command shows as exit code 128+N (bubblewrap's own exit status).
     """
     if caps.bwrap is None:
         raise SandboxError(f"a filesystem view needs bubblewrap: {caps.bwrap_problem}")
     args = [caps.bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+    # bubblewrap covers /proc/irq, /proc/bus and sysrq-trigger, but not /proc/sys (its mode
+    # says read-only, its files are root's 0644): a uid-0 command could set sysctls.
+    args += ["--ro-bind", "/proc/sys", "/proc/sys"]
     args += ["--unshare-pid", "--unshare-ipc", "--die-with-parent"]
     if not network:
         args.append("--unshare-net")
@@ -153,7 +217,11 @@ def bwrap_args(caps: Capabilities, view: FsView, workdir: str, *, network: bool)
     args += ["--perms", "1777", "--size", str(view.tmp_mb * MiB), "--tmpfs", "/tmp"]  # noqa: S108
     args += ["--tmpfs", "/run"]
     if workdir:
-        args += ["--tmpfs", os.path.dirname(workdir), "--bind", workdir, workdir]
+        args += ["--tmpfs", os.path.dirname(workdir)]
+        if disk_mb is not None:
+            args += ["--perms", "0700", "--size", str(disk_mb * MiB), "--tmpfs", workdir]
+        else:
+            args += ["--bind", workdir, workdir]
     for path in view.writable:
         if not os.path.isdir(path):
             raise SandboxError(f"writable directory {path} does not exist on this host")
@@ -183,25 +251,34 @@ def _identity(
     launcher: bool,
     no_sockets: bool = False,
 ) -> list[str]:
-    """Arguments of `program` (execq-launch or setpriv) for the identity, the parent-death
-    signal and (launcher only) the socket filter, ending with `--`; [] for setpriv with
-    nothing to do."""
+    """Arguments of `program` (execq-launch or setpriv), ending with `--`: the identity, every
+    capability dropped with no_new_privs, the parent-death signal and (launcher only) the
+    signal scope and the socket filter."""
     if run_as is not None and not caps.is_root:
         raise SandboxError(f"running as uid {run_as[0]} needs a root worker")
     uid, gid = run_as if run_as is not None else (None, None)
     if launcher:
         args = [] if uid is None else ["--uid", str(uid), "--gid", str(gid)]
+        args.append("--pdeathsig")
+        if caps.scopes_signals:
+            args.append("--scope-signals")
         # The filter goes on the last step only: bubblewrap needs a netlink socket to bring
         # up the namespace's loopback, and it would inherit a filter set before it.
-        return [*args, "--pdeathsig", *(["--no-sockets"] if no_sockets else []), "--"]
+        if no_sockets:
+            args.append("--no-sockets")
+        return [*args, "--"]
     if no_sockets:
         raise SandboxError("only execq-launch can refuse a command's sockets")
     args = []
     if uid is not None:
-        args += [f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--no-new-privs"]
+        args += [f"--reuid={uid}", f"--regid={gid}", "--clear-groups"]
+    args += ["--inh-caps=-all", "--ambient-caps=-all"]
+    if caps.setpcap:
+        args += ["--bounding-set=-all", f"--securebits={SECUREBITS}"]
+    args.append("--no-new-privs")
     if caps.pdeathsig:
         args += ["--pdeathsig", "KILL"]
-    return [*args, "--"] if args else []
+    return [*args, "--"]
 
 
 def apply_after_spawn(pid: int, rlimits: Sequence[tuple[int, int, int]]) -> None:
