@@ -78,7 +78,7 @@ tenants:
     concurrency: 1
     executables: [/bin/sh, /bin/cat, {PYTHON}]
     run_as: {{uid_min: 43000, uid_max: 43000, gid: 43000}}
-    filesystem: {{tmp_mb: 4, hidden: [/home]}}
+    filesystem: {{tmp_mb: 4, hidden: [/home, /var/tmp]}}
 """
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="separate uids need a root worker")
@@ -179,7 +179,8 @@ def test_a_tenant_without_network_cannot_connect_anywhere(
             )
         assert (online.state, (online.stdout or "").strip()) == (State.SUCCEEDED, "ok")
         assert offline.state is State.FAILED
-        assert "OSError" in (offline.stderr or "") or "unreachable" in (offline.stderr or "")
+        # Refused outright (seccomp), not merely unreachable (the namespace alone).
+        assert "PermissionError" in (offline.stderr or ""), offline.stderr
         assert offline.enforced is not None
         assert offline.enforced["network"].startswith("none")
         assert offline.enforced["identity"] == "uid 42000 gid 42000"
@@ -276,7 +277,8 @@ def test_a_tenant_with_a_filesystem_view_sees_a_read_only_host_and_no_worker_sec
     request: pytest.FixtureRequest,
 ) -> None:
     isolated = _isolated(tmp_path, make_env, env)
-    # Readable by anyone on the host (pytest's tmp_path is not): only the view hides it.
+    # Readable by anyone on the host (pytest's tmp_path is not): only the view hides it (a
+    # worker refuses to start when a run_as uid could read a key it does not hide).
     keys = Path(tempfile.mkdtemp(dir="/var/tmp"))
     request.addfinalizer(lambda: shutil.rmtree(keys, ignore_errors=True))
     keys.chmod(0o755)

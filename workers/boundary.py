@@ -7,6 +7,7 @@ tenant's output, parameters and audit trail, or forge messages: the worker refus
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from sqlalchemy.engine import make_url
@@ -46,6 +47,8 @@ def exposed(settings: Settings, tenant: Tenant) -> list[str]:
     last = min(r.uid_max, r.uid_min + MAX_UIDS_CHECKED - 1)
     found = []
     for path in private_paths(settings):
+        if _hidden_by_view(path, tenant):
+            continue
         uid = next((u for u in range(r.uid_min, last + 1) if readable_by(path, u, r.gid)), None)
         if uid is not None:
             found.append(
@@ -53,3 +56,14 @@ def exposed(settings: Settings, tenant: Tenant) -> list[str]:
                 "and its directory private to the worker's user (chmod 600 / 700)"
             )
     return found
+
+
+def _hidden_by_view(path: Path, tenant: Tenant) -> bool:
+    """Whether the tenant's required filesystem view puts an empty directory over `path`."""
+    view = tenant.filesystem
+    if view is None or not view.required:
+        return False  # without a view (or where it may be missing) the host's files show
+    target = os.path.realpath(path)
+    # Each an empty tmpfs inside the view (a path compared, never opened).
+    covered = ("/tmp", "/run", *view.hidden)  # noqa: S108
+    return any(target.startswith(os.path.realpath(root).rstrip("/") + "/") for root in covered)
