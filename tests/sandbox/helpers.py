@@ -132,3 +132,16 @@ def execq_cgroups() -> set[str]:
         if parent:
             names.update(n for n in os.listdir(parent) if n.startswith("execq-"))
     return names
+
+
+# Shared by the payloads that probe what a command can reach: one attempt each, recorded as
+# "ok" or the errno it ended with, in `out` (the payload prints it as JSON).
+ATTEMPT = """
+out = {}
+def attempt(name, fn):
+    try:
+        fn()
+        out[name] = "ok"
+    except OSError as exc:
+        out[name] = exc.errno
+"""

@@ -15,7 +15,7 @@ from producer.errors import SandboxError
 from workers.sandbox import Sandbox, detect_capabilities
 from workers.sandbox.model import FsView
 
-from .helpers import python, request
+from .helpers import ATTEMPT, python, request
 
 CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 HAS_BWRAP = detect_capabilities().bwrap is not None
@@ -24,15 +24,10 @@ pytestmark = pytest.mark.skipif(
     not HAS_BWRAP and not CI, reason=f"no bubblewrap: {detect_capabilities().bwrap_problem}"
 )
 
-LOOK_AROUND = """
+LOOK_AROUND = (
+    ATTEMPT
+    + """
 import json, os, sys
-out = {}
-def attempt(name, fn):
-    try:
-        fn()
-        out[name] = "ok"
-    except OSError as exc:
-        out[name] = exc.errno
 attempt("write_usr", lambda: open("/usr/execq-probe", "w"))
 attempt("write_home", lambda: open(os.path.join(os.environ["HOME"], "mine"), "w").write("x"))
 attempt("write_tmp", lambda: open("/tmp/mine", "w").write("x"))
@@ -44,6 +39,7 @@ out["pids"] = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
 out["cwd"] = os.getcwd()
 print(json.dumps(out))
 """
+)
 
 
 def _view(tmp_path: Path, **kw: object) -> FsView:

@@ -22,7 +22,7 @@ from workers.sandbox import ExecRequest, Sandbox, detect_capabilities
 from workers.sandbox.model import FsView
 from workers.sandbox.wrapper import NO_NETWORK, build_launch
 
-from .helpers import LIMITS, PY, python
+from .helpers import ATTEMPT, LIMITS, PY, python
 
 CAPS = detect_capabilities()
 POSTGRES = "/var/run/postgresql/.s.PGSQL.5432"
@@ -32,16 +32,11 @@ needs_namespace = pytest.mark.skipif(
 needs_launcher = pytest.mark.skipif(CAPS.launcher is None, reason="execq-launch is not built")
 
 # Every way this payload tries to reach a socket, and the errno each attempt ended with.
-REACH = """
+REACH = (
+    ATTEMPT
+    + """
 import json, os, socket, sys
 stream_path, dgram_path, postgres = sys.argv[1:4]
-out = {}
-def attempt(name, fn):
-    try:
-        fn()
-        out[name] = "ok"
-    except OSError as exc:
-        out[name] = exc.errno
 def unix_connect(path):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(5)
@@ -71,6 +66,7 @@ attempt("socketpair", lambda: pair(socket.SOCK_STREAM))
 attempt("socketpair_seqpacket", lambda: pair(socket.SOCK_SEQPACKET))
 print(json.dumps(out))
 """
+)
 
 
 @dataclasses.dataclass

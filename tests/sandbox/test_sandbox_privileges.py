@@ -22,7 +22,7 @@ from workers.sandbox import Sandbox
 from workers.sandbox.model import FsView
 from workers.sandbox.wrapper import build_launch
 
-from .helpers import CAPS, LIMITS, PY, python
+from .helpers import ATTEMPT, CAPS, LIMITS, PY, python
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="a root worker is what this is about")
 needs_launcher = pytest.mark.skipif(CAPS.launcher is None, reason="execq-launch is not built")
@@ -271,17 +271,12 @@ def test_without_execq_launch_uid_0_can_still_move_itself_as_the_record_says(
 
 # --- other processes, mounts -----------------------------------------------------------
 
-REACH_OTHERS = """
+REACH_OTHERS = (
+    ATTEMPT
+    + """
 import ctypes, json, os, signal, subprocess, sys
 target = int(sys.argv[1])
 libc = ctypes.CDLL(None, use_errno=True)
-out = {}
-def attempt(name, fn):
-    try:
-        fn()
-        out[name] = "ok"
-    except OSError as exc:
-        out[name] = exc.errno
 def ptrace():
     if libc.ptrace(16, target, 0, 0) != 0:  # PTRACE_ATTACH
         raise OSError(ctypes.get_errno(), "ptrace")
@@ -295,6 +290,7 @@ attempt("own_child", lambda: os.kill(child.pid, signal.SIGKILL))
 child.wait()
 print(json.dumps(out))
 """
+)
 
 
 @pytest.fixture
