@@ -96,6 +96,15 @@ print(json.dumps(report))
 """
 
 
+def _pid_of_nap() -> int | None:
+    """The pid of tenant A's sleeping command, found by its unique duration."""
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"]
+        if cmdline and cmdline[-1] == NAP:
+            return int(proc.pid)
+    return None
+
+
 @pytest.fixture
 def shared_root() -> Iterator[Path]:
     # A directory every uid may search, like a project checkout: execq's own files inside it
@@ -143,11 +152,9 @@ def test_tenant_b_finds_nothing_of_tenant_a(
                 CommandSpec(tenant="alpha", argv=["/bin/sh", "-c", "true"], secrets={"T": CANARY})
             )
             assert producer.flush(5) == 0
-            command_pid = next(
-                p.pid
-                for p in psutil.process_iter(["cmdline"])
-                if p.info["cmdline"] and p.info["cmdline"][-1] == NAP
-            )
+            # Claimed (running) comes a moment before the child exists: wait for the child.
+            wait_for(lambda: _pid_of_nap() is not None, 30, "A's command to start")
+            command_pid = _pid_of_nap()
             keys_dir = state / "keys"
             targets = {
                 "files": {
