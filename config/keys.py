@@ -11,7 +11,7 @@ from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from config.settings import ConfigInvalid, describe_validation_error
-from config.signing import MIN_KEY_BYTES
+from config.signing import read_key
 
 KEY_HELP = (
     "Master key sealing secret values in messages (>= 32 bytes, the same on producers and "
@@ -37,7 +37,7 @@ class KeySettings(BaseSettings):
 
     def key(self) -> bytes | None:
         """The configured key's bytes, or None (use the local key file); ConfigInvalid else."""
-        return _read_key("EXECQ_SECRETS_KEY", self.secrets_key, self.secrets_key_file)
+        return read_key("EXECQ_SECRETS_KEY", self.secrets_key, self.secrets_key_file)
 
 
 AUDIT_KEY_HELP = (
@@ -76,29 +76,7 @@ class AuditKeySettings(BaseSettings):
 
     def key(self) -> bytes | None:
         """The configured audit key's bytes, or None (use the local key file)."""
-        return _read_key("EXECQ_AUDIT_KEY", self.audit_key, self.audit_key_file)
-
-
-def _read_key(name: str, value: SecretStr | None, file: Path | None) -> bytes | None:
-    """The key from `<name>_FILE` or `<name>`, or None; ConfigInvalid naming the variable."""
-    if file is not None:
-        name = f"{name}_FILE"
-        try:
-            raw = file.read_bytes().strip()
-        except OSError as exc:
-            raise ConfigInvalid(
-                f"invalid setting {name}: cannot read {file}: {exc.strerror}"
-            ) from None
-    elif value is not None:
-        raw = value.get_secret_value().encode()
-    else:
-        return None
-    if len(raw) < MIN_KEY_BYTES:
-        raise ConfigInvalid(
-            f"invalid setting {name}: the key has {len(raw)} bytes, at least "
-            f"{MIN_KEY_BYTES} are needed (e.g. `openssl rand -hex 32`)"
-        )
-    return raw
+        return read_key("EXECQ_AUDIT_KEY", self.audit_key, self.audit_key_file)
 
 
 def load_keys() -> KeySettings:

@@ -52,15 +52,7 @@ class SigningSettings(BaseSettings):
 
     def key(self) -> bytes | None:
         """The key's bytes, or None when signing is off; ConfigInvalid naming the problem."""
-        if self.signing_key_file is not None:
-            name = "EXECQ_SIGNING_KEY_FILE"
-            raw = _read(self.signing_key_file, name)
-        elif self.signing_key is not None:
-            raw = self.signing_key.get_secret_value().encode()
-            name = "EXECQ_SIGNING_KEY"
-        else:
-            return None
-        return _long_enough(raw, name)
+        return read_key("EXECQ_SIGNING_KEY", self.signing_key, self.signing_key_file)
 
     def accepted_keys(self) -> tuple[bytes, ...]:
         """The keys accepted besides the signing key; ConfigInvalid naming the problem."""
@@ -76,6 +68,18 @@ class SigningSettings(BaseSettings):
         if self.key() is None and keys:
             raise ConfigInvalid(f"invalid setting {name}: accepted keys need a signing key too")
         return tuple(_long_enough(k, f"{name} (key {i})") for i, k in enumerate(keys, 1))
+
+
+def read_key(name: str, value: SecretStr | None, file: Path | None) -> bytes | None:
+    """The key from `<name>_FILE` or `<name>`, or None; ConfigInvalid naming the variable."""
+    if file is not None:
+        name = f"{name}_FILE"
+        raw = _read(file, name)
+    elif value is not None:
+        raw = value.get_secret_value().encode()
+    else:
+        return None
+    return _long_enough(raw, name)
 
 
 def _read(path: Path, name: str) -> bytes:
