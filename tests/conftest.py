@@ -170,6 +170,16 @@ def store(database_url: str) -> Iterator[Store]:
     s.engine.dispose()
 
 
+@pytest.fixture
+def searchable_dir() -> Iterator[Path]:
+    """A directory every uid may search, like a project checkout (pytest's own temporary
+    directories are root's only, which would hide what a test of file modes looks for)."""
+    base = Path(tempfile.mkdtemp(prefix="execq-searchable-"))
+    base.chmod(0o755)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
 # --- settings, tenants, producer ------------------------------------------------------------
 
 

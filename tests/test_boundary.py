@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,14 +25,10 @@ TENANTS = TenantsFile.model_validate(
 
 
 @pytest.fixture
-def shared_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+def shared_dir(searchable_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for name in ("EXECQ_SECRETS_KEY_FILE", "EXECQ_SIGNING_KEY_FILE"):
         monkeypatch.delenv(name, raising=False)
-    # Under /tmp itself, searchable by everyone: pytest's own directories are root's only.
-    base = Path(tempfile.mkdtemp(prefix="execq-boundary-"))
-    base.chmod(0o755)
-    yield base
-    shutil.rmtree(base)
+    return searchable_dir
 
 
 def test_a_store_or_audit_log_a_run_as_uid_could_read_is_named(shared_dir: Path) -> None:
@@ -53,18 +46,13 @@ def test_a_store_or_audit_log_a_run_as_uid_could_read_is_named(shared_dir: Path)
     assert exposed(settings, TENANTS.tenants["jailed"]) == []
 
 
-def test_the_store_execq_creates_itself_passes(tmp_path: Path) -> None:
+def test_the_store_execq_creates_itself_passes(shared_dir: Path) -> None:
     from producer.store.db import make_engine
 
-    base = Path(tempfile.mkdtemp(prefix="execq-boundary-"))
-    base.chmod(0o755)
-    try:
-        db = base / ".execq" / "execq.db"
-        make_engine(f"sqlite:///{db}").dispose()
-        settings = Settings(database_url=f"sqlite:///{db}", audit_log=base / ".execq" / "a.jsonl")
-        assert exposed(settings, TENANTS.tenants["jailed"]) == []
-    finally:
-        shutil.rmtree(base)
+    db = shared_dir / ".execq" / "execq.db"
+    make_engine(f"sqlite:///{db}").dispose()
+    settings = Settings(database_url=f"sqlite:///{db}", audit_log=shared_dir / ".execq" / "a.jsonl")
+    assert exposed(settings, TENANTS.tenants["jailed"]) == []
 
 
 def test_a_prod_worker_refuses_a_tenant_without_run_as(env: Env) -> None:

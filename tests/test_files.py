@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import shutil
 import stat
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -58,19 +56,12 @@ def test_the_audit_log_and_its_directory_are_private(tmp_path: Path) -> None:
     assert mode(Path(f"{path}.lock")) == 0o600
 
 
-def test_readable_by_follows_owner_group_and_other_bits_and_every_directory() -> None:
+def test_readable_by_follows_owner_group_and_other_bits_and_every_directory(
+    searchable_dir: Path,
+) -> None:
     from producer.files import readable_by
 
-    # Under /tmp itself: pytest's own temporary directories are private to root.
-    base = Path(tempfile.mkdtemp(prefix="execq-readable-"))
-    base.chmod(0o755)
-    try:
-        _check_readable_by(base, readable_by)
-    finally:
-        shutil.rmtree(base)
-
-
-def _check_readable_by(base: Path, readable_by: Callable[[Path, int, int], bool]) -> None:
+    base = searchable_dir
     shared = base / "shared"
     shared.mkdir(mode=0o755)
     shared.chmod(0o755)

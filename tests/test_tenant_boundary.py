@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -105,20 +102,11 @@ def _pid_of_nap() -> int | None:
     return None
 
 
-@pytest.fixture
-def shared_root() -> Iterator[Path]:
-    # A directory every uid may search, like a project checkout: execq's own files inside it
-    # must still be private (pytest's temporary directories are root's only, which would hide
-    # the point).
-    base = Path(tempfile.mkdtemp(prefix="execq-boundary-"))
-    base.chmod(0o755)
-    yield base
-    shutil.rmtree(base, ignore_errors=True)
-
-
 def test_tenant_b_finds_nothing_of_tenant_a(
-    shared_root: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+    searchable_dir: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Like a project checkout: execq's own files inside it must still be private.
+    shared_root = searchable_dir
     state = shared_root / ".execq"
     tenants_path = shared_root / "tenants.yaml"
     tenants_path.write_text(TENANTS)
