@@ -26,7 +26,7 @@ TENANTS = TenantsFile.model_validate(
 
 @pytest.fixture
 def shared_dir(searchable_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    for name in ("EXECQ_SECRETS_KEY_FILE", "EXECQ_SIGNING_KEY_FILE"):
+    for name in ("EXECQ_SECRETS_KEY_FILE", "EXECQ_AUDIT_KEY_FILE", "EXECQ_SIGNING_KEY_FILE"):
         monkeypatch.delenv(name, raising=False)
     return searchable_dir
 
@@ -44,6 +44,13 @@ def test_a_store_or_audit_log_a_run_as_uid_could_read_is_named(shared_dir: Path)
     assert exposed(settings, TENANTS.tenants["plain"]) == []
     db.chmod(0o600)
     assert exposed(settings, TENANTS.tenants["jailed"]) == []
+    # The audit key, beside the sealing key in the keys directory, counts as much.
+    keys = shared_dir / "keys"
+    keys.mkdir(mode=0o755)
+    (keys / "audit.key").write_text("k" * 64)
+    (keys / "audit.key").chmod(0o644)
+    problems = exposed(settings, TENANTS.tenants["jailed"])
+    assert len(problems) == 1 and "audit.key" in problems[0]
 
 
 def test_the_store_execq_creates_itself_passes(shared_dir: Path) -> None:

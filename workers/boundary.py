@@ -12,12 +12,12 @@ from pathlib import Path
 
 from sqlalchemy.engine import make_url
 
-from config.keys import load_keys
+from config.keys import load_audit_keys, load_keys
 from config.settings import Settings
 from config.signing import load_signing
 from config.tenants import Tenant
 from producer.files import readable_by
-from producer.sealing import KEY_FILE, key_dir
+from producer.sealing import key_dir
 
 # A range is checked uid by uid up to this many (ranges are pool-sized in practice).
 MAX_UIDS_CHECKED = 4096
@@ -32,8 +32,15 @@ def private_paths(settings: Settings) -> list[Path]:
         paths += [db, Path(f"{db}-wal"), Path(f"{db}-shm")]
     if settings.audit_log is not None:
         paths.append(settings.audit_log)
-    paths.append(key_dir(settings) / KEY_FILE)
-    for named in (load_keys().secrets_key_file, load_signing().signing_key_file):
+    # Every local key file (the sealing key, the audit key), whatever its name.
+    local_keys = key_dir(settings)
+    if local_keys.is_dir():
+        paths += sorted(p for p in local_keys.iterdir() if p.is_file())
+    for named in (
+        load_keys().secrets_key_file,
+        load_audit_keys().audit_key_file,
+        load_signing().signing_key_file,
+    ):
         if named is not None:
             paths.append(named)
     return [p for p in paths if p.exists()]
