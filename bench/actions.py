@@ -14,13 +14,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from config.settings import Settings
-from config.tenants import TenantsFile, load_tenants
 from producer import actions, policy
 from producer.client import Producer
+from producer.settings import Settings
 from producer.spec import CommandSpec
 from producer.store.db import make_engine
 from producer.store.migrate import upgrade
+from producer.tenants import TenantsFile, load_tenants
 
 # Only compared with the action's root, never created or opened.
 SCRATCH = "/tmp/bench"  # noqa: S108

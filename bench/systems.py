@@ -39,14 +39,14 @@ from bench.infra import (
     redis_calls,
     server_cpu_s,
 )
-from config.settings import Settings
-from config.tenants import load_tenants
 from producer.client import Producer
+from producer.settings import Settings
 from producer.spec import CommandSpec
 from producer.states import TERMINAL, State
 from producer.store.db import make_engine
 from producer.store.migrate import upgrade
 from producer.store.models import Base, Command
+from producer.tenants import load_tenants
 
 TENANTS_YAML = """tenants:
   bench:

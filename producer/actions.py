@@ -12,11 +12,11 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from config.actions import Action, ActionParam, ParamValue, Placeholder, parse_template
-from config.tenants import Tenant
+from producer.action_model import Action, ActionParam, ParamValue, Placeholder, parse_template
 from producer.errors import PolicyDenied
 from producer.redaction import MaskLevel, Redactor
 from producer.spec import CommandSpec, check_argv
+from producer.tenants import Tenant
 
 DEFAULT_MAX_LENGTH = 256
 

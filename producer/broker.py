@@ -17,12 +17,12 @@ from typing import Any
 from celery import Celery
 from kombu import Exchange, Queue  # type: ignore[attr-defined]
 
-from config.settings import EMBEDDED_BROKER, Settings
-from config.tenants import TenantsFile
 from producer.errors import BrokerUnavailable, ConfigError
 from producer.redisconn import celery_broker
 from producer.sealing import Sealer
+from producer.settings import EMBEDDED_BROKER, Settings
 from producer.signing import Signer
+from producer.tenants import TenantsFile
 
 log = logging.getLogger("execq.broker")
 

@@ -16,8 +16,6 @@ from typing import Any
 import redis
 from opentelemetry.trace import SpanKind
 
-from config.settings import ConfigInvalid, Settings, load_settings
-from config.tenants import TenantsFile, load_tenants
 from producer import actions, batching, policy, saga, telemetry, tracing
 from producer.audit.events import AuditEvent, Outcome, Phase, Subject, now_ns
 from producer.audit.trail import Attempt, Trail, subject_of
@@ -40,11 +38,13 @@ from producer.reverting import Reverting
 from producer.revocation import CANCEL_CHANNEL, revoke_event, revoke_pending
 from producer.saga import BatchRecord
 from producer.sealing import sealer_from_env
+from producer.settings import ConfigInvalid, Settings, load_settings
 from producer.signing import signer_from_env
 from producer.spec import CommandSpec, cmd_hash
 from producer.states import RETRYABLE, State, is_terminal
 from producer.store.db import make_engine, require_schema
 from producer.store.repository import Created, NewCommand, Store, requeue_fields
+from producer.tenants import TenantsFile, load_tenants
 from producer.tracing import TraceContext, current_or_new
 
 log = logging.getLogger("execq.producer")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from config.settings import ConfigInvalid
+from producer.settings import ConfigInvalid
 
 
 class ExecqError(Exception):

@@ -7,11 +7,11 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-from config.actions import Action
-from config.tenants import Tenant, TenantsFile
 from producer import actions, dangerous, options
+from producer.action_model import Action
 from producer.errors import ConfigError, PolicyDenied, UnknownTenant
 from producer.spec import CommandSpec
+from producer.tenants import Tenant, TenantsFile
 
 
 @dataclass(frozen=True)

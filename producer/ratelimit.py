@@ -12,8 +12,8 @@ import logging
 
 import redis
 
-from config.tenants import Tenant
 from producer.errors import PolicyDenied
+from producer.tenants import Tenant
 
 log = logging.getLogger("execq.ratelimit")
 

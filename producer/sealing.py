@@ -24,9 +24,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sqlalchemy.engine import make_url
 
-from config.keys import load_keys
-from config.settings import Settings
 from producer.files import private_dir
+from producer.keys import load_keys
+from producer.settings import Settings
 
 VERSION = "v1"
 NONCE_BYTES = 12

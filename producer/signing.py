@@ -116,7 +116,7 @@ class Signer:
 
 def signer_from_env() -> Signer | None:
     """The deployment's signer (EXECQ_SIGNING_KEY[_FILE]), or None when signing is off."""
-    from config.signing import load_signing  # noqa: PLC0415 (read only where messages flow)
+    from producer.signing_settings import load_signing  # noqa: PLC0415 (read only where messages flow)
 
     settings = load_signing()
     key = settings.key()

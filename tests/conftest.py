@@ -23,12 +23,12 @@ import pytest
 import redis
 import sqlalchemy as sa
 
-from config.settings import Settings
-from config.tenants import TenantsFile, load_tenants
 from producer.client import Producer
+from producer.settings import Settings
 from producer.store.db import make_engine
 from producer.store.migrate import upgrade
 from producer.store.repository import Store
+from producer.tenants import TenantsFile, load_tenants
 from workers.embedded import EmbeddedRedis, reachable
 
 CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}

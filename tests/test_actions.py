@@ -13,14 +13,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from config.actions import Action, Placeholder, parse_template
-from config.settings import ConfigInvalid
-from config.tenants import TenantsFile, load_tenants
 from producer import actions, policy
+from producer.action_model import Action, Placeholder, parse_template
 from producer.client import Producer
 from producer.errors import PolicyDenied, SpecError
+from producer.settings import ConfigInvalid
 from producer.spec import CommandSpec
 from producer.states import State
+from producer.tenants import TenantsFile, load_tenants
 from tests.conftest import TENANTS_YAML, Env, WorkerProc
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from config.settings import Settings
-from config.tenants import TenantsFile
+from producer.settings import Settings
+from producer.tenants import TenantsFile
 from tests.conftest import Env, run_cli
 from workers.boundary import exposed
 

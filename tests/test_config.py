@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from config.settings import ConfigInvalid, Settings, load_settings
-from config.tenants import load_tenants
 from producer.client import Producer
 from producer.errors import ConfigError, ExecqError
 from producer.redaction import MaskLevel
+from producer.settings import ConfigInvalid, Settings, load_settings
+from producer.tenants import load_tenants
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from config.tenants import DENIED_OPTION
 from producer.dangerous import (
     DANGEROUS_ENV,
     DANGEROUS_ENV_PREFIXES,
@@ -19,6 +18,7 @@ from producer.dangerous import (
     raw_argv_warnings,
 )
 from producer.options import denied_option
+from producer.tenants import DENIED_OPTION
 
 TAR_OPTIONS = next(program for program in PROGRAMS if program.name == "tar").options
 

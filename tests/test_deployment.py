@@ -23,8 +23,8 @@ import yaml
 from typer.exceptions import TyperException
 from typer.testing import CliRunner
 
-from config.settings import Environment
-from config.tenants import TenantsFile, load_tenants
+from producer.settings import Environment
+from producer.tenants import TenantsFile, load_tenants
 from workers.cli import app
 from workers.cli_compose import WorkerPlan, plan_workers, render_compose
 

@@ -216,8 +216,8 @@ def test_a_flower_revoke_with_no_worker_running_still_reaches_the_store(
 def test_a_revoke_through_celery_remote_control_reaches_the_store_through_the_workers(
     producer: Producer, workers: Start, env: Env, tmp_path: Path
 ) -> None:
-    from config.tenants import load_tenants
     from producer.broker import make_celery
+    from producer.tenants import load_tenants
 
     busy, queued, _pidfile, marker = busy_and_queued(producer, workers, tmp_path)
     app = make_celery(env.settings, load_tenants(env.settings.tenants_file))

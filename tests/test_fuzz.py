@@ -15,11 +15,11 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from config.tenants import Tenant, TenantsFile
 from producer import policy
 from producer.errors import PolicyDenied, SpecError, UnknownTenant
 from producer.sealing import Sealer
 from producer.spec import MAX_LIMIT_INT, CommandSpec, cmd_hash
+from producer.tenants import Tenant, TenantsFile
 from workers.binding import Delivery
 from workers.pipeline import BadMessage, decode
 from workers.pipeline import _text as valid_text

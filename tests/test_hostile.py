@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from config.tenants import TenantsFile, load_tenants
 from producer import policy
 from producer.client import Producer
 from producer.dangerous import lookup
@@ -29,6 +28,7 @@ from producer.spec import (
     CommandSpec,
 )
 from producer.states import State
+from producer.tenants import TenantsFile, load_tenants
 from tests.conftest import WorkerProc
 from workers.sandbox import ExecRequest, Limits, Sandbox, resolve_executable
 

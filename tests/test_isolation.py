@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import redis as redis_lib
 
-from config.tenants import load_tenants
 from producer.client import Producer
 from producer.errors import PolicyDenied
 from producer.spec import CommandSpec
 from producer.states import State
+from producer.tenants import load_tenants
 from tests.conftest import CI, PYTHON, Env, start_worker, wait_for
 from tests.test_worker import Start
 from workers.sandbox import detect_capabilities

@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 import yaml
 
-from config.settings import ConfigInvalid, Environment
-from config.tenants import DEFAULT_ENV_ALLOW, TenantsFile, load_tenants, tenants_json_schema
 from producer import policy
 from producer.errors import ConfigError, PolicyDenied
+from producer.settings import ConfigInvalid, Environment
 from producer.spec import CommandSpec
+from producer.tenants import DEFAULT_ENV_ALLOW, TenantsFile, load_tenants, tenants_json_schema
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "config" / "tenants.yaml"

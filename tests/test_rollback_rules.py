@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from config.tenants import TenantsFile
 from producer import policy
 from producer.errors import IllegalTransition, PolicyDenied, SpecError
 from producer.spec import CommandSpec
 from producer.states import State, can_transition, check_transition
 from producer.store.clock import utcnow
 from producer.store.repository import Store
+from producer.tenants import TenantsFile
 
 
 def test_rollback_on_failure_needs_something_to_run() -> None:

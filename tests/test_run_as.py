@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from config.settings import ConfigInvalid
-from config.tenants import host_conflicts, load_tenants
+from producer.settings import ConfigInvalid
+from producer.tenants import host_conflicts, load_tenants
 
 ROOT = Path(__file__).resolve().parent.parent
 

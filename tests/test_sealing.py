@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from config.settings import ConfigInvalid, Settings
 from producer.client import Producer
 from producer.sealing import Sealer, Unsealable, key_dir, local_key, sealer_from_env
+from producer.settings import ConfigInvalid, Settings
 from producer.spec import CommandSpec
 from producer.states import State
 from tests.conftest import Env

@@ -17,9 +17,9 @@ import pytest
 import redis
 from redis.sentinel import SentinelConnectionPool
 
-from config.settings import Settings
 from producer.errors import ConfigError
 from producer.redisconn import parse_sentinel_url, redis_client
+from producer.settings import Settings
 from producer.spec import CommandSpec
 from producer.states import State
 from tests.conftest import CI, Env, start_worker, wait_for

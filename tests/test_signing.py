@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import redis
 
-from config.settings import ConfigInvalid
-from config.signing import SigningSettings
 from producer.broker import TASK_NAME
 from producer.client import Producer
+from producer.settings import ConfigInvalid
 from producer.signing import EXPIRES, BadSignature, Signer
+from producer.signing_settings import SigningSettings
 from producer.spec import CommandSpec
 from producer.states import State
 from tests.conftest import Env, OtlpSink, run_cli, wait_for

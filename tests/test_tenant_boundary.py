@@ -13,13 +13,13 @@ import psutil
 import pytest
 from sqlalchemy.engine import make_url
 
-from config.settings import Settings
-from config.tenants import load_tenants
 from producer.client import Producer
+from producer.settings import Settings
 from producer.spec import CommandSpec
 from producer.states import State
 from producer.store.db import make_engine
 from producer.store.migrate import upgrade
+from producer.tenants import load_tenants
 from tests.conftest import PYTHON, Env, WorkerProc, start_worker, wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="run_as needs a root worker")

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 from opentelemetry import trace as otel_trace
 
-from config.tenants import Tenant
 from producer import logs, policy, tracing
 from producer.redaction import MaskLevel, Redactor
+from producer.tenants import Tenant
 from producer.tracing import TraceContext, new_span_id, parse_traceparent, sampled_by_default
 from workers.sandbox import ExecRequest, Limits, detect_capabilities
 from workers.sandbox.model import FsView

@@ -12,12 +12,12 @@ from pathlib import Path
 
 from sqlalchemy.engine import make_url
 
-from config.keys import load_audit_keys, load_keys
-from config.settings import Settings
-from config.signing import load_signing
-from config.tenants import Tenant
 from producer.files import readable_by
+from producer.keys import load_audit_keys, load_keys
 from producer.sealing import key_dir
+from producer.settings import Settings
+from producer.signing_settings import load_signing
+from producer.tenants import Tenant
 
 # A range is checked uid by uid up to this many (ranges are pool-sized in practice).
 MAX_UIDS_CHECKED = 4096

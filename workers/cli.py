@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from config.settings import ConfigInvalid, Settings, load_settings
-from config.tenants import host_conflicts
 from producer.errors import NotFound, StoreError
+from producer.settings import ConfigInvalid, Settings, load_settings
 from producer.spec import CommandSpec
 from producer.states import State
+from producer.tenants import host_conflicts
 from workers import cli_batch, cli_revert
 from workers.cli_actions import actions as actions_cmd
 from workers.cli_actions import parse_params

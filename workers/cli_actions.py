@@ -9,9 +9,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from config.actions import Action, ParamValue
-from config.tenants import TenantsFile
+from producer.action_model import Action, ParamValue
 from producer.errors import SpecError
+from producer.tenants import TenantsFile
 from workers.cli_show import load
 from workers.clikit import JsonOpt, fail, handled, out
 

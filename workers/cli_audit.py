@@ -12,9 +12,9 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from config.keys import load_audit_keys
-from config.settings import load_settings
 from producer.audit.verify import Report
+from producer.keys import load_audit_keys
+from producer.settings import load_settings
 from workers.clikit import JsonOpt, fail, handled, out
 
 audit_app = typer.Typer(

@@ -19,8 +19,8 @@ from typing import Annotated
 
 import typer
 
-from config.settings import Environment
-from config.tenants import TenantsFile, load_tenants
+from producer.settings import Environment
+from producer.tenants import TenantsFile, load_tenants
 from workers.clikit import JsonOpt, fail, handled, out
 
 compose_app = typer.Typer(

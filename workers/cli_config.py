@@ -9,10 +9,10 @@ from typing import Annotated, Any
 import typer
 from rich.text import Text
 
-from config.actions import placeholders
-from config.settings import ConfigInvalid, Environment, load_policy_settings
-from config.tenants import Tenant, TenantsFile, host_conflicts, load_tenants, tenants_json_schema
 from producer import dangerous, policy
+from producer.action_model import placeholders
+from producer.settings import ConfigInvalid, Environment, load_policy_settings
+from producer.tenants import Tenant, TenantsFile, host_conflicts, load_tenants, tenants_json_schema
 from workers.clikit import JsonOpt, handled, out
 
 config_app = typer.Typer(

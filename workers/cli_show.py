@@ -9,10 +9,10 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from config.settings import Settings, load_settings
-from config.tenants import TenantsFile, load_tenants
 from producer.record import CommandRecord
+from producer.settings import Settings, load_settings
 from producer.states import State
+from producer.tenants import TenantsFile, load_tenants
 from workers.clikit import out
 
 

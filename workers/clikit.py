@@ -10,8 +10,8 @@ from typing import Annotated, Any, NoReturn, TypeVar
 import typer
 from rich.console import Console
 
-from config.settings import ConfigInvalid
 from producer.errors import ExecqError, IdempotencyConflict, PolicyDenied, SpecError
+from producer.settings import ConfigInvalid
 
 out = Console()
 err = Console(stderr=True)

@@ -19,13 +19,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from config.settings import Settings
-from config.tenants import TenantsFile
 from producer.client import Producer
 from producer.errors import ExecqError, PolicyDenied
 from producer.record import CommandRecord
+from producer.settings import Settings
 from producer.spec import CommandSpec
 from producer.states import State
+from producer.tenants import TenantsFile
 from workers.stack import Stack
 
 

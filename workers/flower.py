@@ -11,15 +11,15 @@ from typing import Any, cast
 from tornado.routing import URLSpec
 from tornado.web import HTTPError, RequestHandler, StaticFileHandler, authenticated
 
-from config.settings import Settings
-from config.tenants import TenantsFile
 from producer.audit.trail import Trail
 from producer.broker import make_celery, resolve_broker_url
 from producer.errors import ConfigError, NotFound
 from producer.revocation import revoke_remote
+from producer.settings import Settings
 from producer.signing import signer_from_env
 from producer.store.db import make_engine, require_schema
 from producer.store.repository import Store
+from producer.tenants import TenantsFile
 
 log = logging.getLogger("execq.flower")
 

@@ -12,10 +12,10 @@ import logging
 import random
 from typing import TYPE_CHECKING, Any
 
-from config.settings import Settings
 from producer import rollback, saga
 from producer.audit.trail import Trail
 from producer.broker import Publisher
+from producer.settings import Settings
 from producer.states import State
 from producer.store.claims import Claimed
 from producer.store.repository import Store

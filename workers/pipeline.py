@@ -30,8 +30,6 @@ from typing import Any
 from opentelemetry import trace as otel_trace
 from opentelemetry.trace import SpanKind
 
-from config.settings import Settings
-from config.tenants import Tenant
 from producer import logs, policy, tracing
 from producer.audit.events import NO_COMMAND_HASH, Phase, Subject, now_ns
 from producer.audit.events import Outcome as Result
@@ -40,12 +38,14 @@ from producer.broker import Publisher
 from producer.errors import ExecutableRefused, PolicyDenied, SandboxError, StaleVersion
 from producer.redaction import PATTERNS_ONLY, Redactor
 from producer.sealing import Sealer, Unsealable
+from producer.settings import Settings
 from producer.spec import CommandSpec
 from producer.states import State
 from producer.store.claims import Claimed, ClaimedRevert
 from producer.store.clock import utcnow
 from producer.store.repository import Store, requeue_fields
 from producer.store.sweeps import ran_and_failed
+from producer.tenants import Tenant
 from workers import snapshot
 from workers.binding import Delivery, exec_request, parent_context, redactor_for
 from workers.compensation import CompensationRun

@@ -18,18 +18,18 @@ from typing import Any
 
 import redis
 
-from config.settings import Settings
-from config.tenants import Tenant
 from producer import rollback, saga
 from producer.audit.events import Outcome, Phase
 from producer.audit.trail import Attempt, Trail, subject_of
 from producer.broker import Publisher
 from producer.errors import BrokerUnavailable, StaleVersion
 from producer.redisconn import redis_client
+from producer.settings import Settings
 from producer.states import State
 from producer.store.clock import utcnow
 from producer.store.repository import Store, requeue_fields
 from producer.store.sweeps import Expired
+from producer.tenants import Tenant
 from workers.metrics import metrics
 
 log = logging.getLogger("execq.reaper")

@@ -15,16 +15,16 @@ from dataclasses import dataclass
 import redis
 from sqlalchemy import text
 
-from config.settings import Settings
-from config.tenants import Tenant, TenantsFile
 from producer import telemetry
 from producer.audit.trail import Trail
 from producer.broker import Publisher, make_celery
 from producer.redisconn import redis_client
 from producer.sealing import Sealer
+from producer.settings import Settings
 from producer.signing import Signer
 from producer.store.db import make_engine
 from producer.store.repository import Store
+from producer.tenants import Tenant, TenantsFile
 from workers.lease import LeaseKeeper
 from workers.metrics import Health
 from workers.pipeline import Pipeline, workdir_root

@@ -9,8 +9,8 @@ from typing import Any
 
 from celery import signals
 
-from config.tenants import Tenant
 from producer import logs
+from producer.tenants import Tenant
 from workers import metrics, remote
 from workers.reaper import Reaper
 from workers.runtime import Runtime

@@ -11,10 +11,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from config.settings import Settings
-from config.tenants import TenantsFile
+from producer.settings import Settings
 from producer.store.db import make_engine
 from producer.store.migrate import upgrade
+from producer.tenants import TenantsFile
 from workers.embedded import EmbeddedRedis, ensure_broker, wait_for_file_line
 
 

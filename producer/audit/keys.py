@@ -18,8 +18,8 @@ from typing import Any
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from config.keys import load_audit_keys
 from producer.audit.events import canonical_json
+from producer.keys import load_audit_keys
 from producer.sealing import key_dir_of, local_key
 
 KEY_FILE = "audit.key"

@@ -12,13 +12,13 @@ import logging
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from config.keys import load_audit_keys
-from config.settings import Settings
 from producer.audit import keys as audit_keys
 from producer.audit.events import AuditEvent, Outcome, Phase, Subject, make_event, now_ns
 from producer.audit.sinks import AuditSink, JsonlSink
 from producer.audit.witness import Checkpoint, Checkpointer, Heads, Witness
+from producer.keys import load_audit_keys
 from producer.redaction import Redactor
+from producer.settings import Settings
 from producer.spec import cmd_hash
 
 log = logging.getLogger("execq.audit")

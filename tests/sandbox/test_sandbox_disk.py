@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from config.tenants import LimitCeilings, LimitOverrides, Tenant
 from producer import policy
 from producer.errors import IsolationUnavailable
+from producer.tenants import LimitCeilings, LimitOverrides, Tenant
 from workers.sandbox import Limits, Sandbox
 from workers.sandbox.model import FsView
 

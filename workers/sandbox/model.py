@@ -23,7 +23,7 @@ class Limits:
 
 @dataclass(frozen=True)
 class FsView:
-    """A filesystem of the command's own (bubblewrap); see config.tenants.FilesystemView."""
+    """A filesystem of the command's own (bubblewrap); see producer.tenants.FilesystemView."""
 
     tmp_mb: int = 64
     writable: tuple[str, ...] = ()

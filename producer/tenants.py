@@ -31,8 +31,8 @@ from pydantic import (
 )
 from pydantic.json_schema import SkipJsonSchema
 
-from config.actions import Action, Regex, Roots, rename_allowed_env
-from config.settings import (
+from producer.action_model import Action, Regex, Roots, rename_allowed_env
+from producer.settings import (
     ConfigInvalid,
     Environment,
     describe_validation_error,

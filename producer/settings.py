@@ -132,8 +132,9 @@ def describe_validation_error(exc: ValidationError, *, prefix: str = "EXECQ_") -
 class ConfigInvalid(ValueError):
     """Raised when a setting or the tenants file is invalid; the message names what to fix.
 
-    `config` imports nothing from execq, so this is a ValueError; `producer.errors.ConfigError`
-    derives from it and from the execq root, and is what the producer raises.
+    The settings modules import nothing else from execq, so this is a ValueError;
+    `producer.errors.ConfigError` derives from it and from the execq root, and is what the
+    producer raises.
     """
 
 

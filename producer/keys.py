@@ -10,8 +10,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from config.settings import ConfigInvalid, describe_validation_error
-from config.signing import read_key
+from producer.settings import ConfigInvalid, describe_validation_error
+from producer.signing_settings import read_key
 
 KEY_HELP = (
     "Master key sealing secret values in messages (>= 32 bytes, the same on producers and "

@@ -8,7 +8,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from config.settings import ConfigInvalid, describe_validation_error
+from producer.settings import ConfigInvalid, describe_validation_error
 
 MIN_KEY_BYTES = 32
 
