@@ -84,6 +84,16 @@ class Settings(PolicySettings):
     log_format: LogFormat = Field(
         default="auto", description="`json` lines, `console` lines, or `auto` (json unless a tty)."
     )
+    namespace: str = Field(
+        default="execq",
+        pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$",
+        description="Prefix of every queue, Redis key and channel: deployments with different "
+        "namespaces share one Redis database without seeing each other's messages.",
+    )
+
+    def key(self, *parts: str) -> str:
+        """A Redis key or channel name of this deployment: `<namespace>.<part>.<part>…`."""
+        return ".".join((self.namespace, *parts))
 
     @field_validator("broker_url")
     @classmethod
