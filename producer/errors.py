@@ -35,10 +35,19 @@ class UnknownTenant(SpecError):
 class PolicyDenied(ExecqError):
     """Raised when a well-formed spec breaks its tenant's policy; the refusal is recorded."""
 
-    def __init__(self, message: str, *, rule: str, command_id: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        rule: str,
+        command_id: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.rule = rule
         self.command_id = command_id
+        # Set when waiting helps (a rate limit): how long until the same submit would pass.
+        self.retry_after_s = retry_after_s
 
 
 class IdempotencyConflict(ExecqError):
