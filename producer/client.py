@@ -356,10 +356,17 @@ class Producer(Reverting):
         since: datetime | None = None,
         needs_attention: bool = False,
         limit: int = 50,
+        after: tuple[datetime, str] | None = None,
     ) -> list[CommandRecord]:
-        """Newest commands first, filtered by tenant, state, creation time, needing attention."""
+        """Newest commands first, filtered by tenant, state, creation time, needing attention;
+        `after` (created_at, id of a page's last record) gives the next page."""
         return self.store.list(
-            tenant=tenant, state=state, since=since, needs_attention=needs_attention, limit=limit
+            tenant=tenant,
+            state=state,
+            since=since,
+            needs_attention=needs_attention,
+            limit=limit,
+            after=after,
         )
 
     def wait(self, command_id: str, timeout: float = 30.0) -> CommandRecord:

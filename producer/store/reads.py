@@ -7,7 +7,7 @@ from dataclasses import fields
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Connection, Table, func, select
+from sqlalchemy import Connection, Table, and_, func, or_, select
 
 from producer.errors import NotFound
 from producer.record import CommandRecord, TransitionRecord
@@ -82,8 +82,13 @@ class Reads:
         needs_attention: bool = False,
         batch_id: str | None = None,
         limit: int = 50,
+        after: tuple[datetime, str] | None = None,
     ) -> list[CommandRecord]:
-        """Newest first (a batch's steps in step order), optionally filtered."""
+        """Newest first (a batch's steps in step order), optionally filtered.
+
+        `after` is the (created_at, id) of the last record of a previous page: the page that
+        follows it, stable while new commands arrive (keyset pagination, no OFFSET).
+        """
         if batch_id is not None:
             query = (
                 select(commands)
@@ -92,7 +97,19 @@ class Reads:
                 .limit(limit)
             )
         else:
-            query = select(commands).order_by(commands.c.created_at.desc()).limit(limit)
+            query = (
+                select(commands)
+                .order_by(commands.c.created_at.desc(), commands.c.id.desc())
+                .limit(limit)
+            )
+            if after is not None:
+                at, last_id = after
+                query = query.where(
+                    or_(
+                        commands.c.created_at < at,
+                        and_(commands.c.created_at == at, commands.c.id < last_id),
+                    )
+                )
         if tenant is not None:
             query = query.where(commands.c.tenant == tenant)
         if state is not None:
