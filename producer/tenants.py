@@ -293,6 +293,12 @@ SUBMIT_RATE_HELP = (
     "Submissions allowed per second for the tenant (a token bucket in Redis shared by every "
     "producer); a submit beyond it is refused with rule submit_rate and recorded."
 )
+HTTP_RATE_HELP = (
+    "Requests a second the HTTP gateway accepts from the tenant's tokens (a token bucket in "
+    "Redis shared by every gateway); beyond it the answer is 429 with Retry-After and nothing "
+    "is recorded. null: no limit."
+)
+DEFAULT_HTTP_RATE = SubmitRate(per_s=100, burst=200)
 
 
 def _no_defaults(schema: dict[str, Any]) -> None:
@@ -322,6 +328,7 @@ class TenantOverrides(BaseModel):
     run_as: RunAs | None = Field(default=None, description=RUN_AS_HELP)
     max_concurrent: MaxConcurrent | None = Field(default=None, description=MAX_CONCURRENT_HELP)
     submit_rate: SubmitRate | None = Field(default=None, description=SUBMIT_RATE_HELP)
+    http_rate: SubmitRate | None = Field(default=None, description=HTTP_RATE_HELP)
     filesystem: FilesystemView | None = Field(default=None, description=FILESYSTEM_HELP)
     env_allow: EnvNames | None = Field(default=None, description=ENV_ALLOW_HELP)
     raw_argv: bool = Field(default=True, description=RAW_ARGV_HELP)
@@ -436,6 +443,7 @@ class Tenant(BaseModel):
     run_as: RunAs | None = Field(default=None, description=RUN_AS_HELP)
     max_concurrent: MaxConcurrent | None = Field(default=None, description=MAX_CONCURRENT_HELP)
     submit_rate: SubmitRate | None = Field(default=None, description=SUBMIT_RATE_HELP)
+    http_rate: SubmitRate | None = Field(default=DEFAULT_HTTP_RATE, description=HTTP_RATE_HELP)
     filesystem: FilesystemView | None = Field(default=None, description=FILESYSTEM_HELP)
     environments: EnvironmentOverrides = Field(
         default=EnvironmentOverrides(),
@@ -472,8 +480,9 @@ class Tenant(BaseModel):
 
     @property
     def queue(self) -> str:
-        """The Celery queue this tenant's pool consumes."""
-        return f"execq.{self.name}"
+        """The Celery queue this tenant's pool consumes: its name. In Redis the queue is the
+        list `<EXECQ_NAMESPACE>.<name>` (kombu prefixes every key with the namespace)."""
+        return self.name
 
     @property
     def resolved(self) -> bool:
