@@ -164,6 +164,12 @@ def check_tenant(spec: CommandSpec, tenant: Tenant) -> None:
     `spec` is a raw argv, or an action already filled in (`actions.resolve`): the resolved
     argv meets every rule a raw one meets.
     """
+    if tenant.require_idempotency_key and spec.idempotency_key is None:
+        raise PolicyDenied(
+            f"tenant {tenant.name!r} requires an idempotency key on every command "
+            "(require_idempotency_key: true)",
+            rule="idempotency_key",
+        )
     action = None
     if spec.action is None:
         if not tenant.raw_argv:

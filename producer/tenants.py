@@ -298,6 +298,10 @@ HTTP_RATE_HELP = (
     "Redis shared by every gateway); beyond it the answer is 429 with Retry-After and nothing "
     "is recorded. null: no limit."
 )
+REQUIRE_KEY_HELP = (
+    "Every command of the tenant must carry an idempotency key (the HTTP gateway's "
+    "Idempotency-Key header); one without is refused with rule idempotency_key and recorded."
+)
 DEFAULT_HTTP_RATE = SubmitRate(per_s=100, burst=200)
 
 
@@ -329,6 +333,7 @@ class TenantOverrides(BaseModel):
     max_concurrent: MaxConcurrent | None = Field(default=None, description=MAX_CONCURRENT_HELP)
     submit_rate: SubmitRate | None = Field(default=None, description=SUBMIT_RATE_HELP)
     http_rate: SubmitRate | None = Field(default=None, description=HTTP_RATE_HELP)
+    require_idempotency_key: bool = Field(default=False, description=REQUIRE_KEY_HELP)
     filesystem: FilesystemView | None = Field(default=None, description=FILESYSTEM_HELP)
     env_allow: EnvNames | None = Field(default=None, description=ENV_ALLOW_HELP)
     raw_argv: bool = Field(default=True, description=RAW_ARGV_HELP)
@@ -444,6 +449,7 @@ class Tenant(BaseModel):
     max_concurrent: MaxConcurrent | None = Field(default=None, description=MAX_CONCURRENT_HELP)
     submit_rate: SubmitRate | None = Field(default=None, description=SUBMIT_RATE_HELP)
     http_rate: SubmitRate | None = Field(default=DEFAULT_HTTP_RATE, description=HTTP_RATE_HELP)
+    require_idempotency_key: bool = Field(default=False, description=REQUIRE_KEY_HELP)
     filesystem: FilesystemView | None = Field(default=None, description=FILESYSTEM_HELP)
     environments: EnvironmentOverrides = Field(
         default=EnvironmentOverrides(),
