@@ -16,6 +16,8 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import redis
+import redis.asyncio as aioredis
+from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.sentinel import Sentinel
 
 from producer.errors import ConfigError
@@ -183,6 +185,39 @@ def redis_client(
     target = parse_sentinel_url(url)
     sentinel = _sentinel(target, socket_connect_timeout or 2.0)
     client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+        target.master_name,
+        db=target.db,
+        username=target.username,
+        password=target.password,
+        socket_connect_timeout=socket_connect_timeout,
+        socket_timeout=socket_timeout,
+    )
+    return client
+
+
+def async_redis_client(
+    url: str,
+    *,
+    socket_connect_timeout: float | None = 2.0,
+    socket_timeout: float | None = None,
+    max_connections: int | None = None,
+) -> aioredis.Redis:
+    """An asyncio client for the same Redis `redis_client` reaches (sentinel included)."""
+    if not is_sentinel(url):
+        return aioredis.Redis.from_url(
+            url,
+            socket_connect_timeout=socket_connect_timeout,
+            socket_timeout=socket_timeout,
+            max_connections=max_connections,
+        )
+    target = parse_sentinel_url(url)
+    sentinel_kwargs: dict[str, Any] = {"socket_connect_timeout": socket_connect_timeout or 2.0}
+    if target.sentinel_password is not None:
+        sentinel_kwargs["password"] = target.sentinel_password
+    sentinel = AsyncSentinel(  # type: ignore[no-untyped-call]
+        list(target.sentinels), sentinel_kwargs=sentinel_kwargs
+    )
+    client: aioredis.Redis = sentinel.master_for(
         target.master_name,
         db=target.db,
         username=target.username,
