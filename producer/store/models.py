@@ -284,6 +284,28 @@ class Batch(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
+class Token(Base):
+    """An API token of the HTTP gateway: only the SHA-256 of the token is kept, never the token."""
+
+    __tablename__ = "tokens"
+    __table_args__ = (
+        # Every request looks its token up by hash; the index is also what makes it unique.
+        UniqueConstraint("token_hash", name="uq_tokens_hash"),
+        # A name is an audit principal: within a tenant it names one token, revoked ones too.
+        UniqueConstraint("tenant", "name", name="uq_tokens_tenant_name"),
+    )
+
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(40))
+    name: Mapped[str] = mapped_column(String(200))
+    token_hash: Mapped[str] = mapped_column(String(64))
+    scopes: Mapped[list[str]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
 # A statement about one command names it by id, and the primary key must be the only index
 # it can be planned with. Every other condition goes through `|| ''`, a no-op on the value
 # that the planner cannot see through. Otherwise, with statistics gathered while few commands
