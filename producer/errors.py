@@ -66,7 +66,11 @@ class StoreError(ExecqError):
 
 
 class NotFound(StoreError):
-    """Raised when no command has the given id."""
+    """Raised when no command (or API token) has the given id."""
+
+
+class DuplicateName(StoreError):
+    """Raised when a name that must be unique is taken (an API token's, within its tenant)."""
 
 
 class IllegalTransition(StoreError):

@@ -51,6 +51,9 @@ class Phase(StrEnum):
     APPROVE = "approve"
     COMPENSATE = "compensate"
     PRUNE = "prune"
+    # An API token made or revoked: the event's command_id is the token's id, never the token.
+    TOKEN_CREATE = "token_create"  # noqa: S105 (a phase's name, not a secret)
+    TOKEN_REVOKE = "token_revoke"  # noqa: S105
 
 
 LIFECYCLE = (Phase.PARSE, Phase.AUTHZ, Phase.BIND, Phase.EXECUTE, Phase.ARCHIVE)
