@@ -32,6 +32,7 @@ from workers.cli_batch import batch_app
 from workers.cli_compose import compose_app
 from workers.cli_config import config_app
 from workers.cli_show import STATE_STYLE, load, open_producer, print_record
+from workers.cli_token import token_app
 from workers.clikit import JsonOpt, OperatorOpt, ReasonOpt, TicketOpt, err, fail, handled, out
 
 if TYPE_CHECKING:
@@ -54,6 +55,7 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(batch_app, name="batch")
 app.add_typer(config_app, name="config")
 app.add_typer(compose_app, name="compose")
+app.add_typer(token_app, name="token")
 app.command("actions")(actions_cmd)
 
 
