@@ -1,0 +1,69 @@
+"""`execq gateway`: the HTTP gateway for web backends in any language (FastAPI + uvicorn)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+import typer
+
+from workers.clikit import err, handled
+
+DEFAULT_PORT = 8080
+
+
+@handled
+def gateway(
+    host: Annotated[
+        str, typer.Option(metavar="ADDR", help="Address to listen on (0.0.0.0: all).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(metavar="PORT", min=1, max=65535)] = DEFAULT_PORT,
+    max_body_kb: Annotated[
+        int,
+        typer.Option(metavar="KB", min=1, max=65536, help="Largest request body (413 beyond)."),
+    ] = 1024,
+    access_log: Annotated[
+        bool, typer.Option(help="Log each request (method, path, status; never a body).")
+    ] = True,
+) -> None:
+    """Serve the HTTP gateway: submit, follow and operate on commands with a tenant's token.
+
+    OpenAPI at /openapi.json, interactive docs at /docs, /healthz without a token.
+    Make a token with `execq token create --tenant T --scope submit,read`.
+    """
+    import uvicorn  # noqa: PLC0415  (keeps every other command's start fast)
+
+    from producer import telemetry  # noqa: PLC0415
+    from producer.client import Producer  # noqa: PLC0415
+    from workers.cli_show import load  # noqa: PLC0415
+    from workers.gateway import create_app  # noqa: PLC0415
+
+    settings, tenants = load()
+    telemetry.configure(
+        service_name="execq-gateway", attributes={"deployment.environment": settings.env.value}
+    )
+    producer = Producer.from_settings(settings, tenants)
+    telemetry.instrument(engine=producer.store.engine)
+
+    def ready() -> None:
+        names = ", ".join(sorted(tenants.tenants)) or "none"
+        err.print(
+            f"execq gateway ready on http://{host}:{port} (tenants: {names})", highlight=False
+        )
+
+    app = create_app(producer, max_body=max_body_kb * 1024, on_ready=ready)
+    logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
+    try:
+        uvicorn.run(
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            access_log=access_log,
+            server_header=False,
+            # Keep-alive connections of clients behind a pool outlive uvicorn's 5 s default.
+            timeout_keep_alive=30,
+        )
+    finally:
+        producer.close()
+        telemetry.shutdown()
