@@ -22,7 +22,7 @@ from producer.redisconn import celery_broker
 from producer.sealing import Sealer
 from producer.settings import EMBEDDED_BROKER, Settings
 from producer.signing import Signer
-from producer.tenants import TenantsFile
+from producer.tenants import Tenant, TenantsFile
 
 log = logging.getLogger("execq.broker")
 
@@ -44,8 +44,18 @@ def resolve_broker_url(settings: Settings) -> str:
         ) from None
 
 
+def key_prefix(settings: Settings) -> str:
+    """What kombu puts before every Redis key and channel it uses: `<namespace>.`."""
+    return f"{settings.namespace}."
+
+
+def queue_key(settings: Settings, tenant: Tenant) -> str:
+    """The Redis list that holds `tenant`'s queue (`execq.<tenant>` by default)."""
+    return key_prefix(settings) + tenant.queue
+
+
 def tenant_queues(tenants: TenantsFile) -> list[Queue]:
-    """One declared, durable queue per tenant (`execq.<tenant>`); nothing else is consumed."""
+    """One declared, durable queue per tenant (named after it); nothing else is consumed."""
     return [
         Queue(t.queue, EXCHANGE, routing_key=t.queue, durable=True)  # type: ignore[no-untyped-call]
         for t in tenants.tenants.values()
@@ -65,6 +75,15 @@ def celery_config(settings: Settings, tenants: TenantsFile, broker_url: str) -> 
         broker_url, socket_connect_timeout=settings.publish_timeout_s
     )
     transport = {
+        # Every key, list and pub/sub channel kombu (and so Celery) uses starts with the
+        # namespace: deployments with different namespaces share one Redis database without
+        # seeing each other's messages, remote-control broadcasts or events.
+        "global_keyprefix": key_prefix(settings),
+        # kombu's own keys move under `_kombu.`, where no tenant's queue can be (a tenant
+        # named `unacked` would otherwise share its list with kombu's hash of that name).
+        "unacked_key": "_kombu.unacked",
+        "unacked_index_key": "_kombu.unacked_index",
+        "unacked_mutex_key": "_kombu.unacked_mutex",
         "visibility_timeout": vt,
         "socket_keepalive": True,
         "socket_connect_timeout": settings.publish_timeout_s,

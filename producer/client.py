@@ -35,7 +35,7 @@ from producer.ratelimit import SubmitRateLimiter
 from producer.record import CommandRecord
 from producer.redisconn import redis_client
 from producer.reverting import Reverting
-from producer.revocation import CANCEL_CHANNEL, revoke_event, revoke_pending
+from producer.revocation import cancel_channel, revoke_event, revoke_pending
 from producer.saga import BatchRecord
 from producer.sealing import sealer_from_env
 from producer.settings import ConfigInvalid, Settings, load_settings
@@ -426,7 +426,7 @@ class Producer(Reverting):
         # A hint only: the worker checks the store's cancel flag before it kills anything,
         # and re-reads the flag on every lease renewal if this message is lost.
         try:
-            self._redis_client().publish(CANCEL_CHANNEL.format(tenant=tenant), command_id)
+            self._redis_client().publish(cancel_channel(self.settings, tenant), command_id)
         except redis.RedisError as exc:
             log.warning(
                 "could not announce cancel of %s (lease renewal will see it): %s", command_id, exc
@@ -434,7 +434,7 @@ class Producer(Reverting):
 
     def _limiter(self) -> SubmitRateLimiter:
         if self._rate is None:
-            self._rate = SubmitRateLimiter(self._redis_client())
+            self._rate = SubmitRateLimiter(self._redis_client(), self.settings)
         return self._rate
 
     def _redis_client(self) -> redis.Redis:

@@ -13,6 +13,7 @@ import logging
 import redis
 
 from producer.errors import PolicyDenied
+from producer.settings import Settings
 from producer.tenants import Tenant
 
 log = logging.getLogger("execq.ratelimit")
@@ -38,8 +39,9 @@ return wait
 class SubmitRateLimiter:
     """Takes one token per submit from the tenant's bucket, or refuses with PolicyDenied."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, settings: Settings) -> None:
         self._script = client.register_script(BUCKET_SCRIPT)
+        self._settings = settings
 
     def take(self, tenant: Tenant) -> None:
         """Raise PolicyDenied (rule `submit_rate`) when the tenant's bucket is empty."""
@@ -48,7 +50,7 @@ class SubmitRateLimiter:
             return
         try:
             wait_ms = self._script(
-                keys=[f"execq.rate.{tenant.name}"], args=[rate.per_s, rate.burst]
+                keys=[self._settings.key("rate", tenant.name)], args=[rate.per_s, rate.burst]
             )
         except (redis.RedisError, OSError) as exc:
             log.warning("submit rate of %s not checked (Redis unreachable): %s", tenant.name, exc)

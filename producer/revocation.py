@@ -9,6 +9,7 @@ from producer.audit.trail import Attempt, Trail, subject_of
 from producer.errors import StaleVersion
 from producer.record import CommandRecord
 from producer.redisconn import redis_client
+from producer.settings import Settings
 from producer.states import State
 from producer.store.clock import utcnow
 from producer.store.repository import Store
@@ -59,7 +60,9 @@ def revoke_pending(
     return True
 
 
-CANCEL_CHANNEL = "execq.cancel.{tenant}"
+def cancel_channel(settings: Settings, tenant: str) -> str:
+    """The pub/sub channel that tells `tenant`'s workers to check a command's cancel flag."""
+    return settings.key("cancel", tenant)
 
 
 def revoke_remote(
@@ -67,6 +70,7 @@ def revoke_remote(
     trail: Trail,
     rec: CommandRecord,
     *,
+    settings: Settings,
     broker_url: str,
     actor: str,
     operator: str,
@@ -90,7 +94,7 @@ def revoke_remote(
         trail.copy(attempt.events)
         client = redis_client(broker_url, socket_connect_timeout=2, socket_timeout=2)
         try:
-            client.publish(CANCEL_CHANNEL.format(tenant=rec.tenant), rec.id)
+            client.publish(cancel_channel(settings, rec.tenant), rec.id)
         except redis.RedisError:
             pass  # the worker re-reads the flag on its next lease renewal
         finally:

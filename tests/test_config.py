@@ -22,7 +22,7 @@ def test_the_shipped_tenants_file_is_valid_and_has_a_prod_tenant_with_deny_args(
     tenants = load_tenants(ROOT / "config" / "tenants.yaml", env="dev")
     assert len(tenants.tenants) >= 2
     assert tenants.tenants["prod"].deny_args and tenants.tenants["prod"].deny_options
-    assert tenants.tenants["acme"].queue == "execq.acme"
+    assert tenants.tenants["acme"].queue == "acme"
     assert tenants.tenants["acme"].actions and tenants.tenants["prod"].actions
     # Every environment resolves, and the prod tenant is stricter outside dev.
     for env in ("staging", "prod"):

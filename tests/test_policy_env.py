@@ -94,7 +94,7 @@ def test_limits_merge_field_by_field_and_the_rest_is_replaced(tmp_path: Path) ->
     assert prod.network is False and prod.max_concurrent == 4
     assert prod.run_as is not None and prod.run_as.uid_min == 20000
     assert prod.submit_rate is not None and prod.submit_rate.burst == 10
-    assert prod.name == "ops" and prod.queue == "execq.ops" and prod.resolved
+    assert prod.name == "ops" and prod.queue == "ops" and prod.resolved
 
 
 def test_prod_overrides_are_enforced_by_the_policy(tmp_path: Path) -> None:

@@ -164,12 +164,12 @@ def test_only_signed_messages_run_and_forgeries_are_refused_and_audited(
         known = producer.store.create(spec, actor="test")
         r = redis.Redis.from_url(url)
         body = {"command_id": known.id, "tenant": "alpha"}
-        _publish_raw(url, "execq.alpha", known.id, body, exchange="")
+        _publish_raw(url, "alpha", known.id, body, exchange="")
         forged = signer(OTHER).sign(known.id, TASK_NAME, body)
-        _publish_raw(url, "execq.alpha", known.id, body, forged, exchange="")
+        _publish_raw(url, "alpha", known.id, body, forged, exchange="")
         made_up = str(uuid.uuid4())
         made_up_body = {"command_id": made_up, "tenant": "alpha"}
-        _publish_raw(url, "execq.alpha", made_up, made_up_body, exchange="")
+        _publish_raw(url, "alpha", made_up, made_up_body, exchange="")
         moved = producer.submit(CommandSpec(tenant="alpha", argv=["/bin/true"]))
         raw = r.lpop("execq.alpha")  # the newest: the genuine, signed message of `moved`
         assert raw is not None and json.loads(raw)["headers"]["id"] == moved.id

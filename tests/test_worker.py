@@ -233,9 +233,10 @@ def _publish_raw(
     *,
     exchange: str = "execq",
 ) -> None:
-    """Push a hand-made Celery message, as anyone with Redis access could (through the
-    anonymous exchange `""` it lands in the queue's list even before any worker bound it)."""
-    with Connection(url) as conn:
+    """Push a hand-made Celery message into `queue` of the default namespace, as anyone with
+    Redis access could (through the anonymous exchange `""` it lands in the queue's list even
+    before any worker bound it)."""
+    with Connection(url, transport_options={"global_keyprefix": "execq."}) as conn:
         producer = conn.Producer(serializer="json")
         producer.publish(
             [[], kwargs, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}],
@@ -269,14 +270,14 @@ def test_duplicate_forged_and_misrouted_deliveries_do_nothing(
     r = producer.submit(CommandSpec(tenant="alpha", argv=["/bin/sh", "-c", f"echo x >> {marker}"]))
     assert producer.wait(r.id, timeout=30).state is State.SUCCEEDED
     # the same message again (a redelivery), an unknown id, a beta command sent to alpha's queue
-    _publish_raw(url, "execq.alpha", r.id, {"command_id": r.id, "tenant": "alpha"})
+    _publish_raw(url, "alpha", r.id, {"command_id": r.id, "tenant": "alpha"})
     forged = str(uuid.uuid4())
-    _publish_raw(url, "execq.alpha", forged, {"command_id": forged, "tenant": "alpha"})
+    _publish_raw(url, "alpha", forged, {"command_id": forged, "tenant": "alpha"})
     b = producer.submit(CommandSpec(tenant="beta", argv=["/bin/sh", "-c", f"echo b >> {marker}"]))
-    _publish_raw(url, "execq.alpha", b.id, {"command_id": b.id, "tenant": "alpha"})
-    _publish_raw(url, "execq.alpha", b.id, {"command_id": b.id, "tenant": "beta"})
+    _publish_raw(url, "alpha", b.id, {"command_id": b.id, "tenant": "alpha"})
+    _publish_raw(url, "alpha", b.id, {"command_id": b.id, "tenant": "beta"})
     garbage = str(uuid.uuid4())
-    _publish_raw(url, "execq.alpha", garbage, {"command_id": "../../etc", "tenant": "alpha"})
+    _publish_raw(url, "alpha", garbage, {"command_id": "../../etc", "tenant": "alpha"})
 
     def refusals() -> list[str]:
         return [
@@ -520,7 +521,7 @@ def test_a_command_whose_secrets_did_not_arrive_fails_instead_of_running_without
     )
     _publish_raw(
         env.settings.broker_url,
-        "execq.alpha",
+        "alpha",
         created.id,
         {"command_id": created.id, "tenant": "alpha"},
     )

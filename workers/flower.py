@@ -151,6 +151,7 @@ def _revokes_reach_the_store(app: Any, settings: Settings) -> None:
                     store,
                     trail,
                     rec,
+                    settings=settings,
                     broker_url=broker_url,
                     actor=f"flower@{socket.gethostname()}",
                     operator="flower",

@@ -19,7 +19,6 @@ import redis
 
 from producer import logs
 from producer.redisconn import redis_client
-from producer.revocation import CANCEL_CHANNEL
 from producer.store.repository import Store
 
 log = logging.getLogger("execq.lease")
@@ -37,12 +36,19 @@ class LeaseKeeper:
     """Keeps the lease of the one command a pool process runs at a time."""
 
     def __init__(
-        self, *, store: Store, redis_url: str, tenant: str, owner: str, lease_s: float
+        self,
+        *,
+        store: Store,
+        redis_url: str,
+        channel: str,
+        tenant: str,
+        owner: str,
+        lease_s: float,
     ) -> None:
         self.store = store
         self.redis_url = redis_url
         self.tenant = tenant
-        self.channel = CANCEL_CHANNEL.format(tenant=tenant)
+        self.channel = channel
         self.owner = owner
         self.lease_s = lease_s
         self.renew_every_s = max(lease_s / 3, 0.2)

@@ -21,7 +21,7 @@ import redis
 from producer import rollback, saga
 from producer.audit.events import Outcome, Phase
 from producer.audit.trail import Attempt, Trail, subject_of
-from producer.broker import Publisher
+from producer.broker import Publisher, queue_key
 from producer.errors import BrokerUnavailable, StaleVersion
 from producer.redisconn import redis_client
 from producer.settings import Settings
@@ -230,7 +230,7 @@ class Reaper:
                 self._redis = redis_client(
                     self.redis_url, socket_connect_timeout=2, socket_timeout=2
                 )
-            key = f"execq.reaper.{self.tenant.name}"
+            key = self.settings.key("reaper", self.tenant.name)
             return bool(self._redis.set(key, self.actor, nx=True, px=int(self.interval_s * 900)))
         except (redis.RedisError, OSError):
             return False  # no broker, nothing to publish to anyway
@@ -238,7 +238,7 @@ class Reaper:
     def _queue_empty(self) -> bool:
         try:
             assert self._redis is not None
-            return int(self._redis.llen(self.tenant.queue)) == 0
+            return int(self._redis.llen(queue_key(self.settings, self.tenant))) == 0
         except (redis.RedisError, OSError, AssertionError):
             return False
 

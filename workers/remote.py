@@ -97,6 +97,7 @@ def _revoke_in_store(runtime: Runtime, trail: Trail, command_id: str, *, termina
         runtime.store,
         trail,
         rec,
+        settings=runtime.config.settings,
         broker_url=runtime.config.broker_url,
         actor=runtime.worker_id,
         operator=ACTOR,

@@ -17,8 +17,9 @@ from sqlalchemy import text
 
 from producer import telemetry
 from producer.audit.trail import Trail
-from producer.broker import Publisher, make_celery
+from producer.broker import Publisher, make_celery, queue_key
 from producer.redisconn import redis_client
+from producer.revocation import cancel_channel
 from producer.sealing import Sealer
 from producer.settings import Settings
 from producer.signing import Signer
@@ -103,6 +104,7 @@ class Runtime:
             self._lease = LeaseKeeper(
                 store=self.store,
                 redis_url=cfg.broker_url,
+                channel=cancel_channel(cfg.settings, cfg.tenant.name),
                 tenant=cfg.tenant.name,
                 owner=self.worker_id,
                 lease_s=cfg.settings.lease_s,
@@ -147,7 +149,7 @@ class Runtime:
                 self.config.broker_url, socket_connect_timeout=2, socket_timeout=2
             )
             try:
-                depth = int(client.llen(self.config.tenant.queue))
+                depth = int(client.llen(queue_key(self.config.settings, self.config.tenant)))
             finally:
                 client.close()
         except redis.RedisError:

@@ -10,6 +10,7 @@ from typing import Any
 from celery import signals
 
 from producer import logs
+from producer.broker import queue_key
 from producer.tenants import Tenant
 from workers import metrics, remote
 from workers.reaper import Reaper
@@ -73,7 +74,8 @@ def connect(runtime: Runtime, *, capabilities_line: str) -> None:
             log.info("metrics and health on port %d (/metrics, /healthz)", server.port)
         # Scripts (and `execq up`) wait for this line.
         print(
-            f"execq worker for tenant {cfg.tenant.name!r} ready: queue {cfg.tenant.queue}, "
+            f"execq worker for tenant {cfg.tenant.name!r} ready: queue {cfg.tenant.queue} "
+            f"(Redis list {queue_key(cfg.settings, cfg.tenant)}), "
             f"concurrency {cfg.concurrency}; signed messages: "
             f"{'required' if cfg.signer else 'OFF (no EXECQ_SIGNING_KEY)'}; "
             f"{filesystem_line(cfg.tenant)}enforced: {capabilities_line}",

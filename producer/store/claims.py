@@ -260,6 +260,8 @@ class Claims:
         params["w_max"] = max_running
         with self.engine.begin() as conn:
             if conn.dialect.name == "postgresql":
+                # A lock of the database, not a Redis name: deployments sharing a database
+                # share its rows, so this stays per tenant whatever EXECQ_NAMESPACE says.
                 conn.execute(
                     text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"),
                     {"k": f"execq.running.{tenant}"},
