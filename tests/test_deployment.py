@@ -407,7 +407,7 @@ def test_volumes_dependencies_and_build_contexts_refer_to_what_exists() -> None:
             dockerfile = "Dockerfile" if isinstance(build, str) else build["dockerfile"]
             assert (context / dockerfile).is_file(), f"{name}: no {context / dockerfile}"
     waits_for_migration = {n for n, s in svcs.items() if "migrate" in s.get("depends_on", {})}
-    assert set(workers()) | {"flower", "cli"} <= waits_for_migration
+    assert set(workers()) | {"gateway", "flower", "cli"} <= waits_for_migration
 
 
 def test_redis_persists_needs_a_password_and_never_evicts() -> None:
@@ -443,6 +443,58 @@ def test_flower_cannot_start_without_a_password_and_listens_on_loopback_only() -
     assert flower["environment"]["FLOWER_BASIC_AUTH"].startswith("${FLOWER_BASIC_AUTH:?")
     for svc in services().values():
         assert all(p.startswith("127.0.0.1:") for p in svc.get("ports", []))
+
+
+def test_execq_healthchecks_run_programs_the_image_has() -> None:
+    # The image installs no curl or wget: a probe written with them would never pass.
+    installed = " ".join(re.findall(r"apt-get install (.*)", (ROOT / "Dockerfile").read_text()))
+    assert "curl" not in installed and "wget" not in installed
+    for name, svc in execq_services().items():
+        test = svc["healthcheck"]["test"]
+        assert test[0] == "CMD" and test[1] in {"execq", "python"}, name
+
+
+# --- the HTTP gateway -----------------------------------------------------------------
+
+
+def test_the_gateway_listens_in_its_container_and_is_published_on_loopback_only() -> None:
+    gateway = services()["gateway"]
+    ctx = parse_cli(gateway["command"])
+    assert ctx.command.name == "gateway"
+    # 127.0.0.1 inside the container would be unreachable through the published port.
+    assert ctx.params["host"] == "0.0.0.0"
+    port = ctx.params["port"]
+    assert gateway["ports"] == [f"127.0.0.1:{port}:{port}"]
+    assert gateway["restart"] == "unless-stopped"
+
+
+def test_the_gateways_healthcheck_asks_its_healthz_the_way_the_workers_do() -> None:
+    gateway = services()["gateway"]
+    port = parse_cli(gateway["command"]).params["port"]
+    test = gateway["healthcheck"]["test"]
+    worker = next(iter(workers().values()))
+    worker_port = parse_cli(worker["command"]).params["metrics_port"]
+    worker_test = worker["healthcheck"]["test"]
+    assert test[:3] == worker_test[:3] == ["CMD", "python", "-c"]
+    assert f"127.0.0.1:{port}/healthz" in test[3]
+    assert test[3] == worker_test[3].replace(f":{worker_port}/", f":{port}/")
+    assert seconds(gateway["healthcheck"]["start_period"]) > 0
+
+
+def test_the_gateway_waits_for_the_store_and_redis_and_shares_the_producers_settings() -> None:
+    svcs = services()
+    gateway, worker = svcs["gateway"], svcs["worker-acme"]
+    assert gateway["depends_on"] == {
+        "migrate": {"condition": "service_completed_successfully"},
+        "redis": {"condition": "service_healthy"},
+    }
+    # It submits like any producer: the same store, broker, signing, sealing and audit keys.
+    assert gateway["environment"] == worker["environment"]
+    assert gateway["volumes"] == worker["volumes"]
+    # It runs no command itself: no capability back, unlike a worker.
+    assert gateway["cap_drop"] == ["ALL"]
+    assert "cap_add" not in gateway
+    assert gateway["security_opt"] == ["no-new-privileges:true"]
 
 
 def test_the_stack_signs_messages_and_uses_the_redis_password() -> None:

@@ -21,6 +21,7 @@ import typer
 
 from producer.settings import Environment
 from producer.tenants import TenantsFile, load_tenants
+from workers.cli_gateway import DEFAULT_PORT as GATEWAY_PORT
 from workers.clikit import JsonOpt, fail, handled, out
 
 compose_app = typer.Typer(
@@ -213,11 +214,14 @@ HEADER = """\
 #   execq compose generate --tenants {tenants_ref} --output docker-compose.yml
 #
 # execq on one host: Redis (AOF, password, noeviction), PostgreSQL, a one-shot migration,
-# one worker service per tenant, Flower (password), an OpenTelemetry Collector and Jaeger.
+# one worker service per tenant, the HTTP gateway, Flower (password), an OpenTelemetry
+# Collector and Jaeger.
 #   cp .env.example .env   # then fill it in
 #   docker compose up -d --build
 #   docker compose run --rm cli submit --tenant {first} --wait -- /bin/echo hello
-# Flower: http://127.0.0.1:5555   Jaeger: http://127.0.0.1:16686   docs/deployment.md says more.
+#   docker compose run --rm cli token create --tenant {first} --scope submit,read
+# Gateway: http://127.0.0.1:{gateway_port}   Flower: http://127.0.0.1:5555
+# Jaeger: http://127.0.0.1:16686   docs/deployment.md and docs/gateway.md say more.
 name: execq
 
 x-logging: &logging
@@ -335,6 +339,30 @@ services:
       start_period: 20s
 
 {workers}
+  # The HTTP gateway (docs/gateway.md): a producer like any other, so it needs the store, Redis
+  # and the same signing, sealing and audit keys, and no capability at all. Loopback only:
+  # put a TLS-terminating proxy in front of it for other hosts.
+  gateway:
+    <<: *execq
+    command: ["gateway", "--host", "0.0.0.0", "--port", "{gateway_port}"]
+    ports: ["127.0.0.1:{gateway_port}:{gateway_port}"]
+    restart: unless-stopped
+    depends_on:
+      migrate:
+        condition: service_completed_successfully
+      redis:
+        condition: service_healthy
+    # /healthz needs no token and answers 503 when the gateway cannot reach the store. The
+    # image has no curl: Python asks, as for the workers.
+    healthcheck:
+      test: ["CMD", "python", "-c", "import sys, urllib.request; \
+sys.exit(urllib.request.urlopen('http://127.0.0.1:{gateway_port}/healthz', timeout=3).status \
+!= 200)"]
+      interval: 15s
+      timeout: 5s
+      retries: 3
+      start_period: 20s
+
   flower:
     <<: *execq
     command: ["flower", "--port", "5555", "--address", "0.0.0.0"]
@@ -431,6 +459,7 @@ def render_compose(tenants: TenantsFile, *, tenants_ref: str = "./config/tenants
         tenants_ref=tenants_ref,
         first=plans[0].tenant,
         port=METRICS_PORT,
+        gateway_port=GATEWAY_PORT,
         workers=workers,
     )
 
