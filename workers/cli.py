@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
+from producer.environ import check as check_environment
 from producer.errors import NotFound, StoreError
 from producer.settings import ConfigInvalid, Settings, load_settings
 from producer.spec import CommandSpec
@@ -538,11 +539,13 @@ def demo(as_json: JsonOpt = False) -> None:
 
 
 def main() -> None:
-    """Console-script entry: settings errors exit 2 with the setting named."""
+    """Console-script entry: settings errors exit 2 with the setting named, an unknown
+    EXECQ_* variable before anything else runs."""
     try:
+        check_environment(os.environ)
         app()
     except ConfigInvalid as exc:
-        err.print(f"error: {exc}")
+        err.print(f"error: {exc}", soft_wrap=True, highlight=False, markup=False)
         sys.exit(2)
 
 
