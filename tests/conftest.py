@@ -9,10 +9,12 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -461,3 +463,65 @@ def run_cli(
 def append(log: Path, text: str) -> list[str]:
     """argv that appends one line to `log`: the visible trace of one run."""
     return ["/bin/sh", "-c", f"echo '{text}' >> '{log}'"]
+
+
+# --- the HTTP gateway -------------------------------------------------------------------
+
+
+@dataclass
+class GatewayProc:
+    """A real `execq gateway` process, its base URL and log."""
+
+    proc: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            return self.proc.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_gateway(env: Env, *args: str, extra_env: dict[str, str] | None = None) -> GatewayProc:
+    """`execq gateway` on a free port, once it answers /healthz."""
+    port = free_port()
+    log = env.root / f"gateway-{port}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "workers.cli", "gateway", "--port", str(port), *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **env.vars, **(extra_env or {})},
+            start_new_session=True,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+    gateway = GatewayProc(proc, f"http://127.0.0.1:{port}", log)
+    deadline = time.monotonic() + 60
+    while "ready on" not in gateway.output() or not _answers(f"{gateway.url}/healthz"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            gateway.stop()
+            raise AssertionError(f"gateway did not start:\n{gateway.output()[-3000:]}")
+        time.sleep(0.05)
+    return gateway
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as answer:
+            return int(answer.status) == 200
+    except OSError:
+        return False

@@ -29,12 +29,14 @@ from producer.client import Producer
 from producer.errors import (
     IdempotencyConflict,
     IllegalTransition,
+    InvalidEventId,
     InvalidOperation,
     NotFound,
     PolicyDenied,
     SpecError,
     StaleVersion,
 )
+from producer.live import Cursor
 from producer.record import CommandRecord
 from producer.spec import KEY_PATTERN, MAX_KEY_LENGTH, CommandSpec
 from producer.states import State
@@ -57,6 +59,19 @@ from workers.gateway.models import (
 _SF_STRING = re.compile(r'"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\])*)"')
 COMMAND_ID = r"^[0-9a-f][0-9a-f-]{7,35}$"
 MAX_PAGE = 200
+
+
+# One server-sent event, as a client's parser sees it; `data` is JSON text: {state, version},
+# {text} for stdout and stderr, the final record for end.
+SSE_EVENT = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string"},
+        "event": {"type": "string", "enum": ["state", "stdout", "stderr", "end"]},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+        "retry": {"type": "integer"},
+    },
+}
 
 
 def _doc(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -164,6 +179,8 @@ def create_app(
         ),
         responses=COMMON,
     )
+    # Not FastAPI's own max_body_size: its 413 is plain text, sent outside the app's
+    # exception handlers, and every error here is JSON.
     app.add_middleware(BodyLimit, limit=max_body)
     app.state.gateway = Gateway(producer, tokens, rates)
     errors.install(app)
@@ -283,7 +300,7 @@ def create_app(
         tags=["commands"],
         responses={
             200: {
-                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                "content": {"text/event-stream": {"schema": SSE_EVENT}},
                 "description": "Server-sent events: state, stdout, stderr, then end.",
             },
             **_doc(404),
@@ -302,6 +319,11 @@ def create_app(
         from workers.gateway.events import event_stream  # noqa: PLC0415
 
         who.need("read")
+        if last_event_id is not None:
+            try:
+                Cursor.parse(last_event_id)
+            except InvalidEventId as exc:
+                raise GatewayError(400, f"Last-Event-ID: {exc}") from None
         await anyio.to_thread.run_sync(lambda: owned(who, command_id))
         return StreamingResponse(
             event_stream(producer, command_id, after=last_event_id),

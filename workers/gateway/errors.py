@@ -90,12 +90,16 @@ def install(app: FastAPI) -> None:
             and kind
             and not (kind == "application/json" or kind.endswith("+json"))
         ):
-            return error_response(415, f"send JSON (Content-Type: application/json), not {kind}")
+            return error_response(
+                415,
+                f"the body must be JSON with Content-Type: application/json, not {kind} "
+                "(curl: --json '{...}')",
+            )
         status, message, problems = describe_validation(exc)
         return error_response(status, message, problems=problems)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = exc.detail if isinstance(exc.detail, str) else "request refused"
         extra = getattr(exc, "extra", None) or {}
         return error_response(exc.status_code, detail, dict(exc.headers or {}), **extra)

@@ -1,0 +1,67 @@
+"""Schemathesis against a live `execq gateway`: every operation of /openapi.json, generated
+valid and invalid requests, zero server errors and zero answers outside the schema."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from producer.store.db import make_engine
+from producer.store.migrate import upgrade
+from producer.tokens import Tokens
+from tests.conftest import Env, start_gateway
+
+CHECKS = ",".join(
+    [
+        "not_a_server_error",
+        "response_schema_conformance",
+        "status_code_conformance",
+        "content_type_conformance",
+        "response_headers_conformance",
+    ]
+)
+
+
+def test_schemathesis_finds_no_server_error_and_no_schema_violation(
+    make_env: Callable[..., Env], tmp_path: Path, redis_url: str
+) -> None:
+    env = make_env(f"sqlite:///{tmp_path / 'schema.db'}", redis_url)
+    upgrade(make_engine(env.settings.database_url))
+    producer = env.producer()
+    _, token = Tokens(producer.store).create(
+        tenant="alpha", scopes=["submit", "read", "operate"], name="schemathesis"
+    )
+    producer.close()
+    gateway = start_gateway(env)
+    try:
+        run = subprocess.run(
+            [
+                str(Path(sys.executable).with_name("schemathesis")),
+                "run",
+                f"{gateway.url}/openapi.json",
+                "--header",
+                f"Authorization: Bearer {token}",
+                "--checks",
+                CHECKS,
+                "--max-examples",
+                "15",
+                "--request-timeout",
+                "5",
+                "--seed",
+                "20261206",
+                "--no-color",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+            cwd=tmp_path,  # where schemathesis keeps its reports
+        )
+    finally:
+        gateway.stop()
+    report = run.stdout[-6000:] + run.stderr[-2000:]
+    assert run.returncode == 0, report
+    assert "passed" in run.stdout and "failure" not in run.stdout.split("SUMMARY")[-1], report
+    assert "unexpected" not in gateway.output(), gateway.output()[-3000:]
