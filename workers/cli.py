@@ -14,6 +14,7 @@ import signal
 import sys
 import time
 from datetime import UTC, datetime
+from importlib.metadata import version
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -58,6 +59,25 @@ app.add_typer(config_app, name="config")
 app.add_typer(compose_app, name="compose")
 app.add_typer(token_app, name="token")
 app.command("actions")(actions_cmd)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(version("execq"))
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    _version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version, exit."
+        ),
+    ] = False,
+) -> None:
+    # Options of `execq` itself, before any command; the help is the Typer's.
+    return
 
 
 def _setup_logging(level: str = "WARNING", settings: Settings | None = None) -> None:
