@@ -50,6 +50,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode="rich",
+    # Every command and sub-command inherits it from this root context.
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 db_app = typer.Typer(help="The results store.", no_args_is_help=True)
 app.add_typer(db_app, name="db")

@@ -64,8 +64,8 @@ def submit_batch(
     [dim]tenant: acme
     idempotency_key: provision-42
     steps:
-      - argv: [/bin/mkdir, /srv/acme/site]
-        compensate: [/bin/rm, -r, /srv/acme/site][/]
+      - argv: \\[/bin/mkdir, /srv/acme/site]
+        compensate: \\[/bin/rm, -r, /srv/acme/site][/]
     """
     raw = read_batch(file)
     name = tenant or raw.get("tenant")
