@@ -1,8 +1,9 @@
 """The `EXECQ_*` names execq knows; any other in the environment stops a process at start.
 
-The settings classes ignore variables they do not know, so a misspelt one (`EXECQ_BROKER_URL`
-with a letter missing, say) would leave its setting at the default without a word. Every execq process
-checks its environment first and refuses such a name, naming the closest known one.
+The settings classes ignore variables they do not know, so a misspelt one
+(`EXECQ_BROKER_URL` with a letter missing, say) would leave its setting at the default
+without a word. Every execq process checks its environment first and refuses such a name,
+naming the closest known one.
 """
 
 from __future__ import annotations
