@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
+from pathlib import Path
 
+import httpx
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import StatusCode
@@ -14,7 +17,10 @@ from producer.client import Producer
 from producer.errors import ConfigError
 from producer.spec import CommandSpec
 from producer.states import State
-from tests.conftest import OtlpSink
+from producer.store.db import make_engine
+from producer.store.migrate import upgrade
+from producer.tokens import Tokens
+from tests.conftest import Env, OtlpSink, start_gateway, start_worker
 from tests.test_worker import Start, wait_for
 
 ECHO_TRACE = ["/bin/sh", "-c", 'echo "$TRACEPARENT"; echo "${TRACESTATE:-none}"']
@@ -252,3 +258,41 @@ def test_a_producer_without_a_tracer_does_not_force_every_run_to_be_traced(
         assert traced == picked
     finally:
         tracing._sampler.cache_clear()
+
+
+def test_a_traceparent_on_an_http_request_continues_through_the_gateway_into_the_child(
+    make_env: Callable[..., Env], tmp_path: Path, redis_url: str, otlp_sink: OtlpSink
+) -> None:
+    env = make_env(f"sqlite:///{tmp_path / 'gw.db'}", redis_url)
+    upgrade(make_engine(env.settings.database_url))
+    producer = env.producer()
+    _, token = Tokens(producer.store).create(tenant="alpha", scopes=["submit", "read"])
+    worker = start_worker(env, "alpha", extra_env=otlp_sink.env())
+    gateway = start_gateway(env, extra_env=otlp_sink.env())
+    web_trace, web_span = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+    try:
+        answer = httpx.post(
+            f"{gateway.url}/v1/commands",
+            json={"argv": ECHO_TRACE},
+            headers={
+                "Authorization": f"Bearer {token}",
+                "traceparent": f"00-{web_trace}-{web_span}-01",
+            },
+            timeout=30,
+        )
+        assert answer.status_code == 201, answer.text
+        rec = producer.wait(answer.json()["id"], timeout=30)
+        assert rec.state is State.SUCCEEDED and rec.trace_id == web_trace
+        child = (rec.stdout or "").splitlines()[0]
+        assert re.fullmatch(rf"00-{web_trace}-[0-9a-f]{{16}}-01", child), child
+        # The gateway's server span is the caller's span's child, exported by the gateway.
+        wait_for(lambda: spans_named(otlp_sink, "POST /v1/commands", web_trace), 15, "its span")
+        server = spans_named(otlp_sink, "POST /v1/commands", web_trace)[0]
+        assert server["resource"]["service.name"] == "execq-gateway"
+        assert server["parent_span_id"] == web_span
+        assert "Bearer" not in server["raw"] and token not in server["raw"]
+        wait_for(lambda: spans_named(otlp_sink, "execq.run", web_trace), 15, "the worker span")
+    finally:
+        gateway.stop()
+        worker.stop()
+        producer.close()
