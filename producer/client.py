@@ -344,9 +344,17 @@ class Producer(Reverting):
 
     # --- reads ---------------------------------------------------------------------------
 
+    def resolve_id(self, id_or_prefix: str, *, tenant: str | None = None) -> str:
+        """The full id of a command given by its id or a unique prefix of it (8 characters or
+        more), among `tenant`'s commands only when given; raises NotFound or AmbiguousId.
+
+        Every method here that takes a command id (or a batch id) accepts such a prefix.
+        """
+        return self.store.resolve_id(id_or_prefix, tenant=tenant)
+
     def get(self, command_id: str, *, with_transitions: bool = False) -> CommandRecord:
         """The command's record; raises NotFound."""
-        return self.store.get(command_id, with_transitions=with_transitions)
+        return self.store.get(self.resolve_id(command_id), with_transitions=with_transitions)
 
     def list(
         self,
@@ -373,6 +381,7 @@ class Producer(Reverting):
         """Block until the command is in a terminal state; raises TimeoutError after `timeout`."""
         deadline = time.monotonic() + timeout
         pause = 0.01
+        command_id = self.resolve_id(command_id)
         while True:
             rec = self.store.get(command_id)
             if is_terminal(rec.state):
@@ -396,6 +405,7 @@ class Producer(Reverting):
     ) -> CommandRecord:
         """Pending: it never runs. Running with terminate=True: its process tree is killed."""
         actor = operator or default_principal()
+        command_id = self.resolve_id(command_id)
         for _ in range(5):
             rec = self.store.get(command_id)
             attempt = revoke_event(
@@ -460,6 +470,7 @@ class Producer(Reverting):
         Secret values are never stored: a command that had secrets needs them passed again.
         """
         actor = operator or default_principal()
+        command_id = self.resolve_id(command_id)
         rec = self.store.get(command_id)
         if rec.state not in RETRYABLE:
             raise InvalidOperation(
@@ -536,7 +547,7 @@ class Producer(Reverting):
 
     def get_batch(self, batch_id: str) -> BatchRecord:
         """A batch and its steps; raises NotFound."""
-        found = saga.load(self.store, batch_id)
+        found = saga.load(self.store, self.store.batches.resolve_id(batch_id))
         if found is None:
             raise NotFound(f"no batch with id {batch_id!r}")
         return found
@@ -544,6 +555,7 @@ class Producer(Reverting):
     def wait_batch(self, batch_id: str, timeout: float = 60.0) -> BatchRecord:
         """Block until the batch is settled; raises TimeoutError after `timeout`."""
         deadline = time.monotonic() + timeout
+        batch_id = self.store.batches.resolve_id(batch_id)
         while True:
             found = self.get_batch(batch_id)
             if found.batch.terminal:
@@ -567,7 +579,7 @@ class Producer(Reverting):
         `compensate`, default the batch's compensate_on_revoke) completed ones are undone."""
         return batching.revoke(
             self,
-            batch_id,
+            self.store.batches.resolve_id(batch_id),
             compensate=compensate,
             operator=operator or default_principal(),
             reason=reason,

@@ -69,6 +69,15 @@ class NotFound(StoreError):
     """Raised when no command (or API token) has the given id."""
 
 
+class AmbiguousId(NotFound):
+    """Raised when an id prefix begins the ids of several commands (or batches); it names
+    some of them. A NotFound: no single one has that id."""
+
+    def __init__(self, message: str, *, candidates: list[str]) -> None:
+        super().__init__(message)
+        self.candidates = candidates
+
+
 class DuplicateName(StoreError):
     """Raised when a name that must be unique is taken (an API token's, within its tenant)."""
 

@@ -97,6 +97,7 @@ class Reverting:
         `expect_version`: refuse unless the command is still at the version you looked at.
         """
         actor = operator or default_principal()
+        command_id = self.store.resolve_id(command_id)
         rec = self.store.get(command_id, with_transitions=True)
         problem = rollback.refusal(rec, expect_version=expect_version)
         if problem is None:
@@ -146,6 +147,7 @@ class Reverting:
         """
         who = _who(identity)
         claimed = (operator or "").strip() or None
+        command_id = self.store.resolve_id(command_id)
         rec = self.store.get(command_id)
         problem = _override_problem(rec, ticket, operator, reason, resolution, force, approver)
         if problem is not None:
@@ -177,6 +179,7 @@ class Reverting:
 
     def pending_override(self, command_id: str) -> OverrideRequest | None:
         """The forced override waiting for approval on a command, if any (and still valid)."""
+        command_id = self.store.resolve_id(command_id)
         rec = self.store.get(command_id)
         request = self._last_request(command_id)
         if request is None or request.version != rec.version:
@@ -198,6 +201,7 @@ class Reverting:
         have changed since. Each approval and each refusal is audited with both identities.
         """
         who = _who(identity)
+        command_id = self.store.resolve_id(command_id)
         rec = self.store.get(command_id)
         request = self._last_request(command_id)
         problem = _approval_problem(rec, request, who, ticket)

@@ -21,7 +21,7 @@ import typer
 from rich.table import Table
 
 from producer.environ import check as check_environment
-from producer.errors import NotFound, StoreError
+from producer.errors import AmbiguousId, NotFound, StoreError
 from producer.settings import ConfigInvalid, Settings, load_settings
 from producer.spec import CommandSpec
 from producer.states import State
@@ -221,12 +221,19 @@ def status(
     with open_producer() as producer:
         try:
             rec = producer.get(command_id, with_transitions=history)
-        except NotFound:
+        except AmbiguousId:
+            raise
+        except NotFound as missing:
             # A batch id is as likely as a command id here: show that instead.
             try:
                 found = producer.get_batch(command_id)
+            except AmbiguousId:
+                raise
             except NotFound:
-                raise NotFound(f"no command or batch with id {command_id!r}") from None
+                # The command's message says why (a prefix too short, say): batches alike.
+                raise NotFound(
+                    str(missing).replace("no command ", "no command or batch ", 1)
+                ) from None
             cli_batch.print_batch(found, as_json)
             return
         print_record(rec, as_json)

@@ -13,6 +13,7 @@ import typer
 from rich.table import Table
 
 from producer.audit.verify import Report
+from producer.errors import AmbiguousId, NotFound
 from producer.keys import load_audit_keys
 from producer.settings import load_settings
 from workers.clikit import JsonOpt, fail, handled, out
@@ -46,6 +47,17 @@ def _store() -> Any:
     engine = make_engine(load_settings().database_url)
     require_schema(engine)
     return Store(engine)
+
+
+def _command_id(store: Any, given: str) -> str:
+    """The full id of the command `given` (an id or a unique prefix) names; else `given` as it
+    is, since events also name API tokens by their ids."""
+    try:
+        return str(store.resolve_id(given))
+    except AmbiguousId:
+        raise
+    except NotFound:
+        return given
 
 
 def _when(value: str | None, option: str) -> datetime | None:
@@ -210,7 +222,10 @@ def export_cmd(
     since_ns = int(start.timestamp() * 1_000_000_000) if start else None
     write = sys.stdout.write
     count = 0
-    for event in _store().audit.events(tenant=tenant, since_ns=since_ns, command_id=command):
+    store = _store()
+    if command is not None:
+        command = _command_id(store, command)
+    for event in store.audit.events(tenant=tenant, since_ns=since_ns, command_id=command):
         write(json.dumps(event.to_json(), ensure_ascii=False, separators=(",", ":")) + "\n")
         count += 1
     sys.stdout.flush()
@@ -224,7 +239,9 @@ def show_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """One command's audit events, phase by phase."""
-    events = list(_store().audit.events(command_id=command_id))
+    store = _store()
+    command_id = _command_id(store, command_id)
+    events = list(store.audit.events(command_id=command_id))
     if not events:
         fail(f"no audit events for command {command_id!r}", 1, as_json=as_json)
     if as_json:

@@ -11,6 +11,7 @@ from sqlalchemy import Engine, Table, and_, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from producer.store.clock import as_utc
+from producer.store.ids import resolve
 from producer.store.models import Batch
 
 batches = cast(Table, Batch.__table__)
@@ -70,6 +71,12 @@ class BatchStore:
     def by_key(self, tenant: str, key: str) -> BatchRow | None:
         """The batch with this idempotency key, or None."""
         return self._one(and_(batches.c.tenant == tenant, batches.c.idempotency_key == key))
+
+    def resolve_id(self, id_or_prefix: str) -> str:
+        """The full id of the batch named by its id or a unique prefix of 8 characters or
+        more; NotFound or AmbiguousId."""
+        with self._auto.connect() as conn:
+            return resolve(conn, batches.c.id, id_or_prefix, what="batch")
 
     def get(self, batch_id: str) -> BatchRow | None:
         """One batch, or None."""

@@ -13,6 +13,7 @@ from producer.errors import NotFound
 from producer.record import CommandRecord, TransitionRecord
 from producer.states import State
 from producer.store.clock import as_utc as _utc
+from producer.store.ids import resolve
 from producer.store.models import Command, Transition
 
 commands = cast(Table, Command.__table__)
@@ -45,6 +46,13 @@ class Reads:
                 .group_by(commands.c.tenant)
             ).all()
         return {r[0]: int(r[1]) for r in rows}
+
+    def resolve_id(self, id_or_prefix: str, *, tenant: str | None = None) -> str:
+        """The full id of the command named by its id or a unique prefix of 8 characters or
+        more (only among `tenant`'s commands, when given); NotFound or AmbiguousId."""
+        where = None if tenant is None else commands.c.tenant == tenant
+        with self._one() as conn:
+            return resolve(conn, commands.c.id, id_or_prefix, what="command", where=where)
 
     # --- reads ---------------------------------------------------------------------------
 
