@@ -45,6 +45,7 @@ bench: install  ## throughput and latency against bare Celery, same run; audit c
 	$(VENV)/bin/python -m bench $(BENCH_ARGS)
 	$(VENV)/bin/python -m bench.audit
 	$(VENV)/bin/python -m bench.actions
+	$(VENV)/bin/python -m bench.gateway
 
 clean:
 	rm -rf $(VENV) .uv-bootstrap .execq .pytest_cache .mypy_cache .ruff_cache
