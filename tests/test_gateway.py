@@ -77,6 +77,9 @@ def test_health_needs_no_token_and_everything_else_does(gw: Gateway) -> None:
         assert answer.status_code == 401, (method, path, answer.text)
         assert answer.headers["WWW-Authenticate"].startswith("Bearer")
         assert "error" in answer.json()
+    # The token is checked before the body is read: a malformed body without one is a 401.
+    answer = client.post("/v1/commands", content=b"{oops", headers={"Content-Type": "text/x"})
+    assert answer.status_code == 401, answer.text
     good = bearer(tokens)["Authorization"]
     flipped = good[:-1] + ("A" if good[-1] != "A" else "B")
     for header in [f"Bearer {flipped}", "Bearer exq_nope", "Basic dXNlcjpwYXNz", good[7:]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 from typing import Annotated
 
 import typer
@@ -45,25 +46,36 @@ def gateway(
     producer = Producer.from_settings(settings, tenants)
     telemetry.instrument(engine=producer.store.engine)
 
-    def ready() -> None:
-        names = ", ".join(sorted(tenants.tenants)) or "none"
-        err.print(
-            f"execq gateway ready on http://{host}:{port} (tenants: {names})", highlight=False
-        )
+    app = create_app(producer, max_body=max_body_kb * 1024)
+    names = ", ".join(sorted(tenants.tenants)) or "none"
 
-    app = create_app(producer, max_body=max_body_kb * 1024, on_ready=ready)
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            # Only once the port is bound (a taken port exits before this, with the reason).
+            if self.started:
+                err.print(
+                    f"execq gateway ready on http://{host}:{port} (tenants: {names})",
+                    highlight=False,
+                )
+
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        # uvicorn's access lines are INFO; its own start-up chatter stays quiet below.
+        log_level="info" if access_log else "warning",
+        access_log=access_log,
+        server_header=False,
+        # Keep-alive connections of clients behind a pool outlive uvicorn's 5 s default.
+        timeout_keep_alive=30,
+    )
     logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
     try:
-        uvicorn.run(
-            app,
-            host=host,
-            port=port,
-            log_level="warning",
-            access_log=access_log,
-            server_header=False,
-            # Keep-alive connections of clients behind a pool outlive uvicorn's 5 s default.
-            timeout_keep_alive=30,
-        )
+        Server(config).run()
+    except SystemExit as exc:
+        # uvicorn exits 3 when it cannot start (port taken, say) and has logged why.
+        raise typer.Exit(0 if exc.code in (0, None) else 1) from None
     finally:
         producer.close()
         telemetry.shutdown()

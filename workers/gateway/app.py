@@ -11,7 +11,7 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime
 from typing import Annotated, Any
@@ -20,7 +20,6 @@ import anyio
 import redis.asyncio as aioredis
 from fastapi import Body, Depends, FastAPI, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from opentelemetry import context as otel_context
 from opentelemetry import propagate
 from opentelemetry import trace as otel_trace
@@ -40,10 +39,10 @@ from producer.live import Cursor
 from producer.record import CommandRecord
 from producer.spec import KEY_PATTERN, MAX_KEY_LENGTH, CommandSpec
 from producer.states import State
-from producer.tenants import Tenant
-from producer.tokens import TokenInfo, Tokens
+from producer.tokens import Tokens
 from workers.cli_actions import action_json
 from workers.gateway import errors
+from workers.gateway.auth import Authenticate, Caller, Gateway, caller
 from workers.gateway.errors import ErrorBody, GatewayError
 from workers.gateway.limits import DEFAULT_MAX_BODY, BodyLimit, TenantRates, too_many
 from workers.gateway.models import (
@@ -82,64 +81,6 @@ def _doc(*statuses: int) -> dict[int | str, dict[str, Any]]:
 COMMON = _doc(400, 401, 403, 413, 415, 422, 429, 500)
 
 
-class Caller:
-    """Who is asking: a valid token and its tenant's policy as this gateway loaded it."""
-
-    def __init__(self, token: TokenInfo, tenant: Tenant) -> None:
-        self.token = token
-        self.tenant = tenant
-
-    @property
-    def name(self) -> str:
-        return self.token.name
-
-    def need(self, *scopes: str) -> None:
-        if not self.token.scopes & set(scopes):
-            wanted = " or ".join(scopes)
-            raise GatewayError(403, f"this token lacks the {wanted} scope", scope=wanted)
-
-
-bearer = HTTPBearer(
-    auto_error=False,
-    description="A tenant's token from `execq token create` (exq_…).",
-)
-
-
-class Gateway:
-    """What every request of one app shares."""
-
-    def __init__(self, producer: Producer, tokens: Tokens, rates: TenantRates) -> None:
-        self.producer = producer
-        self.tokens = tokens
-        self.rates = rates
-
-
-async def caller(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-) -> Caller:
-    """The token's caller, its tenant's rate taken; 401 without a valid token."""
-    gateway: Gateway = request.app.state.gateway
-    if credentials is None or credentials.scheme.lower() != "bearer":
-        raise GatewayError(
-            401,
-            "missing token: send Authorization: Bearer exq_…",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-    token = await anyio.to_thread.run_sync(gateway.tokens.verify, credentials.credentials)
-    if token is None:
-        raise GatewayError(
-            401,
-            "invalid, expired or revoked token",
-            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
-        )
-    tenant = gateway.producer.tenants.get(token.tenant)
-    if tenant is None:
-        raise GatewayError(403, f"the token's tenant {token.tenant!r} is not configured")
-    await gateway.rates.take(tenant)
-    return Caller(token, tenant)
-
-
 Who = Annotated[Caller, Depends(caller)]
 CommandId = Annotated[str, Path(pattern=COMMAND_ID, description="A command id.")]
 
@@ -150,20 +91,14 @@ def create_app(
     tokens: Tokens | None = None,
     redis_client: aioredis.Redis | None = None,
     max_body: int = DEFAULT_MAX_BODY,
-    on_ready: Callable[[], None] | None = None,
 ) -> FastAPI:
-    """The gateway over `producer`; `tokens` default to the producer's store.
-
-    `on_ready` runs once the server listens (the CLI prints its "ready" line there).
-    """
+    """The gateway over `producer`; `tokens` default to the producer's store."""
     tokens = tokens if tokens is not None else Tokens(producer.store, trail=producer.trail)
     client = redis_client if redis_client is not None else _async_redis(producer)
     rates = TenantRates(client, producer.settings.key("http"))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        if on_ready is not None:
-            on_ready()
         try:
             yield
         finally:
@@ -182,7 +117,9 @@ def create_app(
     # Not FastAPI's own max_body_size: its 413 is plain text, sent outside the app's
     # exception handlers, and every error here is JSON.
     app.add_middleware(BodyLimit, limit=max_body)
-    app.state.gateway = Gateway(producer, tokens, rates)
+    # Outermost but for the body limit: a caller without a valid token gets 401 before its
+    # body is even read (a malformed body must not tell it more than that).
+    app.add_middleware(Authenticate, gateway=Gateway(producer, tokens, rates))
     errors.install(app)
 
     def owned(who: Caller, command_id: str, *, history: bool = False) -> CommandRecord:
