@@ -33,6 +33,7 @@ from workers.cli_audit import audit_app
 from workers.cli_batch import batch_app
 from workers.cli_compose import compose_app
 from workers.cli_config import config_app
+from workers.cli_gateway import gateway as gateway_cmd
 from workers.cli_show import STATE_STYLE, load, open_producer, print_record
 from workers.cli_token import token_app
 from workers.clikit import JsonOpt, OperatorOpt, ReasonOpt, TicketOpt, err, fail, handled, out
@@ -61,6 +62,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(compose_app, name="compose")
 app.add_typer(token_app, name="token")
 app.command("actions")(actions_cmd)
+app.command("gateway")(gateway_cmd)
 
 
 def _print_version(value: bool) -> None:
