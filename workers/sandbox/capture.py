@@ -6,6 +6,9 @@ buffers everything (416 MiB RSS for 200 MB of output) and waits for every pipe h
 Within `scrubbing(secrets)`, each stream's secrets are replaced before it is cut: scrubbing the
 cut text afterwards would miss a secret the cut splits, whose first bytes end the head (or last
 bytes start the tail) and no longer match.
+
+Within `tapping(tap)`, every chunk read is also handed to the tap as it arrives (live output):
+the tap must return at once, whatever it does with the chunk.
 """
 
 from __future__ import annotations
@@ -48,7 +51,16 @@ class Scrub:
     redacted: bool = False
 
 
+class Tap(Protocol):
+    """Sees each chunk of a command's output as it is read (workers.live.LiveTap is one)."""
+
+    def feed(self, stream: str, data: bytes) -> None:
+        """`data` was read from `stream` ("stdout" or "stderr"); must not block or raise."""
+        ...
+
+
 _SCRUB: ContextVar[Scrub | None] = ContextVar("capture_scrub", default=None)
+_TAP: ContextVar[Tap | None] = ContextVar("capture_tap", default=None)
 
 
 @contextlib.contextmanager
@@ -64,6 +76,16 @@ def scrubbing(secrets: Secrets) -> Iterator[Scrub]:
         yield scrub
     finally:
         _SCRUB.reset(token)
+
+
+@contextlib.contextmanager
+def tapping(tap: Tap) -> Iterator[Tap]:
+    """Captures in this block (this thread or task) hand every chunk they read to `tap`."""
+    token = _TAP.set(tap)
+    try:
+        yield tap
+    finally:
+        _TAP.reset(token)
 
 
 class HeadTail:
@@ -213,6 +235,7 @@ def capture(
     kill: Callable[[], None],
     cancel: threading.Event | None = None,
     scrub: Scrub | None = None,
+    tap: Tap | None = None,
     term_grace_s: float = 0.5,
     exit_grace_s: float = 0.5,
     drain_s: float = 2.0,
@@ -223,8 +246,11 @@ def capture(
     the command exits, a descendant holding a pipe gets exit_grace_s before kill(). Pipes are
     not closed here (their owner does that); the command is not reaped (only detected).
     `scrub`: secrets to take out before cutting; by default those of `scrubbing`, if any.
+    `tap`: sees every chunk as it is read; by default that of `tapping`, if any.
     """
     scrub = scrub or _SCRUB.get()
+    tap = tap or _TAP.get()
+    names = {stdout_fd: "stdout", stderr_fd: "stderr"}
     out, err = HeadTail(cap_bytes, scrub), HeadTail(cap_bytes, scrub)
     result = Captured(out, err)
     sel = selectors.DefaultSelector()
@@ -290,6 +316,8 @@ def capture(
                     continue
                 if chunk:
                     key.data.feed(chunk)
+                    if tap is not None:
+                        tap.feed(names[key.fd], chunk)
                 else:
                     sel.unregister(key.fd)
                     open_pipes -= 1
