@@ -403,7 +403,7 @@ def _forms(value: str) -> set[str]:
 class Redactor:
     """Replaces secret values (and encodings of them) with `[secret:NAME]`, then masks patterns."""
 
-    __slots__ = ("_byte_marks", "_byte_pattern", "_level", "_marks", "_pattern")
+    __slots__ = ("_by_first_byte", "_byte_marks", "_byte_pattern", "_level", "_marks", "_pattern")
 
     def __init__(
         self, secrets: Mapping[str, str] | None = None, *, level: MaskLevel | str = MaskLevel.L1
@@ -429,6 +429,7 @@ class Redactor:
         # The same forms as UTF-8, compiled on first use: most redactors never see raw bytes.
         self._byte_marks = {form.encode(): mark.encode() for form, mark in forms.items()}
         self._byte_pattern: re.Pattern[bytes] | None = None
+        self._by_first_byte: dict[int, tuple[bytes, ...]] | None = None
 
     @property
     def level(self) -> MaskLevel:
@@ -451,6 +452,30 @@ class Redactor:
             self._byte_pattern = re.compile(b"|".join(map(re.escape, ordered)))
         marks = self._byte_marks
         return [(m.start(), m.end(), marks[m[0]]) for m in self._byte_pattern.finditer(data)]
+
+    def unfinished_at(self, data: bytes | bytearray) -> int:
+        """Where the earliest end of `data` begins that more bytes could make a secret form
+        (a form's first bytes, or a form a longer one extends); `len(data)` when none does.
+
+        What a stream published piece by piece holds back until the next piece or its end.
+        """
+        if not self._byte_marks:
+            return len(data)
+        if self._by_first_byte is None:
+            grouped: dict[int, list[bytes]] = {}
+            for form in self._byte_marks:
+                grouped.setdefault(form[0], []).append(form)
+            self._by_first_byte = {k: tuple(v) for k, v in grouped.items()}
+        starts = self._by_first_byte
+        size = len(data)
+        for at in range(max(size - self.longest_form + 1, 0), size):
+            forms = starts.get(data[at])
+            if forms is None:
+                continue
+            rest = data[at:]
+            if any(len(form) > len(rest) and form.startswith(rest) for form in forms):
+                return at
+        return size
 
     def with_level(self, level: MaskLevel | str) -> Redactor:
         """The same secrets at another level, sharing the compiled secret pattern."""
