@@ -16,6 +16,7 @@ for, and the next move of the command's batch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import re
@@ -51,6 +52,7 @@ from workers.binding import Delivery, exec_request, parent_context, redactor_for
 from workers.compensation import CompensationRun
 from workers.followups import FollowUps, backoff_s, kept_while_waiting
 from workers.lease import LeaseKeeper
+from workers.live import LiveOutput
 from workers.metrics import metrics
 from workers.sandbox import ExecRequest, ExecResult, Sandbox
 from workers.sandbox.capture import scrubbing
@@ -147,7 +149,9 @@ class Pipeline:
         worker_id: str,
         trail: Trail | None = None,
         publisher: Publisher | None = None,
+        live: LiveOutput | None = None,
     ) -> None:
+        """`live`: publishes output while commands run (without one, only the store has it)."""
         self.settings = settings
         self.tenant = tenant
         self.store = store
@@ -158,6 +162,7 @@ class Pipeline:
         self.trail.watch(store.audit)  # checkpoints of the chains it appends to
         # Re-queues (retries, rollbacks, a batch's next step); without one the outbox does.
         self.follow_ups = FollowUps(store, publisher, tenant.name, worker_id, self.trail)
+        self.live = live
 
     def refuse(self, command_id: str | None, reason: str, **detail: Any) -> Handled:
         """Audit a delivery that is refused before any command is claimed (parse + abort).
@@ -445,7 +450,11 @@ class Pipeline:
         )
         # execute
         started = now_ns()
-        with self.lease.hold(claimed.id) as cancel, scrubbing(redactor) as scrubbed:
+        with (
+            self.lease.hold(claimed.id) as cancel,
+            scrubbing(redactor) as scrubbed,
+            self._publishing(claimed.id, redactor, request),
+        ):
             try:
                 result = self.sandbox.run(request, cancel=cancel, on_spawn=self.lease.set_pid)
             except (ExecutableRefused, SandboxError) as exc:
@@ -463,6 +472,16 @@ class Pipeline:
         return self._archive(
             claimed, attempt, started, result, redactor, archive, redacted=scrubbed.redacted
         )
+
+    def _publishing(
+        self, command_id: str, redactor: Redactor, request: ExecRequest
+    ) -> contextlib.AbstractContextManager[object]:
+        """Live output, scrubbed as the stored output is; each stream up to the size the
+        store keeps of its head. Left before the result is recorded: a reader that sees the
+        command end has all that was published."""
+        if self.live is None:
+            return contextlib.nullcontext()
+        return self.live.publishing(command_id, redactor, request.limits.output_kb * 1024)
 
     def _snapshot(self, claimed: Claimed) -> bytes:
         """Archive the snapshot paths into the store, unless an earlier attempt did."""

@@ -27,6 +27,7 @@ from producer.store.db import make_engine
 from producer.store.repository import Store
 from producer.tenants import Tenant, TenantsFile
 from workers.lease import LeaseKeeper
+from workers.live import LiveOutput
 from workers.metrics import Health
 from workers.pipeline import Pipeline, workdir_root
 from workers.sandbox import Sandbox
@@ -66,6 +67,7 @@ class Runtime:
         self._sandbox: Sandbox | None = None
         self._lease: LeaseKeeper | None = None
         self._publisher: Publisher | None = None
+        self._live: LiveOutput | None = None
 
     @property
     def worker_id(self) -> str:
@@ -109,6 +111,7 @@ class Runtime:
                 owner=self.worker_id,
                 lease_s=cfg.settings.lease_s,
             )
+            self._live = LiveOutput(cfg.broker_url, cfg.settings)
             self._pipeline = Pipeline(
                 settings=cfg.settings,
                 tenant=cfg.tenant,
@@ -118,6 +121,7 @@ class Runtime:
                 worker_id=self.worker_id,
                 trail=Trail.from_settings(cfg.settings),
                 publisher=self.publisher,
+                live=self._live,
             )
         return self._pipeline
 
@@ -184,6 +188,7 @@ class Runtime:
         self._sandbox = None
         self._lease = None
         self._publisher = None
+        self._live = None
 
     def close(self) -> None:
         """Release this process's resources (at pool-process or worker shutdown)."""
@@ -193,6 +198,8 @@ class Runtime:
             self._sandbox.close()
         if self._publisher is not None:
             self._publisher.close()
+        if self._live is not None:
+            self._live.close()
         if self._store is not None:
             self._store.engine.dispose()
         telemetry.shutdown()
