@@ -94,6 +94,11 @@ class InvalidOperation(ExecqError):
     """Raised when an operator action does not apply to the command's current state."""
 
 
+class InvalidEventId(ExecqError, ValueError):
+    """Raised when a live-output event id to resume after (Last-Event-ID) is not one execq
+    gives out."""
+
+
 # --- the broker -----------------------------------------------------------------------
 
 
