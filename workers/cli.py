@@ -34,6 +34,7 @@ from workers.cli_batch import batch_app
 from workers.cli_compose import compose_app
 from workers.cli_config import config_app
 from workers.cli_gateway import gateway as gateway_cmd
+from workers.cli_logs import logs as logs_cmd
 from workers.cli_show import STATE_STYLE, load, open_producer, print_record
 from workers.cli_token import token_app
 from workers.clikit import JsonOpt, OperatorOpt, ReasonOpt, TicketOpt, err, fail, handled, out
@@ -63,6 +64,7 @@ app.add_typer(compose_app, name="compose")
 app.add_typer(token_app, name="token")
 app.command("actions")(actions_cmd)
 app.command("gateway")(gateway_cmd)
+app.command("logs")(logs_cmd)
 
 
 def _print_version(value: bool) -> None:
