@@ -208,6 +208,9 @@ def test_another_tenants_command_is_404_and_lists_stay_apart(gw: Gateway) -> Non
     assert client.get(f"/v1/commands/{theirs}", headers=alpha).status_code == 404
     assert client.get(f"/v1/commands/{ids[0]}", headers=beta).status_code == 404
     assert client.post(f"/v1/commands/{ids[0]}/revoke", headers=beta).status_code == 404
+    # A prefix of 8+ characters works among the tenant's own commands only.
+    assert client.get(f"/v1/commands/{theirs[:8]}", headers=alpha).status_code == 404
+    assert client.get(f"/v1/commands/{theirs[:8]}", headers=beta).json()["id"] == theirs
     got = client.get(f"/v1/commands/{ids[0]}", headers=alpha).json()
     assert got["id"] == ids[0] and got["tenant"] == "alpha" and got["transitions"]
     seen: list[str] = []

@@ -26,6 +26,7 @@ from opentelemetry import trace as otel_trace
 
 from producer.client import Producer
 from producer.errors import (
+    AmbiguousId,
     IdempotencyConflict,
     IllegalTransition,
     InvalidEventId,
@@ -123,9 +124,16 @@ def create_app(
     errors.install(app)
 
     def owned(who: Caller, command_id: str, *, history: bool = False) -> CommandRecord:
-        """The command if it is the caller's tenant's; another tenant's is not found."""
+        """The command if it is the caller's tenant's; another tenant's is not found.
+
+        `command_id` may be a unique prefix (8 characters or more) among the tenant's own
+        commands: another tenant's ids neither match nor make a prefix ambiguous.
+        """
         try:
-            rec = producer.get(command_id, with_transitions=history)
+            full = producer.resolve_id(command_id, tenant=who.tenant.name)
+            rec = producer.get(full, with_transitions=history)
+        except AmbiguousId as exc:
+            raise GatewayError(404, str(exc), candidates=exc.candidates) from None
         except NotFound:
             rec = None
         if rec is None or rec.tenant != who.tenant.name:
@@ -261,20 +269,20 @@ def create_app(
                 Cursor.parse(last_event_id)
             except InvalidEventId as exc:
                 raise GatewayError(400, f"Last-Event-ID: {exc}") from None
-        await anyio.to_thread.run_sync(lambda: owned(who, command_id))
+        rec = await anyio.to_thread.run_sync(lambda: owned(who, command_id))
         return StreamingResponse(
-            event_stream(producer, command_id, after=last_event_id),
+            event_stream(producer, rec.id, after=last_event_id),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
     def operate(who: Caller, command_id: str, what: str, **kwargs: Any) -> CommandRecord:
         who.need("operate")
-        owned(who, command_id)
+        full = owned(who, command_id).id
         action = getattr(producer, what)
         try:
             rec: CommandRecord = action(
-                command_id, operator=who.name, reason="via the HTTP gateway", **kwargs
+                full, operator=who.name, reason="via the HTTP gateway", **kwargs
             )
         except (InvalidOperation, IllegalTransition, StaleVersion) as exc:
             raise GatewayError(409, str(exc)) from None
