@@ -1,9 +1,10 @@
 """Live output, the worker's side: a running command's output published to a Redis stream.
 
 Capture hands each chunk to the command's LiveTap, which only appends it under a lock: the
-command never waits for Redis. The tap's own thread publishes what came, in batches at most
-every FLUSH_EVERY_S, to the stream `<namespace>.live.<command id>` (XADD with MAXLEN; the key
-expires TTL_S after its last write). producer/live.py reads it.
+command never waits for Redis. One thread per pool process writes what came, every
+FLUSH_EVERY_S while a command runs, to the stream `<namespace>.live.<command id>` (XADD with
+MAXLEN; the key expires TTL_S after its last write); what is left when the command ends is
+written at once, before its end is recorded. producer/live.py reads it.
 
 What is published is scrubbed as the stored output is: bytes that more output could turn
 into a secret form are held back until the next chunk (or the end), a partial line waits up
@@ -31,15 +32,15 @@ from workers.sandbox.capture import tapping
 log = logging.getLogger("execq.live")
 
 STREAMS = ("stdout", "stderr")
-FLUSH_EVERY_S = 0.1  # at most ten writes a second per command
+FLUSH_EVERY_S = 0.05  # at most twenty writes a second per command
 LINE_HOLD_S = 0.5  # how long a partial line waits for its end
 LINE_HOLD_BYTES = 8192  # ... or until it is this long
 MAXLEN = 10_000  # entries kept per stream (approximate trim); the byte cap comes first
 TTL_S = 3600  # a stream expires this long after its last write
-CLOSE_WAIT_S = 0.5  # the most the last write may hold up the end of a command
+CLOSE_WAIT_S = 0.5  # the most a command's end waits for a write in progress
 DOWN_FOR_S = 5.0  # after a failed write, live output is dropped this long
 CONNECT_TIMEOUT_S = 0.5
-WRITE_TIMEOUT_S = 1.0
+WRITE_TIMEOUT_S = 0.5
 
 Span = tuple[int, int, bytes]
 
@@ -50,7 +51,8 @@ def cut_marker(cap: int) -> str:
 
 
 class LiveOutput:
-    """A pool process's publisher of live output: one Redis client its commands share."""
+    """A pool process's publisher of live output: one Redis client and one writing thread
+    (started on first use, in the process that runs the commands) for all its commands."""
 
     def __init__(self, redis_url: str, settings: Settings) -> None:
         self.redis_url = redis_url
@@ -58,6 +60,11 @@ class LiveOutput:
         self._client: redis.Redis | None = None
         self._down_until = 0.0
         self._lock = threading.Lock()
+        self._taps: set[LiveTap] = set()
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._idle = False  # the thread waits for a command to publish (not for a timer)
+        self._closed = False
 
     def client(self) -> redis.Redis | None:
         """The client to write with; None while Redis is presumed down."""
@@ -81,14 +88,50 @@ class LiveOutput:
     def publishing(self, command_id: str, redactor: Redactor, cap: int) -> Iterator[LiveTap]:
         """Captures in this block publish their output; on leaving, what is held goes out."""
         tap = LiveTap(self, self.settings.key("live", command_id), redactor, cap)
+        self._watch(tap)
         try:
             with tapping(tap):
                 yield tap
         finally:
+            with self._changed:
+                self._taps.discard(tap)
             tap.close()
 
+    def _watch(self, tap: LiveTap) -> None:
+        with self._changed:
+            self._taps.add(tap)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="execq-live", daemon=True)
+                try:
+                    self._thread.start()
+                except RuntimeError:  # no thread to be had: the end of each run writes all
+                    self._thread = None
+            if self._idle:
+                self._changed.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                while not self._taps and not self._closed:
+                    self._idle = True
+                    self._changed.wait()
+                self._idle = False
+                if self._closed:
+                    return
+                # What comes meanwhile goes out in one write.
+                self._changed.wait(FLUSH_EVERY_S)
+                taps = list(self._taps)
+            for tap in taps:
+                tap.flush()
+
     def close(self) -> None:
-        """Release the Redis connections (at pool-process shutdown)."""
+        """Stop the writing thread and release the Redis connections (at pool-process
+        shutdown)."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify()
+        if self._thread is not None:
+            self._thread.join(CLOSE_WAIT_S + WRITE_TIMEOUT_S)
         with self._lock:
             if self._client is not None:
                 self._client.close()
@@ -175,19 +218,19 @@ class LiveTap:
         self.cap = max(cap, 0)
         self._output = output
         self._streams = {name: _Stream(name) for name in STREAMS}
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._closing = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # what capture hands over
+        self._writing = threading.Lock()  # one write at a time, in order
+        self._closing = False
+        self._finished = False
         self._dropped = False
 
     def feed(self, stream: str, data: bytes) -> None:
-        """Capture read `data` from `stream`: keep it for the thread (started on first use)."""
+        """Capture read `data` from `stream`: keep it for the next write (up to the cap)."""
         if self._dropped:
             return
         s = self._streams[stream]
         with self._lock:
-            if s.full or self._closing.is_set():
+            if s.full or self._closing:
                 return
             room = self.cap - s.accepted
             if len(data) > room:
@@ -195,45 +238,36 @@ class LiveTap:
                 s.full = True
             s.accepted += len(data)
             s.incoming += data
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="execq-live", daemon=True)
-                try:
-                    self._thread.start()
-                except RuntimeError:  # no thread to be had: the command goes on without
-                    self._dropped = True
-                    return
-        self._wake.set()
 
-    def close(self) -> None:
-        """The command's output ended: what is held goes out, waiting CLOSE_WAIT_S at most."""
-        with self._lock:
-            self._closing.set()
-            thread = self._thread
-        self._wake.set()
-        if thread is not None:
-            thread.join(CLOSE_WAIT_S)
-
-    def _run(self) -> None:
+    def flush(self) -> None:
+        """Write what is safe to publish now (the writing thread, while the command runs)."""
         try:
-            while not self._closing.is_set():
-                self._wake.clear()
-                self._publish(last=False)
-                # What comes in the next FLUSH_EVERY_S goes out in one write.
-                if self._closing.wait(FLUSH_EVERY_S):
-                    break
-                self._wake.wait(self._hold_s())
-            self._publish(last=True)
+            with self._writing:
+                if not self._finished:
+                    self._publish(last=False)
         except Exception:
             # Never the command's failure: its output is in the store all the same.
             log.exception("live output of %s stopped", self.key)
             self._drop()
 
-    def _hold_s(self) -> float | None:
-        """Until the first held partial line is due; None: until something happens."""
-        due = [s.partial_since for s in self._streams.values() if s.partial_since is not None]
-        if not due:
-            return None
-        return max(min(due) + LINE_HOLD_S - time.monotonic(), 0.0)
+    def close(self) -> None:
+        """The command's output ended: what is held goes out now. Waits CLOSE_WAIT_S at most
+        for a write in progress (then drops the rest), and a Redis that does not answer
+        costs one timeout before it is left alone for DOWN_FOR_S."""
+        with self._lock:
+            self._closing = True
+        if not self._writing.acquire(timeout=CLOSE_WAIT_S):
+            self._drop()
+            return
+        try:
+            if not self._finished:
+                self._finished = True
+                self._publish(last=True)
+        except Exception:
+            log.exception("live output of %s stopped", self.key)
+            self._drop()
+        finally:
+            self._writing.release()
 
     def _publish(self, *, last: bool) -> None:
         now = time.monotonic()
