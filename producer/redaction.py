@@ -403,7 +403,15 @@ def _forms(value: str) -> set[str]:
 class Redactor:
     """Replaces secret values (and encodings of them) with `[secret:NAME]`, then masks patterns."""
 
-    __slots__ = ("_by_first_byte", "_byte_marks", "_byte_pattern", "_level", "_marks", "_pattern")
+    __slots__ = (
+        "_by_first_byte",
+        "_byte_marks",
+        "_byte_pattern",
+        "_level",
+        "_longest",
+        "_marks",
+        "_pattern",
+    )
 
     def __init__(
         self, secrets: Mapping[str, str] | None = None, *, level: MaskLevel | str = MaskLevel.L1
@@ -428,6 +436,7 @@ class Redactor:
         self._pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
         # The same forms as UTF-8, compiled on first use: most redactors never see raw bytes.
         self._byte_marks = {form.encode(): mark.encode() for form, mark in forms.items()}
+        self._longest = max(map(len, self._byte_marks), default=0)
         self._byte_pattern: re.Pattern[bytes] | None = None
         self._by_first_byte: dict[int, tuple[bytes, ...]] | None = None
 
@@ -440,7 +449,7 @@ class Redactor:
     def longest_form(self) -> int:
         """UTF-8 bytes of the longest form of a secret (0 without secrets): how far a secret
         that a cut splits can reach past the cut."""
-        return max(map(len, self._byte_marks), default=0)
+        return self._longest
 
     def secret_spans(self, data: bytes) -> list[tuple[int, int, bytes]]:
         """Where the secret pass of `scrub` would replace a form in UTF-8 `data`: (start, end,
