@@ -27,7 +27,7 @@ import redis
 from producer.errors import BrokerUnavailable, InvalidEventId
 from producer.record import CommandRecord
 from producer.redisconn import async_redis_client, redis_client, shown_url
-from producer.states import is_terminal
+from producer.states import State, is_terminal
 
 if TYPE_CHECKING:
     from producer.client import Producer
@@ -91,6 +91,7 @@ class _Events:
         self.producer = producer
         self.cursor = Cursor.parse(after) if after else Cursor()
         self.key = ""
+        self.running = False  # the last state given is `running`
 
     def first(self, rec: CommandRecord) -> CommandRecord:
         """The command's record when following starts: its stream is named after its id."""
@@ -107,8 +108,17 @@ class _Events:
     def state(self, rec: CommandRecord) -> list[LiveEvent]:
         if rec.version <= self.cursor.version:
             return []
+        self.running = rec.state is State.RUNNING
         self.cursor = Cursor(rec.version, self.cursor.entry)
         return [self._event("state", {"state": rec.state.value, "version": rec.version})]
+
+    def need_start(self, reply: Any) -> bool:
+        """Output came before the state poll saw the command start: read the record again."""
+        return bool(reply) and not self.running
+
+    def started(self, rec: CommandRecord) -> list[LiveEvent]:
+        """`running` before that output, if it runs (an end waits until the output is read)."""
+        return self.state(rec) if rec.state is State.RUNNING else []
 
     def entries(self, reply: Any) -> list[LiveEvent]:
         """Events of an XREAD reply (either protocol's shape)."""
@@ -193,6 +203,8 @@ def _follow(
                         count=_BATCH,
                         block=max(int(left * 1000), 1),
                     )
+                    if events.need_start(reply):
+                        yield from events.started(producer.get(command_id))
                     yield from events.entries(reply)
             rec = producer.get(command_id)
     except redis.RedisError as exc:
@@ -253,6 +265,10 @@ async def afollow(
                         count=_BATCH,
                         block=max(int(left * 1000), 1),
                     )
+                    if events.need_start(reply):
+                        fresh = await asyncio.to_thread(producer.get, command_id)
+                        for event in events.started(fresh):
+                            yield event
                     for event in events.entries(reply):
                         yield event
             rec = await asyncio.to_thread(producer.get, command_id)
