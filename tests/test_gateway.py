@@ -335,3 +335,20 @@ def test_openapi_documents_every_route(gw: Gateway) -> None:
         "/healthz",
     } <= set(spec["paths"])
     assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+
+
+def test_a_revoke_reaches_the_gateway_within_its_token_cache(gw_env: Env) -> None:
+    producer = gw_env.producer()
+    tokens = Tokens(producer.store)
+    info, raw = tokens.create(tenant="alpha", scopes=["read"])
+    auth = {"Authorization": f"Bearer {raw}"}
+    cached = create_app(producer, tokens=tokens, token_cache_s=60)
+    uncached = create_app(producer, tokens=tokens)
+    with TestClient(cached) as slow, TestClient(uncached) as fast:
+        assert slow.get("/v1/commands", headers=auth).status_code == 200
+        assert fast.get("/v1/commands", headers=auth).status_code == 200
+        tokens.revoke(info.id)
+        # Without a cache the revoke holds at once; with one, once the entry is older.
+        assert fast.get("/v1/commands", headers=auth).status_code == 401
+        assert slow.get("/v1/commands", headers=auth).status_code == 200
+    producer.close()

@@ -23,6 +23,16 @@ def gateway(
         int,
         typer.Option(metavar="KB", min=1, max=65536, help="Largest request body (413 beyond)."),
     ] = 1024,
+    token_cache_s: Annotated[
+        float,
+        typer.Option(
+            metavar="SECONDS",
+            min=0,
+            max=300,
+            help="Trust a verified token this long without asking the store again: a revoke "
+            "takes up to this long to reach a running gateway. 0: ask on every request.",
+        ),
+    ] = 2.0,
     access_log: Annotated[
         bool, typer.Option(help="Log each request (method, path, status; never a body).")
     ] = True,
@@ -46,7 +56,7 @@ def gateway(
     producer = Producer.from_settings(settings, tenants)
     telemetry.instrument(engine=producer.store.engine)
 
-    app = create_app(producer, max_body=max_body_kb * 1024)
+    app = create_app(producer, max_body=max_body_kb * 1024, token_cache_s=token_cache_s)
     names = ", ".join(sorted(tenants.tenants)) or "none"
 
     class Server(uvicorn.Server):

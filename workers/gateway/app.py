@@ -92,8 +92,13 @@ def create_app(
     tokens: Tokens | None = None,
     redis_client: aioredis.Redis | None = None,
     max_body: int = DEFAULT_MAX_BODY,
+    token_cache_s: float = 0.0,
 ) -> FastAPI:
-    """The gateway over `producer`; `tokens` default to the producer's store."""
+    """The gateway over `producer`; `tokens` default to the producer's store.
+
+    `token_cache_s`: how long a verified token is trusted without asking the store again
+    (what a revoke may take to reach this gateway); 0 asks on every request.
+    """
     tokens = tokens if tokens is not None else Tokens(producer.store, trail=producer.trail)
     client = redis_client if redis_client is not None else _async_redis(producer)
     rates = TenantRates(client, producer.settings.key("http"))
@@ -120,7 +125,8 @@ def create_app(
     app.add_middleware(BodyLimit, limit=max_body)
     # Outermost but for the body limit: a caller without a valid token gets 401 before its
     # body is even read (a malformed body must not tell it more than that).
-    app.add_middleware(Authenticate, gateway=Gateway(producer, tokens, rates))
+    gateway = Gateway(producer, tokens, rates, token_cache_s=token_cache_s)
+    app.add_middleware(Authenticate, gateway=gateway)
     errors.install(app)
 
     def owned(who: Caller, command_id: str, *, history: bool = False) -> CommandRecord:
