@@ -436,7 +436,8 @@ class Producer(Reverting):
         # A hint only: the worker checks the store's cancel flag before it kills anything,
         # and re-reads the flag on every lease renewal if this message is lost.
         try:
-            self._redis_client().publish(cancel_channel(self.settings, tenant), command_id)
+            channel = cancel_channel(self.settings, tenant, self.broker_url)
+            self._redis_client().publish(channel, command_id)
         except redis.RedisError as exc:
             log.warning(
                 "could not announce cancel of %s (lease renewal will see it): %s", command_id, exc

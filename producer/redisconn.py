@@ -226,3 +226,14 @@ def async_redis_client(
         socket_timeout=socket_timeout,
     )
     return client
+
+
+def database_of(url: str) -> int:
+    """The Redis database number a broker URL names (0 when it names none)."""
+    if is_sentinel(url):
+        return parse_sentinel_url(url).db
+    try:
+        db = redis.connection.parse_url(url).get("db", 0)  # type: ignore[no-untyped-call]
+    except ValueError:
+        return 0  # a URL scheme redis-py does not parse (kombu's): the default database
+    return int(db or 0)

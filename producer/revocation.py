@@ -8,7 +8,7 @@ from producer.audit.events import Outcome, Phase
 from producer.audit.trail import Attempt, Trail, subject_of
 from producer.errors import StaleVersion
 from producer.record import CommandRecord
-from producer.redisconn import redis_client
+from producer.redisconn import database_of, redis_client
 from producer.settings import Settings
 from producer.states import State
 from producer.store.clock import utcnow
@@ -60,9 +60,14 @@ def revoke_pending(
     return True
 
 
-def cancel_channel(settings: Settings, tenant: str) -> str:
-    """The pub/sub channel that tells `tenant`'s workers to check a command's cancel flag."""
-    return settings.key("cancel", tenant)
+def cancel_channel(settings: Settings, tenant: str, broker_url: str) -> str:
+    """The pub/sub channel that tells `tenant`'s workers to check a command's cancel flag.
+
+    It names the Redis database: channels are server-wide in Redis, so deployments on two
+    databases of one server would otherwise hear each other (kombu adds `/<db>.` to its own
+    channels for the same reason).
+    """
+    return settings.key("cancel", str(database_of(broker_url)), tenant)
 
 
 def revoke_remote(
@@ -94,7 +99,7 @@ def revoke_remote(
         trail.copy(attempt.events)
         client = redis_client(broker_url, socket_connect_timeout=2, socket_timeout=2)
         try:
-            client.publish(cancel_channel(settings, rec.tenant), rec.id)
+            client.publish(cancel_channel(settings, rec.tenant, broker_url), rec.id)
         except redis.RedisError:
             pass  # the worker re-reads the flag on its next lease renewal
         finally:

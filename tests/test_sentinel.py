@@ -19,6 +19,7 @@ from redis.sentinel import SentinelConnectionPool
 
 from producer.errors import ConfigError
 from producer.redisconn import parse_sentinel_url, redis_client
+from producer.revocation import cancel_channel
 from producer.settings import Settings
 from producer.spec import CommandSpec
 from producer.states import State
@@ -190,8 +191,9 @@ def test_commands_run_and_revoke_through_sentinel(
             wait_for(lambda: producer.get(slow.id).state is State.RUNNING, 15, "sleep to start")
             master = cluster.node(cluster.master_port)
             # The running pool process listens on the cancel channel of the real master.
+            channel = cancel_channel(env.settings, "alpha", env.settings.broker_url).encode()
             wait_for(
-                lambda: dict(master.pubsub_numsub("execq.cancel.alpha"))[b"execq.cancel.alpha"],
+                lambda: dict(master.pubsub_numsub(channel))[channel],
                 5,
                 "a cancel-channel subscriber on the master",
             )

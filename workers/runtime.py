@@ -106,7 +106,7 @@ class Runtime:
             self._lease = LeaseKeeper(
                 store=self.store,
                 redis_url=cfg.broker_url,
-                channel=cancel_channel(cfg.settings, cfg.tenant.name),
+                channel=cancel_channel(cfg.settings, cfg.tenant.name, cfg.broker_url),
                 tenant=cfg.tenant.name,
                 owner=self.worker_id,
                 lease_s=cfg.settings.lease_s,
