@@ -162,3 +162,35 @@ def load_policy_settings() -> PolicySettings:
         return PolicySettings()
     except ValidationError as exc:
         raise ConfigInvalid(describe_validation_error(exc)) from None
+
+
+class GatewaySettings(BaseSettings):
+    """`execq gateway`'s settings (`EXECQ_GATEWAY_<NAME>`); its options override them.
+
+    Read apart from Settings: only the gateway needs them, and each of its worker
+    processes reads them again (they start from the environment, not from the CLI).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="EXECQ_GATEWAY_", extra="ignore", frozen=True)
+
+    host: str = Field(default="127.0.0.1", description="Address to listen on.")
+    port: int = Field(default=8080, ge=1, le=65535)
+    workers: int = Field(
+        default=1, ge=1, le=64, description="Processes serving requests (one core each)."
+    )
+    max_body_kb: int = Field(default=1024, ge=1, le=65536, description="Largest request body.")
+    token_cache_s: float = Field(
+        default=2.0,
+        ge=0,
+        le=300,
+        description="How long a verified token is trusted without asking the store again.",
+    )
+    access_log: bool = Field(default=True, description="Log each request (never a body).")
+
+
+def load_gateway_settings() -> GatewaySettings:
+    """The gateway's settings; raises ConfigInvalid naming the bad variable."""
+    try:
+        return GatewaySettings()
+    except ValidationError as exc:
+        raise ConfigInvalid(describe_validation_error(exc, prefix="EXECQ_GATEWAY_")) from None

@@ -24,6 +24,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate
 from opentelemetry import trace as otel_trace
 
+from producer import telemetry
 from producer.client import Producer
 from producer.errors import (
     AmbiguousId,
@@ -93,11 +94,13 @@ def create_app(
     redis_client: aioredis.Redis | None = None,
     max_body: int = DEFAULT_MAX_BODY,
     token_cache_s: float = 0.0,
+    close_producer: bool = False,
 ) -> FastAPI:
     """The gateway over `producer`; `tokens` default to the producer's store.
 
     `token_cache_s`: how long a verified token is trusted without asking the store again
     (what a revoke may take to reach this gateway); 0 asks on every request.
+    `close_producer`: the app owns `producer` and closes it (and flushes traces) at shutdown.
     """
     tokens = tokens if tokens is not None else Tokens(producer.store, trail=producer.trail)
     client = redis_client if redis_client is not None else _async_redis(producer)
@@ -109,6 +112,9 @@ def create_app(
             yield
         finally:
             await client.aclose()
+            if close_producer:
+                producer.close()
+                telemetry.shutdown()
 
     app = FastAPI(
         lifespan=lifespan,
@@ -393,8 +399,6 @@ def _trace_of(request: Request) -> Iterator[None]:
 
 
 def _instrument(app: FastAPI) -> None:
-    from producer import telemetry  # noqa: PLC0415
-
     if telemetry.exporter_name() == "none":
         return
     from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor  # noqa: PLC0415
