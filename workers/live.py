@@ -37,10 +37,10 @@ LINE_HOLD_S = 0.5  # how long a partial line waits for its end
 LINE_HOLD_BYTES = 8192  # ... or until it is this long
 MAXLEN = 10_000  # entries kept per stream (approximate trim); the byte cap comes first
 TTL_S = 3600  # a stream expires this long after its last write
-CLOSE_WAIT_S = 0.5  # the most a command's end waits for a write in progress
+CLOSE_WAIT_S = 2.0  # the most a command's end waits for a write in progress
 DOWN_FOR_S = 5.0  # after a failed write, live output is dropped this long
-CONNECT_TIMEOUT_S = 0.5
-WRITE_TIMEOUT_S = 0.5
+CONNECT_TIMEOUT_S = 1.0
+WRITE_TIMEOUT_S = 2.0
 
 Span = tuple[int, int, bytes]
 
