@@ -62,7 +62,9 @@ def test_cpu_time_limit_stops_a_busy_loop(sandbox: Sandbox) -> None:
     r = sandbox.run(python("while True: pass", cpu_s=1, timeout_s=10))
     assert r.killed == "cpu"
     assert (r.exit_code, r.signal) == (128 + signal.SIGXCPU, signal.SIGXCPU)
-    assert r.cpu_s is not None and 0.9 <= r.cpu_s < 2.5
+    # The kernel checks RLIMIT_CPU on its own clock; rusage, read after the kill, has been
+    # seen at 0.897 s for a 1 s limit on a loaded machine.
+    assert r.cpu_s is not None and 0.8 <= r.cpu_s < 2.5
     assert r.enforced["cpu"] == "rlimit"
 
 
