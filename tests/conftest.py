@@ -264,12 +264,11 @@ def producer(env: Env) -> Iterator[Producer]:
 
 
 @dataclass
-class WorkerProc:
-    """A real `execq worker` process and its log."""
+class ExecqProc:
+    """A real `execq …` process and its log."""
 
     proc: subprocess.Popen[bytes]
     log: Path
-    tenant: str
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -284,6 +283,29 @@ class WorkerProc:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
             return self.proc.wait()
+
+
+def spawn_execq(
+    env: Env, args: list[str], log: Path, extra_env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """`python -m workers.cli ARGS…` in a session of its own, its output into `log`."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "workers.cli", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **env.vars, **(extra_env or {})},
+            start_new_session=True,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+
+
+@dataclass
+class WorkerProc(ExecqProc):
+    """A real `execq worker` process and its log."""
+
+    tenant: str
 
     def pool_pids(self) -> list[int]:
         """The prefork pool processes (children of the worker's main process)."""
@@ -302,19 +324,10 @@ def start_worker(
     args: list[str] | None = None,
 ) -> WorkerProc:
     log = env.root / f"worker-{tenant}-{uuid.uuid4().hex[:6]}.log"
-    argv = [sys.executable, "-m", "workers.cli", "worker", "--tenant", tenant, *(args or [])]
+    argv = ["worker", "--tenant", tenant, *(args or [])]
     if concurrency:
         argv += ["--concurrency", str(concurrency)]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            argv,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env={**os.environ, **env.vars, **(extra_env or {})},
-            start_new_session=True,
-            cwd=Path(__file__).resolve().parent.parent,
-        )
+    proc = spawn_execq(env, argv, log, extra_env)
     worker = WorkerProc(proc, log, tenant)
     deadline = time.monotonic() + ready_timeout
     while " ready" not in worker.output():
@@ -469,24 +482,10 @@ def append(log: Path, text: str) -> list[str]:
 
 
 @dataclass
-class GatewayProc:
-    """A real `execq gateway` process, its base URL and log."""
+class GatewayProc(ExecqProc):
+    """A real `execq gateway` process, its log and base URL."""
 
-    proc: subprocess.Popen[bytes]
     url: str
-    log: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            return self.proc.wait()
 
 
 def free_port() -> int:
@@ -499,17 +498,8 @@ def start_gateway(env: Env, *args: str, extra_env: dict[str, str] | None = None)
     """`execq gateway` on a free port, once it answers /healthz."""
     port = free_port()
     log = env.root / f"gateway-{port}.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "workers.cli", "gateway", "--port", str(port), *args],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env={**os.environ, **env.vars, **(extra_env or {})},
-            start_new_session=True,
-            cwd=Path(__file__).resolve().parent.parent,
-        )
-    gateway = GatewayProc(proc, f"http://127.0.0.1:{port}", log)
+    proc = spawn_execq(env, ["gateway", "--port", str(port), *args], log, extra_env)
+    gateway = GatewayProc(proc, log, f"http://127.0.0.1:{port}")
     deadline = time.monotonic() + 60
     while "ready on" not in gateway.output() or not _answers(f"{gateway.url}/healthz"):
         if proc.poll() is not None or time.monotonic() > deadline:

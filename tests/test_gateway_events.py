@@ -7,7 +7,7 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -15,6 +15,8 @@ import pytest
 import redis
 import uvicorn
 
+from bench.gateway import sse_events
+from producer.redisconn import database_of
 from producer.spec import CommandSpec
 from producer.store.db import make_engine
 from producer.store.migrate import upgrade
@@ -54,19 +56,6 @@ def token_for(env: Env) -> str:
     return raw
 
 
-def sse(lines: Iterator[str]) -> Iterator[dict[str, str]]:
-    """Events of a text/event-stream, as dicts of their fields (comments skipped)."""
-    event: dict[str, str] = {}
-    for line in lines:
-        if not line:
-            if event:
-                yield event
-            event = {}
-        elif not line.startswith(":"):
-            name, _, value = line.partition(": ")
-            event[name] = value
-
-
 def test_output_arrives_while_the_command_runs_and_resumes_exactly(live_env: Env) -> None:
     worker = start_worker(live_env, "alpha")
     gateway = start_gateway(live_env)
@@ -77,7 +66,7 @@ def test_output_arrives_while_the_command_runs_and_resumes_exactly(live_env: Env
             seen: list[tuple[float, dict[str, str]]] = []
             with client.stream("GET", f"/v1/commands/{made}/events") as stream:
                 assert stream.headers["content-type"].startswith("text/event-stream")
-                for event in sse(stream.iter_lines()):
+                for event in sse_events(stream.iter_lines()):
                     seen.append((time.monotonic(), event))
                     if event.get("event") == "end":
                         break
@@ -103,7 +92,7 @@ def test_output_arrives_while_the_command_runs_and_resumes_exactly(live_env: Env
             with client.stream(
                 "GET", f"/v1/commands/{made}/events", headers={"Last-Event-ID": after}
             ) as stream:
-                again = [e for e in sse(stream.iter_lines()) if "event" in e]
+                again = [e for e in sse_events(stream.iter_lines()) if "event" in e]
 
             # Output: exactly the chunks that followed, once each. States may come coalesced
             # (a resume sees the state the store holds now), and it ends with the same record.
@@ -163,6 +152,12 @@ def test_200_clients_leaving_early_leak_no_task_or_redis_connection(
     # A command that stays pending (no worker): its streams wait on Redis until closed.
     made = producer.submit(CommandSpec(tenant="alpha", argv=["/bin/sleep", "5"])).id
     probe = redis.Redis.from_url(redis_url)
+    db = str(database_of(redis_url))
+
+    def ours() -> list[dict[str, str]]:
+        # Connections on this test's database: other runs on the same server are not ours.
+        return [c for c in probe.client_list() if str(c.get("db")) == db]
+
     try:
         with Server(create_app(producer)) as server:
             url = f"http://127.0.0.1:{server.port}/v1/commands/{made}/events"
@@ -182,13 +177,13 @@ def test_200_clients_leaving_early_leak_no_task_or_redis_connection(
 
             time.sleep(0.5)
             tasks_before = server.tasks()
-            clients_before = len(probe.client_list())
+            clients_before = len(ours())
             got = asyncio.run(crowd())
             assert got == ["event: state"] * 200
             deadline = time.monotonic() + 15
             while time.monotonic() < deadline:
                 leaked_tasks = server.tasks() - tasks_before
-                leaked_conns = len(probe.client_list()) - clients_before
+                leaked_conns = len(ours()) - clients_before
                 if leaked_tasks <= 0 and leaked_conns <= 0:
                     break
                 time.sleep(0.2)
