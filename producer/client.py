@@ -69,7 +69,7 @@ class _Checked:
     spec: CommandSpec
     attempt: Attempt
     trace: TraceContext
-    refusal: PolicyDenied | UnknownTenant | None = None
+    refusal: PolicyDenied | None = None
     rule: str | None = None
     failure_reason: str | None = None
 
@@ -89,7 +89,7 @@ class _Staged:
     result: SubmitResult
     events: Sequence[AuditEvent]  # to copy to the audit file
     message: tuple[str, dict[str, str], dict[str, str]] | None = None  # tenant, secrets, headers
-    refusal: PolicyDenied | UnknownTenant | None = None
+    refusal: PolicyDenied | None = None
 
 
 class Producer(Reverting):
@@ -152,8 +152,9 @@ class Producer(Reverting):
     def submit(self, spec: CommandSpec) -> SubmitResult:
         """Record the command, then queue it; a repeat of a key returns the first command.
 
-        Raises SpecError/UnknownTenant for a malformed spec, PolicyDenied (the refusal is
-        recorded as `rejected`), IdempotencyConflict for a reused key with another spec.
+        Raises SpecError/UnknownTenant for a malformed spec (nothing is stored or audited),
+        PolicyDenied (the refusal is recorded as `rejected`), IdempotencyConflict for a
+        reused key with another spec.
         Succeeds while Redis is down: the command is published when the broker is back.
         """
         if not isinstance(spec, CommandSpec):
@@ -166,7 +167,12 @@ class Producer(Reverting):
         with tracing.span("execq.submit", kind=SpanKind.PRODUCER, attributes=attributes) as span:
             try:
                 result = self._submit(spec)
-            except (PolicyDenied, UnknownTenant) as refusal:
+            except UnknownTenant as unknown:
+                tracing.finish_span(
+                    span, {"execq.state": "invalid"}, error=type(unknown).__name__, redactor=None
+                )
+                raise
+            except PolicyDenied as refusal:
                 tracing.finish_span(
                     span,
                     {"execq.command_id": refusal.command_id, "execq.state": "rejected"},
@@ -228,7 +234,8 @@ class Producer(Reverting):
         Each is checked, recorded and audited as `submit` does it, in order. A refusal does
         not stop the others: its result is `rejected`, with `rule` and `error`, instead of an
         exception. Raises IdempotencyConflict for a key reused with another spec (nothing of
-        the call is stored then), TypeError or SpecError before anything is stored.
+        the call is stored then), TypeError or SpecError (UnknownTenant included) before
+        anything is stored.
         """
         specs = builtins.list(specs)
         for spec in specs:
@@ -267,7 +274,7 @@ class Producer(Reverting):
         """The spec with its action filled in (argv, env, limits...); raw specs as they are.
 
         Raises PolicyDenied naming the parameter and rule a value breaks. A spec for an
-        unknown tenant is returned as it is (the policy check refuses it).
+        unknown tenant is returned as it is (submit refuses it with UnknownTenant).
         """
         tenant = self.tenants.get(spec.tenant)
         if spec.action is None or tenant is None:
@@ -275,7 +282,13 @@ class Producer(Reverting):
         return actions.resolve(spec, tenant)
 
     def _check(self, spec: CommandSpec, trace: TraceContext) -> _Checked:
-        """The parse and authz phases of one command: its audit events, and its refusal."""
+        """The parse and authz phases of one command: its audit events, and its refusal.
+
+        Raises UnknownTenant first: a tenant the file does not define is a malformed spec,
+        not a policy decision, so nothing is recorded or audited for it (no tenant's
+        history could hold it, and a typo must not leave rows behind).
+        """
+        policy.tenant_for(spec.tenant, self.tenants)
         unfilled: PolicyDenied | None = None
         try:
             spec = self.resolve(spec)
@@ -289,8 +302,8 @@ class Producer(Reverting):
             tenant = policy.check(spec, self.tenants)
             if tenant.submit_rate is not None:
                 self._limiter().take(tenant)
-        except (PolicyDenied, UnknownTenant) as refusal:
-            rule = refusal.rule if isinstance(refusal, PolicyDenied) else "unknown_tenant"
+        except PolicyDenied as refusal:
+            rule = refusal.rule
             failure_reason = f"policy:{rule}"[:64]
             attempt.add(Phase.AUTHZ, Outcome.REFUSED, reason=str(refusal), rule=rule)
             attempt.add(Phase.ABORT, Outcome.REFUSED, reason=failure_reason)

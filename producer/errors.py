@@ -26,10 +26,8 @@ class SpecError(ExecqError, ValueError):
 class UnknownTenant(SpecError):
     """Raised when a spec names a tenant that the tenants file does not define.
 
-    At submit the refusal is recorded (state `rejected`); `command_id` is its id.
+    A malformed spec, not a policy refusal: submit stores and audits nothing for it.
     """
-
-    command_id: str | None = None
 
 
 class PolicyDenied(ExecqError):

@@ -109,16 +109,26 @@ def test_refusals_at_submit_are_recorded_and_audited(producer: Producer, env: En
         (1, "authz", "refused"),
         (1, "abort", "refused"),
     ]
-    with pytest.raises(UnknownTenant) as unknown:
+
+
+def test_a_tenant_not_in_the_file_leaves_no_record_and_no_audit_event(
+    producer: Producer, env: Env
+) -> None:
+    # A malformed spec, not a policy refusal: no tenant's history or chain may hold it.
+    before = len(producer.audit_events())
+    with pytest.raises(UnknownTenant, match="'nobody' is not defined"):
         producer.submit(CommandSpec(tenant="nobody", argv=["/bin/echo"]))
-    assert unknown.value.command_id is not None
-    rec = producer.get(unknown.value.command_id)
-    assert (rec.state, rec.failure_reason) == (State.REJECTED, "policy:unknown_tenant")
-    assert [e.phase for e in producer.audit_events(command_id=rec.id)] == [
-        "parse",
-        "authz",
-        "abort",
-    ]
+    with pytest.raises(UnknownTenant):
+        producer.submit_many(
+            [
+                CommandSpec(tenant="alpha", argv=["/bin/echo"]),
+                CommandSpec(tenant="nobody", argv=["/bin/echo"], idempotency_key="k"),
+            ]
+        )
+    assert producer.store.count() == 0
+    assert len(producer.audit_events()) == before
+    path = env.settings.audit_log
+    assert path is None or not path.exists() or file_events(env) == []
 
 
 def test_operator_actions_are_events_with_operator_ticket_and_reason(

@@ -24,8 +24,9 @@ def parse_params(
 ) -> dict[str, ParamValue]:
     """`--param k=v` pairs, each value converted by its parameter's type.
 
-    A parameter (or action, or tenant) the file does not define keeps its text: the submit is
-    then refused by policy, recorded and audited like any refusal.
+    A parameter (or action) the file does not define keeps its text: the submit is then
+    refused by policy, recorded and audited like any refusal. A tenant it does not define is
+    a malformed spec: the submit stores nothing.
     """
     found = tenants.get(tenant)
     defined = found.actions.get(action) if found is not None else None
