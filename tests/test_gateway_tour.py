@@ -1,9 +1,10 @@
-"""README's HTTP gateway tour, run for real: its curl block (and its JavaScript and Go
-snippets where node and go are installed) against a live `execq gateway` and a real worker.
+"""README's HTTP gateway tour, run for real: its curl block (and the JavaScript and Go
+snippets of docs/gateway.md where node and go are installed) against a live `execq gateway`
+and a real worker.
 
-The blocks are the fenced code that follows a `<!-- tour: NAME -->` line in README.md, so the
-README cannot drift from what the gateway answers. Nothing is installed: curl and jq must be
-there (the tour needs them), node and go are used when present.
+The blocks are the fenced code that follows a `<!-- tour: NAME -->` line in README.md or
+docs/gateway.md, so neither can drift from what the gateway answers. Nothing is installed:
+curl and jq must be there (the tour needs them), node and go are used when present.
 """
 
 from __future__ import annotations
@@ -30,15 +31,19 @@ from tests.conftest import Env, WorkerProc, run_cli, start_worker, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
+# Where tour blocks live: the curl tour in the README, the other languages in the reference.
+TOUR_PAGES = (README, ROOT / "docs" / "gateway.md")
 TENANTS = ROOT / "config" / "tenants.yaml"
 UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 
 
 def block(name: str) -> str:
-    """The fenced block that follows `<!-- tour: NAME -->` in README.md."""
+    """The fenced block that follows `<!-- tour: NAME -->` in README.md or docs/gateway.md."""
     pattern = rf"^<!-- tour: {re.escape(name)} -->\n```\w*\n(.*?)\n```$"
-    found = re.findall(pattern, README.read_text(), re.S | re.M)
-    assert len(found) == 1, f"README.md needs exactly one block marked <!-- tour: {name} -->"
+    found = [b for page in TOUR_PAGES for b in re.findall(pattern, page.read_text(), re.S | re.M)]
+    assert len(found) == 1, (
+        f"README.md and docs/gateway.md need exactly one block marked <!-- tour: {name} -->"
+    )
     text: str = found[0]
     return text
 
@@ -277,7 +282,7 @@ def node() -> str:
     so nothing is started for a skipped test)."""
     node = shutil.which("node")
     if node is None:
-        pytest.skip("node is not installed: the README's JavaScript snippets are not run")
+        pytest.skip("node is not installed: the JavaScript snippets of docs/gateway.md are not run")
     version = subprocess.run([node, "--version"], capture_output=True, text=True, check=True)
     if int(version.stdout.strip().lstrip("v").split(".")[0]) < 18:
         pytest.skip(f"node {version.stdout.strip()} has no fetch: the snippets need 18 or later")
@@ -347,7 +352,7 @@ def test_the_readmes_eventsource_snippet_follows_with_the_token(
 def go() -> str:
     found = shutil.which("go")
     if found is None:
-        pytest.skip("go is not installed: the README's Go snippet is not run")
+        pytest.skip("go is not installed: the Go snippet of docs/gateway.md is not run")
     return found
 
 
