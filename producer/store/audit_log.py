@@ -296,6 +296,17 @@ class AuditLog:
         with self._snapshot() as conn:
             yield from iter_events(conn, tenant=tenant, since_ns=since_ns, command_id=command_id)
 
+    def page(
+        self, chain: str, *, before_seq: int | None = None, limit: int = 50
+    ) -> list[AuditEvent]:
+        """One chain's events, newest first: `limit` of them before `before_seq` (keyset)."""
+        query = select(events_t).where(events_t.c.chain == chain)
+        if before_seq is not None:
+            query = query.where(events_t.c.seq < before_seq)
+        query = query.order_by(events_t.c.seq.desc()).limit(limit)
+        with self._auto.connect() as conn:
+            return [event_from_row(row) for row in conn.execute(query)]
+
     def verify(
         self, *, tenant: str | None = None, checkpoints: Mapping[str, Checkpoint] | None = None
     ) -> Report:

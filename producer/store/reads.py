@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import builtins
 from contextlib import AbstractContextManager
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Connection, Table, and_, func, or_, select
+from sqlalchemy import Connection, String, Table, and_, func, or_, select
+from sqlalchemy import cast as cast_
 
 from producer.errors import NotFound
 from producer.record import CommandRecord, TransitionRecord
@@ -18,6 +20,15 @@ from producer.store.models import Command, Transition
 
 commands = cast(Table, Command.__table__)
 transitions = cast(Table, Transition.__table__)
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A finished command as the activity charts see it: its state, when, how long it ran."""
+
+    state: State
+    finished_at: datetime
+    duration_s: float | None  # None: it never started (revoked or failed while pending)
 
 
 class Reads:
@@ -89,6 +100,8 @@ class Reads:
         since: datetime | None = None,
         needs_attention: bool = False,
         batch_id: str | None = None,
+        action: str | None = None,
+        text: str | None = None,
         limit: int = 50,
         after: tuple[datetime, str] | None = None,
     ) -> list[CommandRecord]:
@@ -96,6 +109,7 @@ class Reads:
 
         `after` is the (created_at, id) of the last record of a previous page: the page that
         follows it, stable while new commands arrive (keyset pagination, no OFFSET).
+        `text`: only commands whose argv contains it (case-insensitive, as stored JSON).
         """
         if batch_id is not None:
             query = (
@@ -126,8 +140,44 @@ class Reads:
             query = query.where(commands.c.created_at >= since)
         if needs_attention:
             query = query.where(commands.c.needs_attention.is_(True))
+        if action is not None:
+            query = query.where(commands.c.action == action)
+        if text:
+            argv_text = func.lower(cast_(commands.c.argv, String))
+            query = query.where(argv_text.contains(text.lower(), autoescape=True))
         with self._one() as conn:
             return [_record(r._mapping, []) for r in conn.execute(query)]
+
+    def activity(
+        self, tenant: str, since: datetime, *, limit: int = 100_000
+    ) -> builtins.list[Finished]:
+        """The tenant's commands created since `since` that have finished, oldest first: what
+        the console's charts count. Bounded by the time window (the tenant, state and
+        created_at index) and by `limit` rows."""
+        query = (
+            select(
+                commands.c.state,
+                commands.c.started_at,
+                commands.c.finished_at,
+            )
+            .where(
+                commands.c.tenant == tenant,
+                commands.c.created_at >= since,
+                commands.c.finished_at.is_not(None),
+            )
+            .order_by(commands.c.created_at)
+            .limit(limit)
+        )
+        with self._one() as conn:
+            rows = conn.execute(query).all()
+        out = []
+        for row in rows:
+            finished = _utc(row.finished_at)
+            assert finished is not None
+            started = _utc(row.started_at)
+            took = None if started is None else (finished - started).total_seconds()
+            out.append(Finished(State(row.state), finished, took))
+        return out
 
     def count(self) -> int:
         """How many commands the store holds."""
