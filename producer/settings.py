@@ -6,7 +6,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -83,6 +83,12 @@ class Settings(PolicySettings):
     )
     log_format: LogFormat = Field(
         default="auto", description="`json` lines, `console` lines, or `auto` (json unless a tty)."
+    )
+    trace_url: str | None = Field(
+        default=None,
+        description="Link to a trace in a trace UI, `{trace_id}` replaced by the command's "
+        "trace id (e.g. https://jaeger.example/trace/{trace_id}); unset: the console shows "
+        "the id without a link.",
     )
     namespace: str = Field(
         default="execq",
@@ -186,6 +192,25 @@ class GatewaySettings(BaseSettings):
         description="How long a verified token is trusted without asking the store again.",
     )
     access_log: bool = Field(default=True, description="Log each request (never a body).")
+    session_key: SecretStr | None = Field(
+        default=None,
+        description="Key that signs the console's session cookies (16 characters or more); "
+        "unset: a random key per process, so sessions end when it restarts. Set it when "
+        "several processes or gateways serve one address.",
+    )
+    session_ttl_s: float = Field(
+        default=8 * 3600,
+        gt=0,
+        le=30 * 86400,
+        description="How long a console sign-in lasts (never past its token's expiry).",
+    )
+
+    @field_validator("session_key")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("must be 16 characters or more")
+        return value
 
 
 def load_gateway_settings() -> GatewaySettings:

@@ -95,12 +95,16 @@ def create_app(
     max_body: int = DEFAULT_MAX_BODY,
     token_cache_s: float = 0.0,
     close_producer: bool = False,
+    session_key: bytes | None = None,
+    session_ttl_s: float = 8 * 3600,
 ) -> FastAPI:
     """The gateway over `producer`; `tokens` default to the producer's store.
 
     `token_cache_s`: how long a verified token is trusted without asking the store again
     (what a revoke may take to reach this gateway); 0 asks on every request.
     `close_producer`: the app owns `producer` and closes it (and flushes traces) at shutdown.
+    `session_key`, `session_ttl_s`: the console's (/ui/) cookie signing key (None: random
+    per process) and how long a sign-in lasts.
     """
     tokens = tokens if tokens is not None else Tokens(producer.store, trail=producer.trail)
     client = redis_client if redis_client is not None else _async_redis(producer)
@@ -335,6 +339,9 @@ def create_app(
         """Run the command's compensation (succeeded or failed -> reverting -> reverted)."""
         return JSONResponse(operate(who, command_id, "rollback").to_json())
 
+    from workers.gateway import console  # noqa: PLC0415
+
+    console.mount(app, producer, tokens, session_key=session_key, session_ttl_s=session_ttl_s)
     _instrument(app)
     return app
 

@@ -31,4 +31,8 @@ def app_from_env() -> FastAPI:
         max_body=options.max_body_kb * 1024,
         token_cache_s=options.token_cache_s,
         close_producer=True,
+        session_key=(
+            options.session_key.get_secret_value().encode() if options.session_key else None
+        ),
+        session_ttl_s=options.session_ttl_s,
     )
