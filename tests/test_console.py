@@ -325,7 +325,7 @@ def test_in_a_browser_sign_in_filter_follow_and_revoke(
         page.screenshot(path=str(tmp_path / "commands.png"))
         page.goto(f"{gateway.url}/ui/commands/{running}")
         page.screenshot(path=str(tmp_path / "command.png"), full_page=True)
-        if os.environ.get("EXECQ_UPDATE_SCREENSHOTS"):
+        if os.environ.get("UPDATE_SCREENSHOTS"):
             SCREENSHOTS.mkdir(parents=True, exist_ok=True)
             for name in ("overview", "commands", "command", "audit"):
                 shutil.copy(tmp_path / f"{name}.png", SCREENSHOTS / f"{name}.png")
