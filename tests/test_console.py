@@ -7,9 +7,11 @@ import os
 import re
 import shutil
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from producer.client import Producer
@@ -17,6 +19,7 @@ from producer.spec import CommandSpec
 from producer.states import State
 from producer.store.db import make_engine
 from producer.store.migrate import upgrade
+from producer.store.repository import Store
 from producer.tenants import load_tenants
 from producer.tokens import Tokens
 from tests.conftest import CI, Env, start_gateway, start_worker, wait_for
@@ -229,6 +232,63 @@ def test_the_console_is_not_in_the_openapi_document(ui: UI) -> None:
     client, _, _ = ui
     paths = client.get("/openapi.json").json()["paths"]
     assert not [p for p in paths if p.startswith("/ui")]
+
+
+# --- the store's queries behind it, on SQLite and PostgreSQL --------------------------------
+
+
+def test_the_store_lists_by_action_and_argv_text_and_reads_activity(store: Store) -> None:
+    def make(*argv: str, action: str | None = None) -> str:
+        spec = CommandSpec(tenant="alpha", argv=argv)
+        cid = store.create(spec, actor="t").id
+        if action is not None:
+            with store.engine.begin() as conn:
+                conn.execute(
+                    sa.text("UPDATE commands SET action = :a WHERE id = :i"),
+                    {"a": action, "i": cid},
+                )
+        return cid
+
+    plain = make("/bin/echo", "Nightly_Backup 100%")
+    other = make("/bin/echo", "NightlyXBackup 1000", action="greet")
+    # Case does not matter; LIKE's wildcards are literal ("_" and "%" match only themselves).
+    assert [r.id for r in store.list(tenant="alpha", text="nightly_backup")] == [plain]
+    assert [r.id for r in store.list(tenant="alpha", text="100%")] == [plain]
+    assert len(store.list(tenant="alpha", text="backup")) == 2
+    assert [r.id for r in store.list(tenant="alpha", action="greet")] == [other]
+    since = datetime.now(UTC) - timedelta(minutes=5)
+    assert store.activity("alpha", since) == []
+    now = datetime.now(UTC)
+    store.transition(
+        plain,
+        expect_state=State.PENDING,
+        expect_version=1,
+        to=State.RUNNING,
+        actor="w",
+        started_at=now,
+    )
+    store.transition(
+        plain,
+        expect_state=State.RUNNING,
+        expect_version=2,
+        to=State.SUCCEEDED,
+        actor="w",
+        finished_at=now + timedelta(seconds=3),
+    )
+    store.transition(
+        other,
+        expect_state=State.PENDING,
+        expect_version=1,
+        to=State.REVOKED,
+        actor="op",
+        finished_at=now,
+    )
+    rows = {r.state: r for r in store.activity("alpha", since)}
+    assert set(rows) == {State.SUCCEEDED, State.REVOKED}
+    assert rows[State.REVOKED].duration_s is None  # it never ran
+    assert rows[State.SUCCEEDED].duration_s == pytest.approx(3, abs=0.01)
+    assert store.activity("beta", since) == []
+    assert store.activity("alpha", now + timedelta(minutes=1)) == []
 
 
 # --- in a real browser ----------------------------------------------------------------------
