@@ -8,7 +8,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -390,8 +390,17 @@ class Producer(Reverting):
             after=after,
         )
 
-    def wait(self, command_id: str, timeout: float = 30.0) -> CommandRecord:
-        """Block until the command is in a terminal state; raises TimeoutError after `timeout`."""
+    def wait(
+        self,
+        command_id: str,
+        timeout: float = 30.0,
+        *,
+        progress: Callable[[CommandRecord], object] | None = None,
+    ) -> CommandRecord:
+        """Block until the command is in a terminal state; raises TimeoutError after `timeout`.
+
+        `progress` is called with each record read before the end (a spinner shows it).
+        """
         deadline = time.monotonic() + timeout
         pause = 0.01
         command_id = self.resolve_id(command_id)
@@ -399,6 +408,8 @@ class Producer(Reverting):
             rec = self.store.get(command_id)
             if is_terminal(rec.state):
                 return rec
+            if progress is not None:
+                progress(rec)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"command {command_id} still {rec.state} after {timeout:g} s")

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import re
+import select
+import signal
 import subprocess
 import sys
+import time
 import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +20,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from producer.spec import CommandSpec
 from producer.store.db import make_engine
 from producer.store.migrate import upgrade
 from tests.conftest import Env, run_cli
@@ -93,3 +98,87 @@ def test_a_submit_for_a_tenant_not_in_the_file_leaves_no_record(cli_env: Env) ->
         assert "'nobody' is not defined (known: alpha, beta)" in done.stderr
     listed = run_cli(cli_env, "list", "--json")
     assert (listed.returncode, json.loads(listed.stdout)) == (0, [])
+
+
+# --- Ctrl-C and the spinner ----------------------------------------------------------------
+
+
+def _cli(env: Env, *args: str, **kwargs: Any) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "workers.cli", *args],
+        cwd=ROOT,
+        env={**os.environ, **env.vars, "COLUMNS": "100"},
+        **kwargs,
+    )
+
+
+ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def _read_until(fd: int, needle: bytes, timeout: float = 30) -> bytes:
+    """What a terminal shows (colours removed) until `needle` appears or the time is up."""
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while needle not in ANSI.sub(b"", seen) and time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.2)
+        if ready:
+            try:
+                seen += os.read(fd, 4096)
+            except OSError:
+                break
+    return ANSI.sub(b"", seen)
+
+
+def _pending(env: Env) -> str:
+    # No worker runs in these tests: the command stays pending.
+    with env.producer() as producer:
+        return producer.submit(CommandSpec(tenant="alpha", argv=["/bin/true"])).id
+
+
+def test_wait_on_a_terminal_spins_with_state_and_time_and_ctrl_c_leaves_the_command(
+    cli_env: Env,
+) -> None:
+    command_id = _pending(cli_env)
+    primary, secondary = pty.openpty()
+    proc = _cli(
+        cli_env, "wait", command_id[:8], stdin=secondary, stdout=secondary, stderr=secondary
+    )
+    os.close(secondary)
+    try:
+        shown = _read_until(primary, b"pending for 0m0")
+        assert f"{command_id} pending for 0m0".encode() in shown, shown
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 130
+        text = (shown + _read_until(primary, b"wait " + command_id.encode(), 5)).decode()
+        text = " ".join(text.split())  # a terminal's message may wrap at its width
+    finally:
+        proc.kill()
+        os.close(primary)
+    assert "Traceback" not in text
+    assert f"command {command_id} keeps running" in text
+    assert f"execq logs {command_id} -f" in text and f"execq wait {command_id}" in text
+
+
+def test_wait_into_a_pipe_shows_no_spinner_and_ctrl_c_says_one_line(cli_env: Env) -> None:
+    command_id = _pending(cli_env)
+    proc = _cli(cli_env, "wait", command_id, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(3)  # well past start-up: waiting
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and stdout == b""
+    assert stderr.decode().splitlines() == [
+        f"interrupted: command {command_id} keeps running; follow it with "
+        f"`execq logs {command_id} -f` or `execq wait {command_id}`"
+    ]
+
+
+@pytest.mark.parametrize("after_s", [0.3, 0.8])
+def test_ctrl_c_during_start_up_is_one_line_and_status_130(cli_env: Env, after_s: float) -> None:
+    proc = _cli(cli_env, "list", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(after_s)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=30)
+    if proc.returncode == 0:
+        pytest.skip("the command was done before the signal came")  # a fast machine
+    assert proc.returncode == 130, stderr
+    assert b"Traceback" not in stderr and stderr.decode().strip() == "interrupted"

@@ -10,11 +10,17 @@ from typing import Annotated, Any, NoReturn, TypeVar
 import typer
 from rich.console import Console
 
+# Typer's own copy of click: its usage errors are these, not the `click` package's.
+from typer._click.exceptions import ClickException
+from typer.rich_utils import rich_format_error
+
 from producer.errors import ExecqError, IdempotencyConflict, PolicyDenied, SpecError
 from producer.settings import ConfigInvalid
 
 out = Console()
 err = Console(stderr=True)
+# A log or a pipe reads an error as one line: wrapped at 80 columns it would be several.
+err.soft_wrap = not err.is_terminal
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 # Who did an operator action and why: the history and the audit trail record them.
@@ -32,6 +38,42 @@ def fail(message: str, code: int, *, as_json: bool = False, **extra: Any) -> NoR
     else:
         err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
     raise typer.Exit(code)
+
+
+def interrupted(command_id: str | None = None) -> NoReturn:
+    """Ctrl-C: one line saying what keeps running and how to follow it; exit status 130."""
+    if command_id is None:
+        err.print("interrupted", highlight=False, markup=False)
+    else:
+        err.print(
+            f"interrupted: command {command_id} keeps running; follow it with "
+            f"`execq logs {command_id} -f` or `execq wait {command_id}`",
+            highlight=False,
+            markup=False,
+        )
+    raise typer.Exit(130)
+
+
+def run_app(app: typer.Typer) -> int:
+    """Run the command tree and return its exit status; a usage error is Typer's panel on a
+    terminal, one line (`error: …`, the help command beside it) anywhere else."""
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(standalone_mode=False)
+    except ClickException as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            pass  # `execq` alone, or a group without its command: its help is shown already
+        elif err.is_terminal:
+            rich_format_error(exc)
+        else:
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see `{ctx.command_path} -h`)" if ctx is not None else ""
+            err.print(f"error: {exc.format_message()}{hint}", markup=False, highlight=False)
+        return exc.exit_code
+    except typer.Abort:
+        err.print("aborted", markup=False, highlight=False)
+        return 1
+    return result if isinstance(result, int) else 0
 
 
 def handled(func: F) -> F:
@@ -62,5 +104,7 @@ def handled(func: F) -> F:
             fail(str(exc), 1, as_json=as_json)
         except ExecqError as exc:
             fail(str(exc), 1, as_json=as_json)
+        except KeyboardInterrupt:
+            interrupted()
 
     return wrapper  # type: ignore[return-value]
