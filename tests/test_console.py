@@ -190,6 +190,12 @@ def test_revoking_names_the_token_in_the_audit_trail(ui: UI) -> None:
     # An action the state does not allow is refused, and the page says why.
     again = client.post(f"/ui/commands/{command_id}/rollback", data={"csrf": csrf})
     assert again.status_code == 409 and 'role="alert"' in again.text
+    retried = client.post(f"/ui/commands/{command_id}/retry", data={"csrf": csrf})
+    assert retried.status_code == 303
+    rec = producer.get(command_id)
+    assert rec.state is State.PENDING and rec.attempts == 2
+    retries = [e for e in producer.audit_events(command_id=command_id) if e.phase == "retry"]
+    assert retries and retries[-1].operator == "night-shift"
 
 
 def test_running_an_action_from_its_form(ui: UI) -> None:
