@@ -25,6 +25,7 @@ from producer.store.db import make_engine
 from producer.store.migrate import upgrade
 from tests.conftest import Env, run_cli
 from workers.cli import app
+from workers.clikit import command_tree
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,6 +66,56 @@ def test_h_is_help_on_every_command(path: tuple[str, ...]) -> None:
     assert long.exit_code == 0, long.output
     assert (short.exit_code, short.output) == (0, long.output)
     assert "Usage: execq" in long.output
+
+
+PYTHON_TYPE = re.compile(
+    r"<(bool|str|int|float|path|datetime|list\[\w+\])>|\b(TEXT|INTEGER|FLOAT|BOOLEAN|FILENAME)\b"
+)
+
+
+@pytest.mark.parametrize("path", COMMANDS, ids=lambda p: " ".join(p) or "execq")
+def test_help_shows_metavars_never_python_types(
+    path: tuple[str, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The tree `execq` runs (its metavars set), not Typer's default rendering of the app.
+    monkeypatch.setattr(typer.testing, "_get_command", command_tree)
+    shown = CliRunner().invoke(app, [*path, "-h"], prog_name="execq", terminal_width=200)
+    assert shown.exit_code == 0, shown.output
+    assert not PYTHON_TYPE.search(shown.output), shown.output
+
+
+def test_short_options_for_the_frequent_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(typer.testing, "_get_command", command_tree)
+    expected = {
+        ("submit",): {"-t": "--tenant", "-k": "--key", "-w": "--wait"},
+        ("submit-batch",): {"-t": "--tenant", "-k": "--key", "-w": "--wait"},
+        ("list",): {"-t": "--tenant"},
+        ("worker",): {"-t": "--tenant", "-c": "--concurrency"},
+        ("logs",): {"-f": "--follow"},
+        ("rollback",): {"-w": "--wait"},
+        ("actions",): {"-t": "--tenant"},
+        ("audit", "verify"): {"-t": "--tenant"},
+        ("token", "create"): {"-t": "--tenant"},
+    }
+    tree = command_tree(app)
+    for path, shorts in expected.items():
+        command = tree
+        for name in path:
+            command = command.commands[name]
+        opts = {tuple(p.opts) for p in command.params}
+        for short, long in shorts.items():
+            assert (long, short) in opts or (short, long) in opts, (path, short, opts)
+    # Each short option means one thing wherever it appears.
+    meaning: dict[str, set[str]] = {}
+    for path in COMMANDS:
+        command = tree
+        for name in path:
+            command = command.commands[name]
+        for param in getattr(command, "params", []):
+            longs = [o for o in param.opts if o.startswith("--")]
+            for short in (o for o in param.opts if len(o) == 2 and o != "-h"):
+                meaning.setdefault(short, set()).update(longs)
+    assert all(len(longs) == 1 for longs in meaning.values()), meaning
 
 
 # --- against a store ---------------------------------------------------------------------

@@ -114,7 +114,7 @@ def _setup_logging(level: str = "WARNING", settings: Settings | None = None) -> 
 @app.command()
 @handled
 def submit(
-    tenant: Annotated[str, typer.Option(help="Tenant whose pool runs it.")],
+    tenant: Annotated[str, typer.Option("--tenant", "-t", help="Tenant whose pool runs it.")],
     argv: Annotated[
         list[str] | None,
         typer.Argument(help="The command, after `--`: ARGV[0] absolute (or use --action)."),
@@ -128,7 +128,7 @@ def submit(
         typer.Option(help="NAME=VALUE for the action, converted by its type; repeat."),
     ] = None,
     key: Annotated[
-        str | None, typer.Option(help="Idempotency key: same key, same command.")
+        str | None, typer.Option("--key", "-k", help="Idempotency key: same key, same command.")
     ] = None,
     timeout: Annotated[float | None, typer.Option(help="Wall-clock seconds (<= ceiling).")] = None,
     env: Annotated[list[str] | None, typer.Option(help="NAME=VALUE for the child; repeat.")] = None,
@@ -157,7 +157,7 @@ def submit(
         typer.Option(help="Archive this path first; the rollback restores it. Repeat."),
     ] = None,
     wait: Annotated[
-        bool, typer.Option(help="Wait for the end; exit 1 unless it succeeded.")
+        bool, typer.Option("--wait", "-w", help="Wait for the end; exit 1 unless it succeeded.")
     ] = False,
     wait_timeout: Annotated[float, typer.Option(help="Seconds to --wait.")] = 300.0,
     as_json: JsonOpt = False,
@@ -263,7 +263,7 @@ def status(
 @app.command("list")
 @handled
 def list_cmd(
-    tenant: Annotated[str | None, typer.Option(help="Only this tenant.")] = None,
+    tenant: Annotated[str | None, typer.Option("--tenant", "-t", help="Only this tenant.")] = None,
     state: Annotated[State | None, typer.Option(help="Only this state.")] = None,
     since: Annotated[
         datetime | None, typer.Option(help="Only commands created since (ISO 8601, UTC).")
@@ -374,9 +374,14 @@ def db_upgrade(as_json: JsonOpt = False) -> None:
 @app.command()
 @handled
 def worker(
-    tenant: Annotated[str, typer.Option(help="The tenant whose queue this worker consumes.")],
+    tenant: Annotated[
+        str, typer.Option("--tenant", "-t", help="The tenant whose queue this worker consumes.")
+    ],
     concurrency: Annotated[
-        int | None, typer.Option(min=1, max=256, help="Pool processes (default: the tenant's).")
+        int | None,
+        typer.Option(
+            "--concurrency", "-c", min=1, max=256, help="Pool processes (default: the tenant's)."
+        ),
     ] = None,
     loglevel: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING…")] = "INFO",
     metrics_port: Annotated[

@@ -124,7 +124,7 @@ def verify_cmd(
         ),
     ] = None,
     tenant: Annotated[
-        str | None, typer.Option(help="Only this tenant's chain (store only).")
+        str | None, typer.Option("--tenant", "-t", help="Only this tenant's chain (store only).")
     ] = None,
     anchored: Annotated[
         bool,
@@ -162,7 +162,9 @@ def verify_cmd(
 @audit_app.command("checkpoint")
 @handled
 def checkpoint_cmd(
-    tenant: Annotated[str | None, typer.Option(help="Only this tenant's chain.")] = None,
+    tenant: Annotated[
+        str | None, typer.Option("--tenant", "-t", help="Only this tenant's chain.")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Write a signed checkpoint of every chain's head (and the audit file's) to the witness.
@@ -206,7 +208,9 @@ def export_cmd(
     since: Annotated[
         str | None, typer.Option(help="Only events from this time on (ISO 8601, UTC if bare).")
     ] = None,
-    tenant: Annotated[str | None, typer.Option(help="Only this tenant's chain.")] = None,
+    tenant: Annotated[
+        str | None, typer.Option("--tenant", "-t", help="Only this tenant's chain.")
+    ] = None,
     command: Annotated[
         str | None, typer.Option("--command", metavar="ID", help="Only this command's events.")
     ] = None,
@@ -269,7 +273,9 @@ def show_cmd(
 @handled
 def prune_cmd(
     before: Annotated[str, typer.Option(help="Remove events older than this (ISO 8601).")],
-    tenant: Annotated[str | None, typer.Option(help="Only this tenant's chain.")] = None,
+    tenant: Annotated[
+        str | None, typer.Option("--tenant", "-t", help="Only this tenant's chain.")
+    ] = None,
     operator: Annotated[
         str | None, typer.Option(help="Who prunes (default: OS user); recorded in the chain.")
     ] = None,

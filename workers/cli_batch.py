@@ -49,10 +49,14 @@ def read_batch(path: Path) -> dict[str, Any]:
 @handled
 def submit_batch(
     file: Annotated[Path, typer.Argument(help="YAML: tenant, steps (see --help).")],
-    tenant: Annotated[str | None, typer.Option(help="Overrides the file's tenant.")] = None,
-    key: Annotated[str | None, typer.Option(help="Overrides the file's idempotency_key.")] = None,
+    tenant: Annotated[
+        str | None, typer.Option("--tenant", "-t", help="Overrides the file's tenant.")
+    ] = None,
+    key: Annotated[
+        str | None, typer.Option("--key", "-k", help="Overrides the file's idempotency_key.")
+    ] = None,
     wait: Annotated[
-        bool, typer.Option(help="Wait until settled; exit 1 unless succeeded.")
+        bool, typer.Option("--wait", "-w", help="Wait until settled; exit 1 unless succeeded.")
     ] = False,
     wait_timeout: Annotated[float, typer.Option(help="Seconds to --wait.")] = 600.0,
     as_json: JsonOpt = False,

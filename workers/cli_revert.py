@@ -24,7 +24,9 @@ def rollback(
         int | None,
         typer.Option(help="Refuse unless the command is still at this version (from status)."),
     ] = None,
-    wait: Annotated[bool, typer.Option(help="Wait for the compensation's end.")] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait", "-w", help="Wait for the compensation's end.")
+    ] = False,
     wait_timeout: Annotated[float, typer.Option(help="Seconds to --wait.")] = 300.0,
     as_json: JsonOpt = False,
 ) -> None:

@@ -77,7 +77,9 @@ def _when(value: datetime | None, never: str = "-") -> str:
 @token_app.command("create")
 @handled
 def create_cmd(
-    tenant: Annotated[str, typer.Option(help="The tenant the token acts for (tenants file).")],
+    tenant: Annotated[
+        str, typer.Option("--tenant", "-t", help="The tenant the token acts for (tenants file).")
+    ],
     scope: Annotated[
         list[str],
         typer.Option(
@@ -136,7 +138,9 @@ def create_cmd(
 @token_app.command("list")
 @handled
 def list_cmd(
-    tenant: Annotated[str | None, typer.Option(help="Only this tenant's tokens.")] = None,
+    tenant: Annotated[
+        str | None, typer.Option("--tenant", "-t", help="Only this tenant's tokens.")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Every token (revoked and expired ones too): never the token nor its hash."""

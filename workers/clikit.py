@@ -54,10 +54,77 @@ def interrupted(command_id: str | None = None) -> NoReturn:
     raise typer.Exit(130)
 
 
+# What an option's value is, where its name alone does not say it well.
+METAVARS = {
+    "timeout": "SECONDS",
+    "wait_timeout": "SECONDS",
+    "interval": "SECONDS",
+    "since": "TIME",
+    "before": "TIME",
+    "expires": "TIME",
+    "port": "PORT",
+    "metrics_port": "PORT",
+    "env": "NAME=VALUE",
+    "param": "NAME=VALUE",
+    "secret_env": "NAME",
+    "compensate": "CMDLINE",
+    "limit": "N",
+    "concurrency": "N",
+    "workers": "N",
+    "max_retries": "N",
+    "file": "PATH",
+    "witness": "PATH",
+    "snapshot": "PATH",
+    "tenants": "PATH",
+    "output": "PATH",
+}
+
+
+def _choice(param: Any) -> bool:
+    # Choices (a state, a scope) show their values, which say more than any metavar.
+    descriptor = getattr(param, "type_descriptor", None)
+    return bool(getattr(descriptor, "is_choice", False))
+
+
+def _no_type(ctx: Any) -> None:  # Typer calls it with ctx=
+    return None
+
+
+def _metavars(command: Any) -> None:
+    """Metavars people read (TENANT, SECONDS, NAME=VALUE), none for flags, instead of the
+    Python types Typer shows (`<str>`, `<bool>`, `<float>`)."""
+    for param in getattr(command, "params", []):
+        if param.param_type_name == "argument":
+            # Its name column shows the metavar (ID, ARGV...) already.
+            param.display_type_rich = _no_type
+        elif getattr(param, "is_flag", False) or getattr(param, "count", False):
+            param.metavar = ""
+        elif param.metavar is None and not _choice(param):
+            param.metavar = METAVARS.get(param.name or "", (param.name or "value").upper())
+    made = command.get_help_option
+
+    def help_option(ctx: Any) -> Any:
+        option = made(ctx)
+        if option is not None:
+            option.metavar = ""  # made per context: a flag too
+        return option
+
+    command.get_help_option = help_option
+    for sub in getattr(command, "commands", {}).values():
+        _metavars(sub)
+
+
+def command_tree(app: typer.Typer) -> Any:
+    """The click command of `app`, its help with metavars (what `execq` runs and shows)."""
+    command = typer.main.get_command(app)
+    _metavars(command)
+    return command
+
+
 def run_app(app: typer.Typer) -> int:
     """Run the command tree and return its exit status; a usage error is Typer's panel on a
     terminal, one line (`error: …`, the help command beside it) anywhere else."""
-    command = typer.main.get_command(app)
+    command = command_tree(app)
     try:
         result = command.main(standalone_mode=False)
     except ClickException as exc:
