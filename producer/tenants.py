@@ -657,7 +657,9 @@ def load_tenants(path: Path, env: Environment | str | None = None) -> TenantsFil
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigInvalid(f"invalid setting EXECQ_TENANTS_FILE: {path} does not exist") from None
-    except (OSError, yaml.YAMLError) as exc:
+    except yaml.YAMLError as exc:
+        raise ConfigInvalid(f"invalid tenants file {_yaml_problem(path, exc)}") from None
+    except OSError as exc:
         raise ConfigInvalid(
             f"invalid setting EXECQ_TENANTS_FILE: cannot read {path}: {exc}"
         ) from None
@@ -668,3 +670,13 @@ def load_tenants(path: Path, env: Environment | str | None = None) -> TenantsFil
     except ValidationError as exc:
         detail = describe_validation_error(exc, prefix="")
         raise ConfigInvalid(f"invalid tenants file {path}:\n{detail}") from None
+
+
+def _yaml_problem(path: Path, exc: yaml.YAMLError) -> str:
+    """`FILE:LINE:COLUMN: what is wrong`, on one line (PyYAML's own text spans several and
+    names no file)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(exc, "problem", None) or str(exc)
+    context = getattr(exc, "context", None)
+    return f"{where}: {f'{context}: ' if context else ''}{problem}".replace("\n", " ")

@@ -233,3 +233,20 @@ def test_ctrl_c_during_start_up_is_one_line_and_status_130(cli_env: Env, after_s
         pytest.skip("the command was done before the signal came")  # a fast machine
     assert proc.returncode == 130, stderr
     assert b"Traceback" not in stderr and stderr.decode().strip() == "interrupted"
+
+
+def test_errors_are_one_line_into_a_pipe_naming_the_yaml_file_and_line(
+    cli_env: Env, tmp_path: Path
+) -> None:
+    bad = tmp_path / ("a-directory-name-long-enough-to-pass-eighty-columns-" * 2) / "t.yaml"
+    bad.parent.mkdir()
+    bad.write_text("tenants:\n  acme: [unclosed\n")
+    done = run_cli(cli_env, "list", extra={"EXECQ_TENANTS_FILE": str(bad)})
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"error: invalid tenants file {bad}:3:1: while parsing a flow sequence: "
+        "expected ',' or ']', but got '<stream end>'"
+    ]
+    usage = run_cli(cli_env, "list", "--limit", "many")
+    assert usage.returncode == 2 and len(usage.stderr.splitlines()) == 1, usage.stderr
+    assert "--limit" in usage.stderr and "list -h" in usage.stderr

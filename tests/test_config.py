@@ -84,7 +84,8 @@ def test_an_invalid_setting_is_named(
             "deny_args.0.scoped.x",
         ),
         ("tenants: [1, 2]", "tenants"),
-        ("tenants: [unclosed", "cannot read"),
+        # The file and the line, on one line: an editor or a log search finds it.
+        ("tenants: [unclosed", "tenants.yaml:1:19: while parsing a flow sequence: expected"),
     ],
 )
 def test_a_bad_tenants_file_is_refused_naming_the_field(
