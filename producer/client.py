@@ -8,7 +8,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -364,6 +364,10 @@ class Producer(Reverting):
         Every method here that takes a command id (or a batch id) accepts such a prefix.
         """
         return self.store.resolve_id(id_or_prefix, tenant=tenant)
+
+    def unique_prefixes(self, ids: Iterable[str]) -> dict[str, str]:
+        """Each id's shortest prefix (8 characters or more) that `resolve_id` takes back."""
+        return self.store.unique_prefixes(ids)
 
     def get(self, command_id: str, *, with_transitions: bool = False) -> CommandRecord:
         """The command's record; raises NotFound."""

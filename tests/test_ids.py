@@ -149,3 +149,18 @@ def test_the_cli_takes_a_prefix_and_says_why_one_does_not_do(env: Env) -> None:
     assert revoked.returncode == 0 and '"state": "revoked"' in revoked.stdout, revoked.stderr
     trail = run_cli(env, "audit", "show", LONER[:8], "--json")
     assert trail.returncode == 0 and LONER in trail.stdout
+
+
+def test_the_shortest_unique_prefix_of_an_id_resolves_back_to_it(store: Store) -> None:
+    ids = [*TWINS, "3f2a91c0-5b1e-4c4e-9a43-6f0d2b7e8a18", LONER]
+    for cid in ids:
+        make(store, cid)
+    shown = store.unique_prefixes(ids[1:])
+    # ids[2] differs from TWINS[0] in its last character only.
+    assert shown == {TWINS[1]: "3f2a91c0-5b1f", ids[2]: ids[2], LONER: LONER[:8]}
+    for cid, prefix in shown.items():
+        assert store.resolve_id(prefix) == cid
+        # One character less would not do (or would be under the minimum).
+        assert len(prefix) == 8 or any(
+            other != cid and other.startswith(prefix[:-1]) for other in ids
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields
 from datetime import datetime
@@ -15,7 +16,7 @@ from producer.errors import NotFound
 from producer.record import CommandRecord, TransitionRecord
 from producer.states import State
 from producer.store.clock import as_utc as _utc
-from producer.store.ids import resolve
+from producer.store.ids import resolve, unique_prefixes
 from producer.store.models import Command, Transition
 
 commands = cast(Table, Command.__table__)
@@ -64,6 +65,12 @@ class Reads:
         where = None if tenant is None else commands.c.tenant == tenant
         with self._one() as conn:
             return resolve(conn, commands.c.id, id_or_prefix, what="command", where=where)
+
+    def unique_prefixes(self, ids: Iterable[str]) -> dict[str, str]:
+        """Each id's shortest prefix (8 characters or more) unique among every command, so
+        any command taking an id takes it back."""
+        with self._one() as conn:
+            return unique_prefixes(conn, commands.c.id, ids)
 
     # --- reads ---------------------------------------------------------------------------
 
