@@ -6,11 +6,12 @@ file beside the default store."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from producer.settings import ConfigInvalid, describe_validation_error
+from producer.settings import ConfigInvalid, describe_validation_error, in_project
 from producer.signing_settings import read_key
 
 KEY_HELP = (
@@ -67,6 +68,11 @@ class AuditKeySettings(BaseSettings):
         description="A worker checkpoints a chain it appends to when its last checkpoint of "
         "that chain is older than this.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _in_project(cls, data: Any) -> Any:
+        return in_project(cls, data)
 
     @model_validator(mode="after")
     def _one_source(self) -> AuditKeySettings:

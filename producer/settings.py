@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from enum import StrEnum
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -22,11 +23,91 @@ EMBEDDED_BROKER = "embedded"
 LogFormat = Literal["auto", "json", "console"]
 
 
-class PolicySettings(BaseSettings):
+PROJECT_MARKER = Path("config/tenants.yaml")
+# The settings whose defaults are relative paths: they point into the project directory.
+IN_PROJECT = ("tenants_file", "database_url", "audit_log", "workdir_root", "audit_witness")
+
+
+def _tenants_file_set() -> bool:
+    return any(name.upper() == "EXECQ_TENANTS_FILE" for name in os.environ)
+
+
+def find_project_dir(start: Path) -> Path | None:
+    """The first of `start` and its parents holding `config/tenants.yaml`, as git finds .git."""
+    for directory in (start, *start.parents):
+        if (directory / PROJECT_MARKER).is_file():
+            return directory
+    return None
+
+
+def project_dir() -> Path | None:
+    """Where relative defaults point when not here: the project directory above this one.
+
+    None means the current directory: EXECQ_TENANTS_FILE is set (everything is then taken
+    relative to where execq runs, as set), the project is here, or there is none.
+    """
+    if _tenants_file_set():
+        return None
+    here = Path.cwd()
+    found = find_project_dir(here)
+    return None if found is None or found == here else found
+
+
+def project_path(relative: Path) -> Path:
+    """A default path of execq's, in the project directory."""
+    root = project_dir()
+    return relative if root is None else root / relative
+
+
+def _rebase(default: object, root: Path) -> object:
+    if isinstance(default, Path):
+        return root / default
+    if isinstance(default, str) and default.startswith("sqlite:///"):
+        return "sqlite:///" + str(root / default.removeprefix("sqlite:///"))
+    return default
+
+
+def in_project(cls: type[BaseSettings], data: Any) -> Any:
+    """`data` with each relative default left out of it resolved in the project directory.
+
+    Raises ValueError naming where it looked when one is needed and there is no project:
+    defaults relative to any other directory would make (or read) a stray store there.
+    """
+    if not isinstance(data, dict):
+        return data
+    missing = [n for n in IN_PROJECT if n in cls.model_fields and n not in data]
+    if not missing or "tenants_file" in data or _tenants_file_set():
+        return data
+    here = Path.cwd()
+    root = find_project_dir(here)
+    if root is None:
+        raise ValueError(
+            f"no {PROJECT_MARKER} in {here} or any parent; "
+            "set EXECQ_TENANTS_FILE or run from the project directory"
+        )
+    if root == here:
+        return data
+    return {**data, **{n: _rebase(cls.model_fields[n].default, root) for n in missing}}
+
+
+class EnvSettings(BaseSettings):
+    """`EXECQ_ENV` alone: what a tenants file named explicitly is read for, from anywhere."""
+
+    model_config = SettingsConfigDict(env_prefix="EXECQ_", extra="ignore", frozen=True)
+
+    env: Environment = Field(
+        default=Environment.DEV,
+        description="Which `environments:` entry of the tenants file applies.",
+    )
+
+
+class PolicySettings(EnvSettings):
     """The settings that choose the tenant policy, readable without the rest.
 
     `load_tenants` and `execq config check` need only these two; reading them alone keeps an
     unrelated bad setting (say, the broker URL) from hiding the policy in force.
+    Unset, the tenants file and every other relative default point into the project
+    directory: the first of the current directory and its parents holding the tenants file.
     """
 
     model_config = SettingsConfigDict(env_prefix="EXECQ_", extra="ignore", frozen=True)
@@ -34,10 +115,11 @@ class PolicySettings(BaseSettings):
     tenants_file: Path = Field(
         default=Path("config/tenants.yaml"), description="Tenant pools, limits and policy."
     )
-    env: Environment = Field(
-        default=Environment.DEV,
-        description="Which `environments:` entry of the tenants file applies.",
-    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _in_project(cls, data: Any) -> Any:
+        return in_project(cls, data)
 
 
 class Settings(PolicySettings):
@@ -137,7 +219,10 @@ def describe_validation_error(exc: ValidationError, *, prefix: str = "EXECQ_") -
     lines = []
     for err in exc.errors():
         field = ".".join(str(p) for p in err["loc"]) or "?"
-        if prefix:
+        if not err["loc"]:
+            # A problem of no one setting (no project directory found): its own words.
+            lines.append(err["msg"].removeprefix("Value error, "))
+        elif prefix:
             msg = err["msg"].removeprefix("Value error, ")
             lines.append(f"invalid setting {prefix}{field.upper()}: {msg}")
         else:
@@ -158,6 +243,14 @@ def load_settings() -> Settings:
     """Read the settings from the environment; raises ConfigInvalid naming the bad variable."""
     try:
         return Settings()
+    except ValidationError as exc:
+        raise ConfigInvalid(describe_validation_error(exc)) from None
+
+
+def load_env_settings() -> EnvSettings:
+    """`EXECQ_ENV` only, read by the same rules as `Settings`; needs no project directory."""
+    try:
+        return EnvSettings()
     except ValidationError as exc:
         raise ConfigInvalid(describe_validation_error(exc)) from None
 

@@ -36,7 +36,7 @@ from producer.settings import (
     ConfigInvalid,
     Environment,
     describe_validation_error,
-    load_policy_settings,
+    load_env_settings,
 )
 
 TENANT_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
@@ -644,7 +644,7 @@ def load_tenants(path: Path, env: Environment | str | None = None) -> TenantsFil
     Raises ConfigInvalid naming the file and field (or the setting).
     """
     if env is None:
-        environment = load_policy_settings().env
+        environment = load_env_settings().env
     else:
         try:
             environment = Environment(env)

@@ -11,7 +11,12 @@ from rich.text import Text
 
 from producer import dangerous, policy
 from producer.action_model import placeholders
-from producer.settings import ConfigInvalid, Environment, load_policy_settings
+from producer.settings import (
+    ConfigInvalid,
+    Environment,
+    load_env_settings,
+    load_policy_settings,
+)
 from producer.tenants import Tenant, TenantsFile, host_conflicts, load_tenants, tenants_json_schema
 from workers.clikit import JsonOpt, handled, out
 
@@ -55,11 +60,13 @@ def check(
     run_as uid range includes an account of this host). Try `execq config check --env prod`
     before deploying a change to production.
     """
-    if file is None or env is None:
-        # Only the two settings that choose the policy: a bad broker URL must not hide it.
+    # Only the two settings that choose the policy: a bad broker URL must not hide it. A file
+    # named here is checked from anywhere; without one, the project's is looked for.
+    if file is None:
         settings = load_policy_settings()
-        file = file if file is not None else settings.tenants_file
-        env = env if env is not None else settings.env
+        file, env = settings.tenants_file, env if env is not None else settings.env
+    elif env is None:
+        env = load_env_settings().env
     tenants = load_tenants(file, env=env)
     conflicts = host_conflicts(tenants)
     if conflicts:
