@@ -20,7 +20,7 @@ from kombu import Exchange, Queue  # type: ignore[attr-defined]
 from producer.errors import BrokerUnavailable, ConfigError
 from producer.redisconn import celery_broker
 from producer.sealing import Sealer
-from producer.settings import EMBEDDED_BROKER, Settings
+from producer.settings import EMBEDDED_BROKER, Settings, project_path
 from producer.signing import Signer
 from producer.tenants import Tenant, TenantsFile
 
@@ -28,19 +28,24 @@ log = logging.getLogger("execq.broker")
 
 TASK_NAME = "execq.run"
 EXCHANGE = Exchange("execq", type="direct", durable=True)  # type: ignore[no-untyped-call]
-EMBEDDED_URL_FILE = Path(".execq/redis.url")
+
+
+def embedded_url_file() -> Path:
+    """Where `execq up`/`demo` write the URL of the embedded Redis they started."""
+    return project_path(Path(".execq/redis.url"))
 
 
 def resolve_broker_url(settings: Settings) -> str:
     """The Redis URL to use; `embedded` means the server `execq up`/`demo` started here."""
     if settings.broker_url != EMBEDDED_BROKER:
         return settings.broker_url
+    url_file = embedded_url_file()
     try:
-        return EMBEDDED_URL_FILE.read_text(encoding="utf-8").strip()
+        return url_file.read_text(encoding="utf-8").strip()
     except FileNotFoundError:
         raise ConfigError(
             "invalid setting EXECQ_BROKER_URL: `embedded` but no embedded Redis is running "
-            f"here ({EMBEDDED_URL_FILE} is missing): start one with `execq up`"
+            f"here ({url_file} is missing): start one with `execq up`"
         ) from None
 
 

@@ -26,7 +26,7 @@ from sqlalchemy.engine import make_url
 
 from producer.files import private_dir
 from producer.keys import load_keys
-from producer.settings import Settings
+from producer.settings import Settings, project_path
 
 VERSION = "v1"
 NONCE_BYTES = 12
@@ -117,7 +117,7 @@ def key_dir_of(database_url: str) -> Path:
     url = make_url(database_url)
     if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
         return Path(url.database).parent / "keys"
-    return Path(".execq/keys")
+    return project_path(Path(".execq/keys"))
 
 
 def local_key(directory: Path, name: str = KEY_FILE) -> bytes:

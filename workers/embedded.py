@@ -17,7 +17,7 @@ from pathlib import Path
 
 import redis
 
-from producer.broker import EMBEDDED_URL_FILE
+from producer.broker import embedded_url_file
 from producer.redisconn import redis_client
 
 
@@ -99,8 +99,9 @@ class EmbeddedRedis:
                 raise RuntimeError("embedded redis-server did not answer in time")
             time.sleep(0.05)
         if self._record:
-            EMBEDDED_URL_FILE.parent.mkdir(parents=True, exist_ok=True)
-            EMBEDDED_URL_FILE.write_text(self.url + "\n", encoding="utf-8")
+            url_file = embedded_url_file()
+            url_file.parent.mkdir(parents=True, exist_ok=True)
+            url_file.write_text(self.url + "\n", encoding="utf-8")
         return self
 
     def stop(self) -> None:
@@ -113,9 +114,10 @@ class EmbeddedRedis:
                 self._proc.kill()
                 self._proc.wait()
         if self._record:
+            url_file = embedded_url_file()
             with contextlib.suppress(OSError):
-                if EMBEDDED_URL_FILE.read_text(encoding="utf-8").strip() == self.url:
-                    EMBEDDED_URL_FILE.unlink()
+                if url_file.read_text(encoding="utf-8").strip() == self.url:
+                    url_file.unlink()
         shutil.rmtree(self._dir, ignore_errors=True)
 
     def __enter__(self) -> EmbeddedRedis:

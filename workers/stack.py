@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from producer.settings import Settings
+from producer.settings import Settings, project_path
 from producer.store.db import make_engine
 from producer.store.migrate import upgrade
 from producer.tenants import TenantsFile
@@ -24,7 +24,7 @@ class Stack:
 
     settings: Settings
     tenants: TenantsFile
-    log_dir: Path = Path(".execq/logs")
+    log_dir: Path = field(default_factory=lambda: project_path(Path(".execq/logs")))
     broker_url: str = ""
     embedded: EmbeddedRedis | None = None
     workers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
