@@ -13,12 +13,10 @@ import shlex
 import signal
 import sys
 import time
-from datetime import UTC, datetime
 from importlib.metadata import version
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.table import Table
 
 from producer.environ import check as check_environment
 from producer.errors import AmbiguousId, NotFound, StoreError
@@ -34,8 +32,9 @@ from workers.cli_batch import batch_app
 from workers.cli_compose import compose_app
 from workers.cli_config import config_app
 from workers.cli_gateway import gateway as gateway_cmd
+from workers.cli_list import list_cmd
 from workers.cli_logs import logs as logs_cmd
-from workers.cli_show import STATE_STYLE, load, open_producer, print_record
+from workers.cli_show import load, open_producer, print_record
 from workers.cli_token import token_app
 from workers.cli_wait import wait as wait_cmd
 from workers.cli_wait import wait_showing
@@ -77,6 +76,7 @@ app.add_typer(compose_app, name="compose")
 app.add_typer(token_app, name="token")
 app.command("actions")(actions_cmd)
 app.command("gateway")(gateway_cmd)
+app.command("list")(list_cmd)
 app.command("logs")(logs_cmd)
 app.command("wait")(wait_cmd)
 
@@ -258,50 +258,6 @@ def status(
             cli_batch.print_batch(found, as_json)
             return
         print_record(rec, as_json)
-
-
-@app.command("list")
-@handled
-def list_cmd(
-    tenant: Annotated[str | None, typer.Option("--tenant", "-t", help="Only this tenant.")] = None,
-    state: Annotated[State | None, typer.Option(help="Only this state.")] = None,
-    since: Annotated[
-        datetime | None, typer.Option(help="Only commands created since (ISO 8601, UTC).")
-    ] = None,
-    needs_attention: Annotated[
-        bool, typer.Option(help="Only commands whose compensation failed (revert_failed).")
-    ] = False,
-    limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50,
-    as_json: JsonOpt = False,
-) -> None:
-    """List commands, newest first."""
-    if since is not None and since.tzinfo is None:
-        since = since.replace(tzinfo=UTC)
-    with open_producer() as producer:
-        records = producer.list(
-            tenant=tenant, state=state, since=since, needs_attention=needs_attention, limit=limit
-        )
-    if as_json:
-        print(json.dumps([r.to_json() for r in records], default=str))
-        return
-    table = Table("id", "tenant", "state", "exit", "reason", "argv", "created")
-    for r in records:
-        style = STATE_STYLE.get(r.state, "")
-        table.add_row(
-            r.id,
-            r.tenant,
-            f"[{style}]{r.state}[/]",
-            _s(r.exit_code),
-            r.failure_reason or "",
-            shlex.join(r.argv)[:60],
-            f"{r.created_at:%Y-%m-%d %H:%M:%S}",
-        )
-    out.print(table)
-    out.print(f"{len(records)} command(s)")
-
-
-def _s(value: object) -> str:
-    return "" if value is None else str(value)
 
 
 @app.command()
