@@ -104,11 +104,14 @@ class LeaseKeeper:
         pubsub: redis.client.PubSub | None = None
         next_connect = 0.0
         last_renew = time.monotonic()
+        unheard = False  # a cancel may have been announced while nobody listened
         while not self._stop.is_set():
             if pubsub is None and time.monotonic() >= next_connect:
                 pubsub = self._subscribe()
                 if pubsub is None:
                     next_connect = time.monotonic() + 5
+                else:
+                    unheard = True
             message = None
             if pubsub is not None:
                 try:
@@ -126,6 +129,9 @@ class LeaseKeeper:
                 last_renew = time.monotonic()
                 continue
             heard = message is not None and _text(message.get("data")) == held.command_id
+            # Once (re)subscribed, the store says whether a cancel came while this thread was
+            # not listening (at start, or while Redis was away): it is not left to the renewal.
+            heard, unheard = heard or unheard, False
             # This thread's log lines name the command they are about, like the task's.
             with logs.command_context(held.command_id, tenant=self.tenant):
                 if heard and self._check_cancel(held):
