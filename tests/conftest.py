@@ -247,6 +247,24 @@ def make_env(tmp_path: Path, tenants_path: Path, tenants: TenantsFile) -> Callab
     return build
 
 
+SHIPPED_TENANTS = Path(__file__).resolve().parent.parent / "config" / "tenants.yaml"
+
+
+@pytest.fixture
+def shipped_env(make_env: Callable[..., Env], tmp_path: Path, redis_url: str) -> Env:
+    """The shipped tenants file as a newcomer has it (tenant acme), on a migrated SQLite store:
+    what the README's tour and examples run against."""
+    env = make_env(
+        f"sqlite:///{tmp_path / 'shipped.db'}",
+        redis_url,
+        EXECQ_TENANTS_FILE=str(SHIPPED_TENANTS),
+        EXECQ_ENV="dev",
+    )
+    upgraded = run_cli(env, "db", "upgrade")
+    assert upgraded.returncode == 0, upgraded.stderr
+    return env
+
+
 @pytest.fixture
 def env(make_env: Callable[..., Env], database_url: str, redis_url: str) -> Env:
     """Settings on both store backends with the test Redis."""

@@ -15,25 +15,31 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.conftest import Env, WorkerProc, run_cli, start_worker, wait_for
+from tests.conftest import (
+    Env,
+    ExecqProc,
+    WorkerProc,
+    free_port,
+    run_cli,
+    spawn_execq,
+    start_worker,
+    wait_for,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 # Where tour blocks live: the curl tour in the README, the other languages in the reference.
 TOUR_PAGES = (README, ROOT / "docs" / "gateway.md")
-TENANTS = ROOT / "config" / "tenants.yaml"
 UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 
 
@@ -54,13 +60,6 @@ def readme_command(setup: str, words: str) -> list[str]:
         if line.startswith(f"$ execq {words} "):
             return shlex.split(line[2:], comments=True)[1:]
     raise AssertionError(f"README's gateway setup block has no `$ execq {words}` line")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def listens(pid: int, port: int) -> bool:
@@ -87,7 +86,7 @@ class Stack:
     url: str
     token: str
     token_name: str
-    gateway: subprocess.Popen[bytes]
+    gateway: ExecqProc
     log: Path
 
     def shell_env(self, **extra: str) -> dict[str, str]:
@@ -120,16 +119,8 @@ class Stack:
 
 
 @pytest.fixture
-def stack(make_env: Callable[..., Env], tmp_path: Path, redis_url: str) -> Iterator[Stack]:
-    env = make_env(
-        f"sqlite:///{tmp_path / 'gateway.db'}",
-        redis_url,
-        # The shipped tenants file, as a newcomer has it: the tour submits as acme.
-        EXECQ_TENANTS_FILE=str(TENANTS),
-        EXECQ_ENV="dev",
-    )
-    upgraded = run_cli(env, "db", "upgrade")
-    assert upgraded.returncode == 0, upgraded.stderr
+def stack(shipped_env: Env, tmp_path: Path) -> Iterator[Stack]:
+    env = shipped_env  # the shipped tenants file, as a newcomer has it: the tour submits as acme
     setup = block("gateway-setup")
     # The token is made by the README's own command line.
     created = run_cli(env, *readme_command(setup, "token create"))
@@ -142,35 +133,20 @@ def stack(make_env: Callable[..., Env], tmp_path: Path, redis_url: str) -> Itera
     port = free_port()
     argv[argv.index("--port") + 1] = str(port)
     log = tmp_path / "gateway.log"
-    with log.open("wb") as out:
-        gateway = subprocess.Popen(
-            [sys.executable, "-m", "workers.cli", *argv],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env={**os.environ, **env.vars},
-            cwd=ROOT,
-            start_new_session=True,
-        )
+    gateway = ExecqProc(spawn_execq(env, argv, log), log)
     worker: WorkerProc | None = None
     try:
         worker = start_worker(env, "acme")
         deadline = time.monotonic() + 30
-        while not listens(gateway.pid, port):
-            if gateway.poll() is not None or time.monotonic() > deadline:
+        while not listens(gateway.proc.pid, port):
+            if gateway.proc.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"the gateway did not listen:\n{log.read_text()[-3000:]}")
             time.sleep(0.05)
         yield Stack(env, f"http://127.0.0.1:{port}", made["token"], made["name"], gateway, log)
-        assert gateway.poll() is None, f"the gateway died:\n{log.read_text()[-3000:]}"
+        assert gateway.proc.poll() is None, f"the gateway died:\n{log.read_text()[-3000:]}"
         assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
     finally:
-        if gateway.poll() is None:
-            gateway.send_signal(signal.SIGTERM)
-            try:
-                gateway.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(gateway.pid, signal.SIGKILL)
-                gateway.wait()
+        gateway.stop(timeout=10)
         if worker is not None:
             worker.stop(signal.SIGKILL, timeout=10)
 

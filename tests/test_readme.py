@@ -9,16 +9,15 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Env, WorkerProc, run_cli, start_worker
+from tests.conftest import Env, WorkerProc, start_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
-TENANTS = ROOT / "config" / "tenants.yaml"
 RUNNABLE = re.compile(r"^<!-- runnable -->\n```python\n(.*?)^```$", re.S | re.M)
 
 
@@ -29,19 +28,11 @@ def runnable_blocks() -> list[str]:
 
 
 @pytest.fixture
-def acme(make_env: Callable[..., Env], tmp_path: Path, redis_url: str) -> Iterator[Env]:
+def acme(shipped_env: Env) -> Iterator[Env]:
     """The stack the tour starts, on the shipped tenants file: a store and a worker of acme."""
-    env = make_env(
-        f"sqlite:///{tmp_path / 'readme.db'}",
-        redis_url,
-        EXECQ_TENANTS_FILE=str(TENANTS),
-        EXECQ_ENV="dev",
-    )
-    upgraded = run_cli(env, "db", "upgrade")
-    assert upgraded.returncode == 0, upgraded.stderr
-    worker: WorkerProc = start_worker(env, "acme")
+    worker: WorkerProc = start_worker(shipped_env, "acme")
     try:
-        yield env
+        yield shipped_env
     finally:
         worker.stop()
 
