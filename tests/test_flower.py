@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -63,7 +64,14 @@ def running_flower(env: Env, cwd: Path = ROOT) -> Iterator[str]:
         yield base
     finally:
         proc.terminate()
-        proc.wait(10)
+        try:
+            proc.wait(10)
+        finally:
+            # A Flower slow to stop still fails the test, but is not left running: its
+            # remote-control broadcasts would reach the next tests on the same Redis.
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
 
 @pytest.fixture
