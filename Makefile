@@ -46,6 +46,7 @@ bench: install  ## throughput and latency against bare Celery, same run; audit c
 	$(VENV)/bin/python -m bench.audit
 	$(VENV)/bin/python -m bench.actions
 	$(VENV)/bin/python -m bench.gateway
+	$(VENV)/bin/python -m bench.growth $(GROWTH_ARGS)
 
 clean:
 	rm -rf $(VENV) .uv-bootstrap .execq .pytest_cache .mypy_cache .ruff_cache

@@ -87,6 +87,40 @@ class Worker:
         _LIVE.discard(self)
 
 
+class Workers:
+    """Several worker processes of one run, measured as one: alive while all are, their CPU
+    summed, their pool processes pooled (`rss_mb`'s main: the first's)."""
+
+    def __init__(self, members: list[Worker]) -> None:
+        self.members = members
+
+    def alive(self) -> bool:
+        """Whether every main process still runs (one dying fails the run)."""
+        return all(w.alive() for w in self.members)
+
+    def output(self, tail: int = 2000) -> str:
+        """The end of each worker's log."""
+        return "\n".join(w.output(tail // len(self.members)) for w in self.members)
+
+    def wait_line(self, needle: str, deadline: float) -> bool:
+        """Wait for `needle` in every worker's log."""
+        return all(w.wait_line(needle, deadline) for w in self.members)
+
+    def rss_mb(self) -> tuple[float | None, list[float]]:
+        """RSS of the first main process and of every pool process, MB."""
+        each = [w.rss_mb() for w in self.members]
+        return each[0][0], [mb for _, pool in each for mb in pool]
+
+    def cpu_s(self) -> float:
+        """CPU seconds of every worker's process tree."""
+        return sum(w.cpu_s() for w in self.members)
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Stop them all."""
+        for w in self.members:
+            w.stop(grace)
+
+
 def stop_all() -> None:
     """Stop every worker still running (exit, Ctrl-C, errors)."""
     for w in list(_LIVE):

@@ -34,6 +34,7 @@ from bench.baseline import (
 from bench.infra import (
     PgDatabase,
     Worker,
+    Workers,
     latency_ms,
     other_db_traffic,
     redis_calls,
@@ -54,7 +55,7 @@ TENANTS_YAML = """tenants:
     executables: [/bin/true]
     limits: {timeout_s: 30, cpu_s: 10, memory_mb: 256, processes: 64, output_kb: 256}
 """
-CELERY_ARGV = "-m celery -A bench.baseline worker -P prefork -c 2 -l WARNING -Q " + QUEUE
+CELERY_ARGV = "-m celery -A bench.baseline worker -P prefork -l WARNING -Q " + QUEUE
 CELERY_FLAGS = "--without-gossip --without-mingle --without-heartbeat"
 EXECQ_ARGV = "-m workers.cli worker --tenant bench --loglevel WARNING"
 POLL_S = 0.05  # completion polling; e2e uses recorded timestamps, so this only adds load
@@ -97,7 +98,9 @@ def submit_loop(
     return t0, time.time(), sent
 
 
-def wait_for(count: Callable[[], int], target: int, w: Worker, deadline: float) -> tuple[int, str]:
+def wait_for(
+    count: Callable[[], int], target: int, w: Worker | Workers, deadline: float
+) -> tuple[int, str]:
     """Poll count() until it reaches target; (last count, "ok" / "timeout" / "worker died")."""
     while (c := count()) < target:
         if not w.alive():
@@ -110,7 +113,7 @@ def wait_for(count: Callable[[], int], target: int, w: Worker, deadline: float) 
 
 def measure(
     res: Res,
-    w: Worker,
+    w: Worker | Workers,
     r: redis.Redis,
     send: Callable[[int], object],
     deadline: float,
@@ -142,13 +145,23 @@ def measure(
     return finish, n
 
 
-def _fail(res: Res, status: str, w: Worker) -> Res:
+def _fail(res: Res, status: str, w: Worker | Workers) -> Res:
     res.update(status=status, log_tail=w.output())
     return res
 
 
-def run_celery(ctx: Ctx, n: int, rate: float, tag: str, *, durable: bool = False) -> Res:
-    """Bare Celery, prefork -c 2; the task records its completion with one RPUSH.
+def run_celery(
+    ctx: Ctx,
+    n: int,
+    rate: float,
+    tag: str,
+    *,
+    durable: bool = False,
+    concurrency: int = 2,
+    processes: int = 1,
+) -> Res:
+    """Bare Celery, prefork -c `concurrency` in `processes` workers; the task records its
+    completion with one RPUSH.
 
     `durable` (system `celery-pg`): each run also gets a PostgreSQL row, inserted before its
     message is sent, claimed and finished by the task (three commits, raw psycopg): the
@@ -159,7 +172,7 @@ def run_celery(ctx: Ctx, n: int, rate: float, tag: str, *, durable: bool = False
     r = redis.Redis.from_url(ctx.redis_url)
     r.flushdb()
     deadline = time.monotonic() + ctx.timeout_s
-    argv = [sys.executable, *CELERY_ARGV.split(), "-n", f"{tag}@%h", *CELERY_FLAGS.split()]
+    argv = [sys.executable, *CELERY_ARGV.split(), "-c", str(concurrency), *CELERY_FLAGS.split()]
     env = {**os.environ, URL_ENV: ctx.redis_url}
     db: psycopg.Connection | None = None
     if durable:
@@ -168,7 +181,12 @@ def run_celery(ctx: Ctx, n: int, rate: float, tag: str, *, durable: bool = False
         db = psycopg.connect(dsn, autocommit=True)
         db.execute(RUNS_DDL)
         db.execute("TRUNCATE bench_runs")
-    w = Worker(argv, env, ctx.tmp / f"{tag}.log")
+    w = Workers(
+        [
+            Worker([*argv, "-n", f"{tag}-{i}@%h"], env, ctx.tmp / f"{tag}-{i}.log")
+            for i in range(processes)
+        ]
+    )
     capp = make_app(ctx.redis_url)
     polls = Counter[str]()
     ids = itertools.count()
@@ -261,9 +279,13 @@ def run_execq(
     tag: str,
     profile: bool = False,
     batch: int = 1,
+    concurrency: int | None = None,
+    processes: int = 1,
 ) -> Res:
     """The full execq pipeline: Producer.submit → Redis → `execq worker` → store.
 
+    `processes` workers of the tenant, each with `concurrency` pool processes (default: the
+    tenant's, 2).
     Traced as the bench process is (10 %, OTLP/HTTP to a local sink that discards spans).
     `batch` > 1: submit_many of that many commands per call instead of submit.
     """
@@ -288,7 +310,11 @@ def run_execq(
     r = redis.Redis.from_url(ctx.redis_url)
     r.flushdb()
     deadline = time.monotonic() + ctx.timeout_s
-    w = Worker([sys.executable, *EXECQ_ARGV.split()], {**otel, **env}, ctx.tmp / f"{tag}.log")
+    argv = [sys.executable, *EXECQ_ARGV.split()]
+    argv += ["--concurrency", str(concurrency)] if concurrency else []
+    w = Workers(
+        [Worker(argv, {**otel, **env}, ctx.tmp / f"{tag}-{i}.log") for i in range(processes)]
+    )
     producer: Producer | None = None
     # no pool pre-ping here: on PostgreSQL each ping is one more committed transaction
     poll = sa.create_engine(db_url) if pg else make_engine(db_url)
