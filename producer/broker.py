@@ -17,6 +17,7 @@ from typing import Any
 from celery import Celery
 from kombu import Exchange, Queue  # type: ignore[attr-defined]
 
+from producer import kombu_redis
 from producer.errors import BrokerUnavailable, ConfigError
 from producer.redisconn import celery_broker
 from producer.sealing import Sealer
@@ -143,7 +144,8 @@ def make_celery(
 ) -> Celery:
     """A Celery app configured for execq (the producer only publishes with it)."""
     url = broker_url or resolve_broker_url(settings)
-    app = Celery("execq", set_as_current=False)
+    # kombu_redis.AMQP: kombu's Redis transport, one redis-py client per channel.
+    app = Celery("execq", set_as_current=False, amqp=f"{kombu_redis.__name__}:AMQP")
     app.conf.update(celery_config(settings, tenants, url))
     return app
 
