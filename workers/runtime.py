@@ -102,6 +102,8 @@ class Runtime:
         self._check_fork()
         if self._pipeline is None:
             cfg = self.config
+            # This thread runs every claim and finish of the pool process, one at a time.
+            self.store.pin()
             self._sandbox = Sandbox(workdir_root=workdir_root(cfg.settings))
             self._lease = LeaseKeeper(
                 store=self.store,
@@ -201,5 +203,6 @@ class Runtime:
         if self._live is not None:
             self._live.close()
         if self._store is not None:
+            self._store.close_pinned()
             self._store.engine.dispose()
         telemetry.shutdown()

@@ -38,6 +38,7 @@ from producer.store.batches import BatchStore
 from producer.store.claims import Claims
 from producer.store.clock import utcnow
 from producer.store.models import Command, Transition, by_id_only
+from producer.store.pinned import Pinned
 from producer.store.reads import Reads
 from producer.store.snapshots import SnapshotStore
 from producer.store.sweeps import Sweeps
@@ -139,6 +140,7 @@ class Store(Claims, Reads, Sweeps):
         ref = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: _dispose_after_fork(ref))
         self._pg = engine.dialect.name == "postgresql"
+        self._pinned = Pinned(self._auto)
         self._chains: set[str] = set()  # chains whose head row is known to exist
         self.audit = AuditLog(engine)
         self.snapshots = SnapshotStore(engine)
@@ -195,9 +197,22 @@ class Store(Claims, Reads, Sweeps):
 
     @contextmanager
     def _one(self) -> Iterator[Connection]:
-        """A connection for one atomic statement."""
+        """A connection for one atomic statement (the pinned thread's own, see `pin`)."""
+        if self._pinned.holds():
+            with self._pinned.connection() as conn:
+                yield conn
+            return
         with self._auto.connect() as conn:
             yield conn
+
+    def pin(self) -> None:
+        """Keep one connection for the calling thread's single statements (producer.store.
+        pinned says why); `close_pinned` gives it back."""
+        self._pinned.pin()
+
+    def close_pinned(self) -> None:
+        """Give back the pinned thread's connection."""
+        self._pinned.close()
 
     # --- creation ----------------------------------------------------------------------
 
