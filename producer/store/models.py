@@ -30,6 +30,8 @@ from sqlalchemy.sql.elements import ColumnElement
 _LIVE_LEASES = "state IN ('running', 'reverting')"
 _OUTBOX = "state IN ('pending', 'reverting')"
 _ROLLBACK_DUE = "state = 'failed' AND rollback_on_failure IS true AND compensation IS NULL"
+_ATTENTION = "needs_attention IS true"
+_BATCHED = "batch_id IS NOT NULL"
 
 
 class Base(DeclarativeBase):
@@ -66,8 +68,21 @@ class Command(Base):
             postgresql_where=text(_ROLLBACK_DUE),
             sqlite_where=text(_ROLLBACK_DUE),
         ),
-        Index("ix_commands_attention", "needs_attention", "tenant"),
-        Index("ix_commands_batch", "batch_id", "batch_step"),
+        # Partial: operators' queries only, no entry for the commands they never ask about
+        # (migration 0008).
+        Index(
+            "ix_commands_attention",
+            "tenant",
+            postgresql_where=text(_ATTENTION),
+            sqlite_where=text(_ATTENTION),
+        ),
+        Index(
+            "ix_commands_batch",
+            "batch_id",
+            "batch_step",
+            postgresql_where=text(_BATCHED),
+            sqlite_where=text(_BATCHED),
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
@@ -171,9 +186,11 @@ class AuditEventRow(Base):
     __tablename__ = "audit_events"
     __table_args__ = (
         UniqueConstraint("chain", "seq", name="uq_audit_chain_seq"),
-        UniqueConstraint("event_id", name="uq_audit_event_id"),
+        # No unique index on event_id since migration 0008 (SQLite keeps its constraint):
+        # nothing looks events up by id, and (chain, seq) is what makes the chain whole.
         Index("ix_audit_command", "command_id"),
-        Index("ix_audit_time", "exec_time_ns"),
+        # BRIN on PostgreSQL: time-range exports and prunes, next to no cost per insert.
+        Index("ix_audit_time", "exec_time_ns", postgresql_using="brin"),
     )
 
     # Insertion order across chains (exports follow it); within a chain it equals seq order.
