@@ -10,6 +10,7 @@ from producer.broker import make_celery
 from workers import signals, tasks
 from workers.runtime import Runtime, WorkerConfig
 from workers.sandbox import detect_capabilities, sweep_stale
+from workers.sandbox.cgroup import migrations_favored
 
 log = logging.getLogger("execq.worker")
 
@@ -27,6 +28,14 @@ def run_worker(config: WorkerConfig, *, loglevel: str = "INFO") -> int:
     capabilities = detect_capabilities()
     line = capabilities.summary()
     log.info("sandbox on this host: %s", line)
+    if (capabilities.memory_v1 or capabilities.pids_v1 or capabilities.cgroup_v2) and not (
+        migrations_favored()
+    ):
+        log.info(
+            "cgroup moves wait for an RCU grace period on this host (up to ~15 ms per command "
+            "when the worker is not busy): mount a cgroup hierarchy with favordynmods, see "
+            "docs/deployment.md#host-tuning"
+        )
     # Commands of a worker that was SIGKILLed may still run in their cgroups: end them now.
     swept = sweep_stale(capabilities)
     if swept:

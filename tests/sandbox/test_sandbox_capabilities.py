@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from workers.sandbox import Capabilities, detect_capabilities
+from workers.sandbox.cgroup import migrations_favored
 
 from .helpers import execq_cgroups
 
@@ -70,3 +72,20 @@ def test_this_root_host_enforces_everything_with_cgroups() -> None:
         assert m["capabilities"] == "none (bounding set empty, no_new_privs)"
         assert m["disk"] == "tmpfs (own mount namespace)", caps.notes
         assert m["kernel_files"] == "read-only (own mount namespace)"
+
+
+def test_favordynmods_is_read_from_any_cgroup_mount(tmp_path: Path) -> None:
+    # The option is host-wide once any hierarchy has it; other filesystems' options do not
+    # count, and an unreadable mount table means "not known to be on".
+    mounts = tmp_path / "mounts"
+    mounts.write_text(
+        "tmpfs /sys/fs/cgroup tmpfs rw,favordynmods 0 0\n"
+        "cgroup /sys/fs/cgroup/memory cgroup rw,relatime,memory 0 0\n"
+    )
+    assert not migrations_favored(str(mounts))
+    mounts.write_text(
+        "cgroup /sys/fs/cgroup/memory cgroup rw,relatime,memory 0 0\n"
+        "cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime,favordynmods 0 0\n"
+    )
+    assert migrations_favored(str(mounts))
+    assert not migrations_favored(str(tmp_path / "missing"))

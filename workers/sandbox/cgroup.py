@@ -300,6 +300,30 @@ class CgroupManager:
         return CgroupSlot(name=name, memory=made["memory"], pids=made["pids"], v2=made["v2"])
 
 
+def migrations_favored(mounts: str = "/proc/self/mounts") -> bool:
+    """Whether a cgroup hierarchy is mounted with `favordynmods`.
+
+    Each command moves the spawning thread into its slot and back (and the child into v2):
+    every move takes the kernel's cgroup_threadgroup_rwsem for writing. Without the option,
+    a writer that comes after a quiet moment waits for an RCU grace period first: measured
+    here at 50 commands/s, the moves took 6 ms at p90 and 16 ms at p99 against 0.03 ms in a
+    busy worker, and doubled a command's median time in the worker. `favordynmods` (kernel
+    5.19+, any hierarchy, host-wide) keeps that lock ready for writers, for a little more
+    work in every fork and exit on the host.
+    """
+    try:
+        with open(mounts) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        fields = line.split()
+        cgroup = len(fields) > 3 and fields[2] in ("cgroup", "cgroup2")
+        if cgroup and "favordynmods" in fields[3].split(","):
+            return True
+    return False
+
+
 def sweep_stale(caps: Capabilities) -> list[str]:
     """Kill and rmdir execq cgroups whose owning pool process is dead; returns their names."""
     found: dict[str, dict[str, str]] = {}
