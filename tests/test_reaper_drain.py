@@ -1,0 +1,119 @@
+"""The reaper drains a backlog in passes back to back, not one page per third of a lease."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from producer.client import Producer
+from producer.spec import CommandSpec
+from producer.states import State
+from producer.store.db import make_engine
+from producer.store.migrate import upgrade
+from tests.conftest import Env
+from workers import reaper as reaper_module
+from workers.reaper import EXPIRED_PAGE, Reaper, ReapReport
+
+pytestmark = pytest.mark.redis
+
+
+@pytest.fixture
+def sqlite_env(make_env: Callable[..., Env], tmp_path: Path, redis_url: str) -> Env:
+    env = make_env(f"sqlite:///{tmp_path}/drain.db", redis_url)
+    engine = make_engine(env.settings.database_url)
+    upgrade(engine)
+    engine.dispose()
+    return env
+
+
+@pytest.fixture
+def producer_and_reaper(sqlite_env: Env) -> Iterator[tuple[Producer, Reaper]]:
+    producer = sqlite_env.producer()
+    tenant = sqlite_env.tenants.get("alpha")
+    assert tenant is not None
+    reaper = Reaper(
+        settings=sqlite_env.settings,
+        tenant=tenant,
+        store=producer.store,
+        publisher=producer.publisher,
+        redis_url=sqlite_env.settings.broker_url,
+        actor="reaper:test",
+    )
+    try:
+        yield producer, reaper
+    finally:
+        producer.close()
+
+
+def _lost_workers(producer: Producer, n: int) -> list[str]:
+    """n commands claimed by a worker that then died: running, their leases already out."""
+    results = producer.submit_many([CommandSpec(tenant="alpha", argv=("/bin/true",))] * n)
+    ids = [r.id for r in results]
+    for command_id in ids:
+        claimed = producer.store.claim(command_id, tenant="alpha", worker="gone", lease_s=0.001)
+        assert claimed is not None
+    time.sleep(0.01)
+    return ids
+
+
+def test_a_full_page_asks_for_another_pass_at_once(
+    producer_and_reaper: tuple[Producer, Reaper],
+) -> None:
+    producer, reaper = producer_and_reaper
+    ids = _lost_workers(producer, EXPIRED_PAGE + 20)
+
+    first = reaper.run_once()
+    assert first.lost == EXPIRED_PAGE
+    assert first.more  # 20 more wait
+    second = reaper.run_once()
+    assert second.lost == 20
+    assert not second.more
+    states = {producer.get(command_id).state for command_id in ids}
+    assert states == {State.FAILED}
+
+
+def test_the_outbox_turn_stays_with_the_reaper_that_holds_it(
+    producer_and_reaper: tuple[Producer, Reaper],
+) -> None:
+    _, reaper = producer_and_reaper
+    assert reaper._take_turn()
+    assert reaper._take_turn()  # its own turn still: a drain's next pass publishes too
+    assert reaper._redis is not None
+    key = reaper.settings.key("reaper", reaper.tenant.name)
+    reaper._redis.set(key, "another-reaper", px=5000)
+    assert not reaper._take_turn()
+
+
+class _Waits:
+    """Stands in for the reaper's stop event: records each wait, stops after `passes`."""
+
+    def __init__(self, passes: int) -> None:
+        self.delays: list[float] = []
+        self.passes = passes
+
+    def wait(self, delay: float) -> bool:
+        self.delays.append(delay)
+        return len(self.delays) > self.passes
+
+    def set(self) -> None:
+        pass
+
+
+def test_passes_follow_each_other_while_pages_are_full(
+    producer_and_reaper: tuple[Producer, Reaper], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, reaper = producer_and_reaper
+    reports = iter([ReapReport(lost=100, more=True), ReapReport(lost=100, more=True)])
+    monkeypatch.setattr(reaper, "run_once", lambda: next(reports, ReapReport()))
+    waits = _Waits(passes=4)
+    monkeypatch.setattr(reaper, "_stop", waits)
+    reaper._loop()
+
+    first, after_full, after_full_again, after_last, *_ = waits.delays
+    pause = reaper_module.DRAIN_PAUSE_S
+    assert after_full == after_full_again == pause
+    for delay in (first, after_last):
+        assert 0.8 * reaper.interval_s <= delay <= 1.2 * reaper.interval_s
