@@ -1,12 +1,13 @@
 # execq image: the CLI, the worker and the producer library, installed from uv.lock.
 
-# The sandbox's launcher (workers/sandbox/launch.c), built apart so the image has no compiler.
+# The sandbox's launcher (workers/sandbox/launch.c), built apart so the image has no compiler;
+# linked statically, so each command's exec runs no dynamic loader (see docs/benchmarks.md).
 FROM python:3.11-slim-bookworm AS launcher
 RUN apt-get update \
  && apt-get install -y --no-install-recommends gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/*
 COPY workers/sandbox/launch.c /src/launch.c
-RUN gcc -O2 -Wall -Wextra -Werror -o /execq-launch /src/launch.c
+RUN gcc -O2 -Wall -Wextra -Werror -static -o /execq-launch /src/launch.c
 
 FROM python:3.11-slim-bookworm
 
