@@ -6,7 +6,7 @@ UV := $(shell command -v uv 2>/dev/null || echo .uv-bootstrap/bin/uv)
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: install run test lint typecheck bench clean
+.PHONY: install run test lint typecheck bench clean chaos
 
 .uv-bootstrap/bin/uv:
 	@# uv is the installer; bootstrap it with pip when the machine has none.
@@ -55,3 +55,6 @@ bench: install  ## throughput and latency against bare Celery, same run; audit c
 
 clean:
 	rm -rf $(VENV) .uv-bootstrap .execq .pytest_cache .mypy_cache .ruff_cache
+
+chaos: install  ## faults (killed workers, Redis and PostgreSQL restarts) under load; bounded
+	$(VENV)/bin/python -m chaos --timeout $(or $(CHAOS_TIMEOUT),1500) $(CHAOS_ARGS)

@@ -131,7 +131,7 @@ def check_commands(
             if match is None or int(match.group(1)) not in faults.killed_pids:
                 report.problems.append(
                     f"worker_lost on a live worker: {a.id} (lease owner {row.lease_owner}, "
-                    f"killed pids {sorted(faults.killed_pids)})"
+                    f"killed pids {sorted(faults.killed_pids)}, ran {n} time(s))"
                 )
         else:
             report.failed_other += 1
@@ -158,7 +158,7 @@ def _ours(p: psutil.Process, stack: Stack) -> bool:
     with contextlib.suppress(psutil.Error):
         if any(root in part for part in p.cmdline()):
             return True
-        return p.environ().get("EXECQ_TENANTS_FILE") == str(stack.tenants_path)
+        return bool(p.environ().get("EXECQ_TENANTS_FILE") == str(stack.tenants_path))
     return False
 
 
