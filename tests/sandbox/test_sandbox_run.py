@@ -17,6 +17,7 @@ import pytest
 from producer.errors import ExecutableRefused, SandboxError
 from workers.sandbox import Sandbox
 from workers.sandbox import workdir as workdir_module
+from workers.sandbox.procfs import is_alive, start_ticks
 
 from .helpers import PY, python, request
 
@@ -227,3 +228,32 @@ print("gone" if not os.path.lexists(root) else "left")
         assert done.stdout.strip() == "gone", done.stderr
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_private_directories_of_a_process_that_died_mid_run_are_removed(
+    sandbox: Sandbox,
+) -> None:
+    # A pool process killed mid-run never reaches its `finally`: its directory stays until
+    # the next process's first run under that root removes it. A live process's, and names
+    # execq did not make, stay.
+    root = sandbox.workdir_root
+    root.mkdir(parents=True, exist_ok=True)
+    dead = subprocess.Popen(["/bin/sleep", "0.3"])
+    ticks = start_ticks(dead.pid)
+    dead.wait()
+    gone = root / f"cmd-a-{dead.pid}.{ticks}-abcd_123"
+    (gone / "sub").mkdir(parents=True)
+    (gone / "sub" / "file").write_text("x")
+    os.chmod(gone / "sub", 0)
+    alive = root / f"cmd-b-{os.getpid()}.{start_ticks(os.getpid())}-abcd_123"
+    alive.mkdir()
+    foreign = root / "not-made-by-execq"
+    foreign.mkdir()
+
+    assert workdir_module.sweep_stale_dirs(root, is_alive) == [gone.name]
+    assert not gone.exists() and alive.exists() and foreign.exists()
+
+
+def test_a_private_directory_names_the_process_that_made_it(sandbox: Sandbox) -> None:
+    home = Path(json.loads(sandbox.run(python(SHOW_PLACE)).stdout)["home"])
+    assert home.name.startswith(f"test-{os.getpid()}.{start_ticks(os.getpid())}-")

@@ -28,9 +28,9 @@ from .cgroup import CgroupManager, CgroupSlot
 from .cgroup import sweep_stale as _sweep
 from .disk import PrivateDisk, disk_for_run
 from .model import ExecRequest, ExecResult, Limits
-from .procfs import boot_ticks_now
+from .procfs import boot_ticks_now, is_alive, start_ticks
 from .resolve import resolve_executable
-from .workdir import private_dir
+from .workdir import private_dir, sweep_stale_dirs
 from .wrapper import MiB, apply_after_spawn, build_launch
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 _FIXED_ENV = frozenset({"PATH", "HOME", "TMPDIR"})
 _REAP_WAIT_S = 5.0
+# (workdir root, pid) -> the owner mark of that process's private directories. The first run
+# of each process under a root also removes the directories of processes that died mid-run.
+_OWNERS: dict[tuple[str, int], str] = {}
 
 
 class Sandbox:
@@ -93,7 +96,7 @@ class Sandbox:
         subreaper = orphans.ensure_subreaper(self.capabilities)
         own_disk = self.capabilities.mounts_privately
         with (
-            private_dir(self.workdir_root, req.command_id) as workdir,
+            private_dir(self.workdir_root, req.command_id, self._owner()) as workdir,
             self._slot() as slot,
             disk_for_run(own_disk, req.limits.disk_mb, req.run_as) as disk,
         ):
@@ -109,6 +112,15 @@ class Sandbox:
                 cancel=cancel,
                 on_spawn=on_spawn,
             )
+
+    def _owner(self) -> str:
+        """`<pid>.<start ticks>` of this process, for the names of its private directories."""
+        key = (str(self.workdir_root), os.getpid())
+        owner = _OWNERS.get(key)
+        if owner is None:
+            sweep_stale_dirs(self.workdir_root, is_alive)
+            owner = _OWNERS[key] = f"{os.getpid()}.{start_ticks(os.getpid()) or 0}"
+        return owner
 
     def _hand_over(self, workdir: str, run_as: tuple[int, int]) -> None:
         """Give the private directory to the run's uid; the root only lets it pass through.
