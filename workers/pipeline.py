@@ -30,6 +30,7 @@ from typing import Any
 
 from opentelemetry import trace as otel_trace
 from opentelemetry.trace import SpanKind
+from sqlalchemy.exc import OperationalError
 
 from producer import logs, policy, tracing
 from producer.audit.events import NO_COMMAND_HASH, Phase, Subject, now_ns
@@ -58,6 +59,9 @@ from workers.sandbox import ExecRequest, ExecResult, Sandbox
 from workers.sandbox.capture import scrubbing
 
 log = logging.getLogger("execq.pipeline")
+
+# How long a finished command's outcome waits for an unreachable store (at least two leases).
+RECORD_RETRY_S = 300.0
 
 COMMAND_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
@@ -284,6 +288,56 @@ class Pipeline:
             return f"command belongs to tenant {tenant!r}"
         return None
 
+    def _record(self, claimed: Claimed, to: State, **kwargs: Any) -> None:
+        """The finishing transition, retried while the store is unreachable (bounded).
+
+        The command ran: its outcome must not be lost to an outage of the store. The lease is
+        held meanwhile, so that once the store is back it is renewed, and no reaper takes a
+        live worker for a dead one. Raises StaleVersion when another decision stands; after
+        RECORD_RETRY_S, the store's error (the command then stays running until its lease
+        expires, as before).
+        """
+        deadline = time.monotonic() + max(RECORD_RETRY_S, 2 * self.settings.lease_s)
+        delay = 0.2
+        tried = False
+        with self.lease.hold(claimed.id):
+            while True:
+                try:
+                    self.store.transition(
+                        claimed.id,
+                        expect_state=State.RUNNING,
+                        expect_version=claimed.version,
+                        to=to,
+                        actor=self.worker_id,
+                        **kwargs,
+                    )
+                    return
+                except StaleVersion:
+                    # A write that committed but whose answer was lost looks stale on retry.
+                    if tried and self._recorded(claimed, to):
+                        return
+                    raise
+                except OperationalError as exc:
+                    if time.monotonic() + delay > deadline:
+                        raise
+                    tried = True
+                    log.warning(
+                        "store unreachable, recording command %s again in %.1f s: %s",
+                        claimed.id,
+                        delay,
+                        type(exc).__name__,
+                    )
+                    time.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+
+    def _recorded(self, claimed: Claimed, to: State) -> bool:
+        """Whether the store holds this attempt's outcome (written by our own lost answer)."""
+        try:
+            rec = self.store.get(claimed.id)
+        except OperationalError:
+            return False
+        return rec.state is to and rec.version == claimed.version + 1
+
     def _finish(
         self,
         claimed: Claimed,
@@ -342,12 +396,9 @@ class Pipeline:
             redactor=attempt.redactor,
         )
         try:
-            self.store.transition(
-                claimed.id,
-                expect_state=State.RUNNING,
-                expect_version=claimed.version,
-                to=to,
-                actor=self.worker_id,
+            self._record(
+                claimed,
+                to,
                 reason=reason,
                 events=attempt.events,
                 **{"finished_at": utcnow(), "lease_expires_at": None, **fields},

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -84,6 +85,9 @@ class Reaper:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._redis: redis.Redis | None = None
+        # While the store was unreachable no worker could renew a lease: expired leases say
+        # nothing about dead workers until every live one has had a lease to renew again.
+        self._judge_leases_after = 0.0
 
     def start(self) -> None:
         """Run passes in a daemon thread until stop()."""
@@ -104,18 +108,27 @@ class Reaper:
                 report = self.run_once()
             except Exception:
                 log.exception("reaper pass failed; trying again next interval")
+                self.store_failed()
                 continue
             if report.lost or report.requeued or report.published:
                 log.info("reaper: %s", report)
             if report.more:
                 delay = DRAIN_PAUSE_S
 
+    def store_failed(self) -> None:
+        """A pass could not finish (the store, most likely, was unreachable): leases that
+        expire meanwhile are judged only a whole lease after the last failure."""
+        self._judge_leases_after = time.monotonic() + self.settings.lease_s + self.interval_s
+
     def _interval(self) -> float:
         return self.interval_s * random.uniform(0.8, 1.2)  # noqa: S311
 
     def run_once(self) -> ReapReport:
         """One pass: expired leases, rollbacks and batches left behind, then the outbox."""
-        lost, requeued, more = self._expired_leases()
+        lost = requeued = 0
+        more = False
+        if time.monotonic() >= self._judge_leases_after:
+            lost, requeued, more = self._expired_leases()
         more = self._left_behind() or more
         published = self._outbox() if self._take_turn() else 0
         # The tenant's last events need not wait for more appends to be checkpointed.

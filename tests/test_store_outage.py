@@ -1,0 +1,137 @@
+"""An unreachable store must not turn a live worker's commands into `worker_lost`.
+
+Found by `make chaos` (pg-stop): with PostgreSQL down longer than a lease, workers could
+neither renew their leases nor record the outcomes of commands that had run; once it was
+back, reapers failed those commands as if their workers had died.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy.exc import OperationalError
+
+from producer.client import Producer
+from producer.spec import CommandSpec
+from producer.states import State
+from producer.store.db import make_engine
+from producer.store.migrate import upgrade
+from producer.store.repository import Store
+from tests.conftest import Env
+from workers.binding import Delivery
+from workers.reaper import Reaper
+from workers.runtime import Runtime, WorkerConfig
+from workers.tasks import handle
+
+pytestmark = pytest.mark.redis
+
+
+@pytest.fixture
+def sqlite_env(make_env: Callable[..., Env], tmp_path: Path, redis_url: str) -> Env:
+    env = make_env(f"sqlite:///{tmp_path}/outage.db", redis_url)
+    engine = make_engine(env.settings.database_url)
+    upgrade(engine)
+    engine.dispose()
+    return env
+
+
+@pytest.fixture
+def producer(sqlite_env: Env) -> Iterator[Producer]:
+    p = sqlite_env.producer()
+    yield p
+    p.close()
+
+
+def _down(*_: Any, **__: Any) -> None:
+    raise OperationalError("UPDATE commands ...", {}, ConnectionRefusedError("store down"))
+
+
+def test_leases_are_judged_a_lease_after_the_store_came_back(
+    sqlite_env: Env, producer: Producer
+) -> None:
+    tenant = sqlite_env.tenants.get("alpha")
+    assert tenant is not None
+    reaper = Reaper(
+        settings=sqlite_env.settings,
+        tenant=tenant,
+        store=producer.store,
+        publisher=producer.publisher,
+        redis_url=sqlite_env.settings.broker_url,
+        actor="reaper:test",
+    )
+    command_id = producer.submit(CommandSpec(tenant="alpha", argv=("/bin/true",))).id
+    assert producer.store.claim(command_id, tenant="alpha", worker="alive", lease_s=0.001)
+    time.sleep(0.01)
+
+    reaper.store_failed()  # its last pass could not reach the store
+    assert reaper.run_once().lost == 0
+    assert producer.get(command_id).state is State.RUNNING
+    reaper._judge_leases_after = 0.0  # a lease (and a pass) later
+    assert reaper.run_once().lost == 1
+    assert producer.get(command_id).state is State.FAILED
+
+
+def test_a_pass_that_fails_defers_the_judgement(
+    sqlite_env: Env, producer: Producer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tenant = sqlite_env.tenants.get("alpha")
+    assert tenant is not None
+    reaper = Reaper(
+        settings=sqlite_env.settings,
+        tenant=tenant,
+        store=producer.store,
+        publisher=producer.publisher,
+        redis_url=sqlite_env.settings.broker_url,
+        actor="reaper:test",
+    )
+    monkeypatch.setattr(reaper.store, "expired_leases", _down)
+    monkeypatch.setattr(reaper, "interval_s", 0.01)
+    reaper.start()
+    try:
+        deadline = time.monotonic() + 10
+        while reaper._judge_leases_after == 0.0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        reaper.stop()
+    assert reaper._judge_leases_after >= time.monotonic() + sqlite_env.settings.lease_s - 1
+
+
+def test_a_finished_commands_outcome_waits_for_the_store(
+    sqlite_env: Env, producer: Producer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The worker's logic in-process (no Celery): the command runs, then the store refuses
+    # the finishing write twice before it comes back.
+    tenant = sqlite_env.tenants.get("alpha")
+    assert tenant is not None
+    command_id = producer.submit(CommandSpec(tenant="alpha", argv=("/bin/echo", "ran"))).id
+    runtime = Runtime(
+        WorkerConfig(
+            settings=sqlite_env.settings,
+            tenants=sqlite_env.tenants,
+            tenant=tenant,
+            broker_url=sqlite_env.settings.broker_url,
+            concurrency=1,
+        )
+    )
+    real = Store.transition
+    failures = iter([True, True])
+
+    def flaky(self: Store, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("expect_state") is State.RUNNING and next(failures, False):
+            _down()
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "transition", flaky)
+    try:
+        done = handle(lambda: runtime, Delivery(command_id, "alpha", {}, None, None))
+    finally:
+        runtime.close()
+    assert done == "ran"
+    record = producer.get(command_id)
+    assert record.state is State.SUCCEEDED
+    assert record.stdout == "ran\n"
+    assert next(failures, None) is None  # both failures were met, then it was recorded
