@@ -117,3 +117,21 @@ def test_passes_follow_each_other_while_pages_are_full(
     assert after_full == after_full_again == pause
     for delay in (first, after_last):
         assert 0.8 * reaper.interval_s <= delay <= 1.2 * reaper.interval_s
+
+
+def test_every_pass_sweeps_what_dead_pool_processes_left_even_without_a_store(
+    producer_and_reaper: tuple[Producer, Reaper], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A tenant whose pool process was SIGKILLed may run nothing for hours: its cgroup and
+    # private directory must not wait for the replacement's first command.
+    _, reaper = producer_and_reaper
+    swept: list[int] = []
+    monkeypatch.setattr(reaper, "_host_sweep", lambda: swept.append(1))
+
+    def down() -> ReapReport:
+        raise ConnectionError("store down")
+
+    monkeypatch.setattr(reaper, "run_once", down)
+    monkeypatch.setattr(reaper, "_stop", _Waits(passes=3))
+    reaper._loop()
+    assert len(swept) == 3

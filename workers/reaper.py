@@ -13,6 +13,7 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -70,7 +71,10 @@ class Reaper:
         redis_url: str,
         actor: str,
         trail: Trail | None = None,
+        host_sweep: Callable[[], object] | None = None,
     ) -> None:
+        """`host_sweep`: removes what dead pool processes left on this host (cgroups,
+        private directories); run after every pass, whatever the store says."""
         self.settings = settings
         self.tenant = tenant
         self.store = store
@@ -88,6 +92,7 @@ class Reaper:
         # While the store was unreachable no worker could renew a lease: expired leases say
         # nothing about dead workers until every live one has had a lease to renew again.
         self._judge_leases_after = 0.0
+        self._host_sweep = host_sweep
 
     def start(self) -> None:
         """Run passes in a daemon thread until stop()."""
@@ -104,6 +109,7 @@ class Reaper:
         delay = self._interval()
         while not self._stop.wait(delay):
             delay = self._interval()
+            self._sweep_host()
             try:
                 report = self.run_once()
             except Exception:
@@ -114,6 +120,17 @@ class Reaper:
                 log.info("reaper: %s", report)
             if report.more:
                 delay = DRAIN_PAUSE_S
+
+    def _sweep_host(self) -> None:
+        # A pool process killed mid-run (SIGKILL, the OOM killer) leaves its cgroup and its
+        # command's private directory; its replacement sweeps them only when it runs a
+        # command, and a quiet tenant may not run one for hours.
+        if self._host_sweep is None:
+            return
+        try:
+            self._host_sweep()
+        except Exception:
+            log.exception("sweeping what dead pool processes left failed")
 
     def store_failed(self) -> None:
         """A pass could not finish (the store, most likely, was unreachable): leases that

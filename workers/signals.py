@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from celery import signals
@@ -13,9 +15,12 @@ from producer import logs
 from producer.broker import queue_key
 from producer.tenants import Tenant
 from workers import metrics, remote
+from workers.pipeline import workdir_root
 from workers.reaper import Reaper
 from workers.runtime import Runtime
-from workers.sandbox import detect_capabilities
+from workers.sandbox import detect_capabilities, sweep_stale
+from workers.sandbox.procfs import is_alive
+from workers.sandbox.workdir import sweep_stale_dirs
 
 log = logging.getLogger("execq.worker")
 
@@ -29,6 +34,17 @@ def filesystem_line(tenant: Tenant) -> str:
         return f"filesystem view: bubblewrap (private /tmp {tenant.filesystem.tmp_mb} MB); "
     # Only an optional view gets here: a required one stopped the worker before it started.
     return f"filesystem view: HOST ({caps.bwrap_problem}); "
+
+
+def _host_sweep(root: Path) -> Callable[[], None]:
+    """What the reaper runs after each pass: the leftovers of dead pool processes."""
+    caps = detect_capabilities()
+
+    def sweep() -> None:
+        sweep_stale(caps)
+        sweep_stale_dirs(root, is_alive)
+
+    return sweep
 
 
 def connect(runtime: Runtime, *, capabilities_line: str) -> None:
@@ -62,6 +78,7 @@ def connect(runtime: Runtime, *, capabilities_line: str) -> None:
             publisher=runtime.publisher,
             redis_url=cfg.broker_url,
             actor=f"reaper:{runtime.worker_id}",
+            host_sweep=_host_sweep(workdir_root(cfg.settings)),
         )
         reaper.start()
         state["reaper"] = reaper
