@@ -228,9 +228,13 @@ def test_ctrl_c_during_start_up_is_one_line_and_status_130(cli_env: Env, after_s
     proc = _cli(cli_env, "list", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     time.sleep(after_s)
     proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=30)
+    stdout, stderr = proc.communicate(timeout=30)
     if proc.returncode == 0:
         pytest.skip("the command was done before the signal came")  # a fast machine
+    if proc.returncode == -signal.SIGINT and stdout and not stderr:
+        # Done and printed, then the signal came while the interpreter was exiting (it puts
+        # the default handlers back): a shell shows 130 all the same. Not start-up.
+        pytest.skip("the signal came after the command was done, during the exit")
     assert proc.returncode == 130, stderr
     assert b"Traceback" not in stderr and stderr.decode().strip() == "interrupted"
 
