@@ -32,6 +32,7 @@ from producer.store.migrate import upgrade
 from producer.store.repository import Store
 from producer.tenants import TenantsFile, load_tenants
 from workers.embedded import EmbeddedRedis, reachable
+from workers.reaper import Reaper
 
 CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 REDIS_URL = os.environ.get("EXECQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
@@ -269,6 +270,30 @@ def shipped_env(make_env: Callable[..., Env], tmp_path: Path, redis_url: str) ->
 def env(make_env: Callable[..., Env], database_url: str, redis_url: str) -> Env:
     """Settings on both store backends with the test Redis."""
     return make_env(database_url, redis_url)
+
+
+@pytest.fixture
+def sqlite_env(make_env: Callable[..., Env], tmp_path: Path, redis_url: str) -> Env:
+    """Settings on a migrated SQLite store with the test Redis (in-process worker logic)."""
+    env = make_env(f"sqlite:///{tmp_path}/store.db", redis_url)
+    engine = make_engine(env.settings.database_url)
+    upgrade(engine)
+    engine.dispose()
+    return env
+
+
+def alpha_reaper(env: Env, producer: Producer) -> Reaper:
+    """The reaper a worker of tenant alpha runs, on the producer's store and publisher."""
+    tenant = env.tenants.get("alpha")
+    assert tenant is not None
+    return Reaper(
+        settings=env.settings,
+        tenant=tenant,
+        store=producer.store,
+        publisher=producer.publisher,
+        redis_url=env.settings.broker_url,
+        actor="reaper:test",
+    )
 
 
 @pytest.fixture

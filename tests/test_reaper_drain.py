@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
 
 from producer.client import Producer
 from producer.spec import CommandSpec
 from producer.states import State
-from producer.store.db import make_engine
-from producer.store.migrate import upgrade
-from tests.conftest import Env
+from tests.conftest import Env, alpha_reaper
 from workers import reaper as reaper_module
 from workers.reaper import EXPIRED_PAGE, Reaper, ReapReport
 
@@ -21,27 +18,9 @@ pytestmark = pytest.mark.redis
 
 
 @pytest.fixture
-def sqlite_env(make_env: Callable[..., Env], tmp_path: Path, redis_url: str) -> Env:
-    env = make_env(f"sqlite:///{tmp_path}/drain.db", redis_url)
-    engine = make_engine(env.settings.database_url)
-    upgrade(engine)
-    engine.dispose()
-    return env
-
-
-@pytest.fixture
 def producer_and_reaper(sqlite_env: Env) -> Iterator[tuple[Producer, Reaper]]:
     producer = sqlite_env.producer()
-    tenant = sqlite_env.tenants.get("alpha")
-    assert tenant is not None
-    reaper = Reaper(
-        settings=sqlite_env.settings,
-        tenant=tenant,
-        store=producer.store,
-        publisher=producer.publisher,
-        redis_url=sqlite_env.settings.broker_url,
-        actor="reaper:test",
-    )
+    reaper = alpha_reaper(sqlite_env, producer)
     try:
         yield producer, reaper
     finally:

@@ -8,8 +8,7 @@ back, reapers failed those commands as if their workers had died.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,25 +17,13 @@ from sqlalchemy.exc import OperationalError
 from producer.client import Producer
 from producer.spec import CommandSpec
 from producer.states import State
-from producer.store.db import make_engine
-from producer.store.migrate import upgrade
 from producer.store.repository import Store
-from tests.conftest import Env
+from tests.conftest import Env, alpha_reaper
 from workers.binding import Delivery
-from workers.reaper import Reaper
 from workers.runtime import Runtime, WorkerConfig
 from workers.tasks import handle
 
 pytestmark = pytest.mark.redis
-
-
-@pytest.fixture
-def sqlite_env(make_env: Callable[..., Env], tmp_path: Path, redis_url: str) -> Env:
-    env = make_env(f"sqlite:///{tmp_path}/outage.db", redis_url)
-    engine = make_engine(env.settings.database_url)
-    upgrade(engine)
-    engine.dispose()
-    return env
 
 
 @pytest.fixture
@@ -53,16 +40,7 @@ def _down(*_: Any, **__: Any) -> None:
 def test_leases_are_judged_a_lease_after_the_store_came_back(
     sqlite_env: Env, producer: Producer
 ) -> None:
-    tenant = sqlite_env.tenants.get("alpha")
-    assert tenant is not None
-    reaper = Reaper(
-        settings=sqlite_env.settings,
-        tenant=tenant,
-        store=producer.store,
-        publisher=producer.publisher,
-        redis_url=sqlite_env.settings.broker_url,
-        actor="reaper:test",
-    )
+    reaper = alpha_reaper(sqlite_env, producer)
     command_id = producer.submit(CommandSpec(tenant="alpha", argv=("/bin/true",))).id
     assert producer.store.claim(command_id, tenant="alpha", worker="alive", lease_s=0.001)
     time.sleep(0.01)
@@ -78,16 +56,7 @@ def test_leases_are_judged_a_lease_after_the_store_came_back(
 def test_a_pass_that_fails_defers_the_judgement(
     sqlite_env: Env, producer: Producer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    tenant = sqlite_env.tenants.get("alpha")
-    assert tenant is not None
-    reaper = Reaper(
-        settings=sqlite_env.settings,
-        tenant=tenant,
-        store=producer.store,
-        publisher=producer.publisher,
-        redis_url=sqlite_env.settings.broker_url,
-        actor="reaper:test",
-    )
+    reaper = alpha_reaper(sqlite_env, producer)
     monkeypatch.setattr(reaper.store, "expired_leases", _down)
     monkeypatch.setattr(reaper, "interval_s", 0.01)
     reaper.start()
