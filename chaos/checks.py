@@ -17,6 +17,7 @@ import psutil
 import sqlalchemy as sa
 
 from chaos.load import Accepted
+from chaos.servers import RedisServer
 from chaos.stack import TENANT, Stack
 from producer.states import TERMINAL
 from workers.sandbox import detect_capabilities
@@ -162,9 +163,23 @@ def _ours(p: psutil.Process, stack: Stack) -> bool:
     return False
 
 
-def check_leaks(report: Report, stack: Stack) -> None:
-    """Processes, cgroups and private directories the scenario's workers left behind (called
-    after the live workers' warm shutdown, before anything is force-killed)."""
+def _subscriptions(rds: RedisServer) -> list[str]:
+    """Redis clients still subscribed to anything (pub/sub, patterns, shard channels)."""
+    client = rds.client()
+    try:
+        return [
+            f"{c.get('addr')} {c.get('name') or ''} sub={c.get('sub')} psub={c.get('psub')}"
+            for c in client.client_list()
+            if any(int(c.get(k) or 0) for k in ("sub", "psub", "ssub"))
+        ]
+    finally:
+        client.close()
+
+
+def check_leaks(report: Report, stack: Stack, rds: RedisServer) -> None:
+    """Processes, cgroups, private directories and Redis subscriptions the scenario's workers
+    left behind (called after the live workers' warm shutdown and the producer's close, before
+    anything is force-killed)."""
     me = os.getpid()
     procs = [p for p in psutil.process_iter() if p.pid != me and _ours(p, stack)]
     for p in procs:
@@ -182,7 +197,9 @@ def check_leaks(report: Report, stack: Stack) -> None:
     report.problems.extend(f"leaked cgroup {c}" for c in cgroups)
     dirs = sorted(os.listdir(stack.workdir_root)) if stack.workdir_root.is_dir() else []
     report.problems.extend(f"leaked private directory {stack.workdir_root / d}" for d in dirs)
-    report.leaked = len(procs) + len(cgroups) + len(dirs)
+    subs = _subscriptions(rds)
+    report.problems.extend(f"leaked Redis subscription: {s}" for s in subs)
+    report.leaked = len(procs) + len(cgroups) + len(dirs) + len(subs)
 
 
 def check_audit(report: Report, stack: Stack) -> None:

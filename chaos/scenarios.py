@@ -8,7 +8,8 @@ import random
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
@@ -121,11 +122,22 @@ def stop_postgres(run: Run) -> None:
     run.faults.note(f"postgresql back after {down_s} s")
 
 
+def _no_setup(stack: Stack) -> AbstractContextManager[object]:
+    return nullcontext()
+
+
 @dataclass(frozen=True)
 class Scenario:
+    """One fault. `redis` makes the scenario's broker (a RedisServer or a subclass that
+    stands for a set of servers, such as a Sentinel-watched pair); `setup` is entered after
+    the stack is made and before the store is migrated and the workers start (a mount for
+    the audit file, a gateway), and left after the checks."""
+
     name: str
     inject: Injector
     aof: bool = False
+    redis: Callable[[bool], RedisServer] = field(default=RedisServer)
+    setup: Callable[[Stack], AbstractContextManager[object]] = field(default=_no_setup)
 
 
 SCENARIOS = {
@@ -145,34 +157,24 @@ def run_scenario(scenario: Scenario, opts: Options, deadline: float) -> Report:
     report = Report(scenario.name)
     t0 = time.monotonic()
     faults = Faults()
-    with RedisServer(aof=scenario.aof) as rds, PgCluster() as pg:
+    with scenario.redis(scenario.aof) as rds, PgCluster() as pg:
         stack = Stack(rds.url, pg.url)
         engine: sa.Engine | None = None
         try:
-            stack.upgrade()
-            for _ in range(WORKERS):
-                stack.start_worker()
-            engine = make_engine(pg.url)
-            with stack.producer() as producer:
-                stream = Stream(
-                    producer, stack.markers, opts.commands, opts.rate_per_s, deadline, opts.seed
-                )
-                run = Run(opts, stack, rds, pg, stream, faults, random.Random(opts.seed))  # noqa: S311 - reproducible faults
-                stream.start()
-                scenario.inject(run)
-                if not stream.join(max(0.0, deadline - time.monotonic())):
-                    report.problems.append("timeout: the stream was still submitting")
-                settle_by = min(deadline, time.monotonic() + opts.settle_s)
-                left = wait_settled(engine, settle_by)
-                if left:
-                    report.problems.append(f"timeout: {left} command(s) still unsettled")
-                report.submit_errors = dict(stream.errors)
-                if stream.given_up:
-                    report.problems.append(f"submit gave up on {len(stream.given_up)} command(s)")
-                check_commands(report, engine, stream.accepted, stack.markers, faults)
-            stack.stop_live()
-            check_leaks(report, stack)
-            check_audit(report, stack)
+            with scenario.setup(stack):
+                stack.upgrade()
+                for _ in range(WORKERS):
+                    stack.start_worker()
+                engine = make_engine(pg.url)
+                with stack.producer() as producer:
+                    stream = Stream(
+                        producer, stack.markers, opts.commands, opts.rate_per_s, deadline, opts.seed
+                    )
+                    run = Run(opts, stack, rds, pg, stream, faults, random.Random(opts.seed))  # noqa: S311 - reproducible faults
+                    _stream_with_fault(scenario, run, report, engine, deadline)
+                stack.stop_live()
+                check_leaks(report, stack, rds)
+                check_audit(report, stack)
         finally:
             if engine is not None:
                 engine.dispose()
@@ -180,3 +182,21 @@ def run_scenario(scenario: Scenario, opts: Options, deadline: float) -> Report:
     report.faults = faults.events
     report.duration_s = round(time.monotonic() - t0, 1)
     return report
+
+
+def _stream_with_fault(
+    scenario: Scenario, run: Run, report: Report, engine: sa.Engine, deadline: float
+) -> None:
+    stream = run.stream
+    stream.start()
+    scenario.inject(run)
+    if not stream.join(max(0.0, deadline - time.monotonic())):
+        report.problems.append("timeout: the stream was still submitting")
+    settle_by = min(deadline, time.monotonic() + run.opts.settle_s)
+    left = wait_settled(engine, settle_by)
+    if left:
+        report.problems.append(f"timeout: {left} command(s) still unsettled")
+    report.submit_errors = dict(stream.errors)
+    if stream.given_up:
+        report.problems.append(f"submit gave up on {len(stream.given_up)} command(s)")
+    check_commands(report, engine, stream.accepted, run.stack.markers, run.faults)

@@ -83,6 +83,11 @@ class RedisServer:
         finally:
             client.close()
 
+    def client(self) -> redis.Redis:
+        """A client of the server that holds the data now (a subclass that fails over
+        answers with the current primary)."""
+        return redis.Redis.from_url(self.url, socket_timeout=2)
+
     def crash(self) -> None:
         """SIGKILL: whatever was not on disk (all of it without AOF) is gone."""
         if self.proc is not None and self.proc.poll() is None:
