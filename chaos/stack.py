@@ -92,13 +92,15 @@ class Stack:
     workers: list[WorkerProc] = field(default_factory=list)
     # every pool pid seen, for the leak checks (a cgroup is named after its pool process)
     seen_pool_pids: set[int] = field(default_factory=set)
+    # another tenants file (for tenant TENANT still): the soak needs actions and more programs
+    tenants_text: str | None = None
 
     def __post_init__(self) -> None:
         self.markers = self.root / "markers"
         self.markers.mkdir()
         self.workdir_root = self.root / "work"
         self.tenants_path = self.root / "tenants.yaml"
-        self.tenants_path.write_text(tenants_yaml())
+        self.tenants_path.write_text(self.tenants_text or tenants_yaml())
         self.vars = {
             "EXECQ_DATABASE_URL": self.database_url,
             "EXECQ_BROKER_URL": self.redis_url,
