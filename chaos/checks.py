@@ -34,6 +34,8 @@ class Faults:
 
     killed_pids: set[int] = field(default_factory=set)
     events: list[str] = field(default_factory=list)
+    # what the injector itself found wrong (a client's view, say): the report's problems too
+    problems: list[str] = field(default_factory=list)
     end: float | None = None  # time.time() when the last fault was over
 
     def note(self, what: str) -> None:
@@ -170,7 +172,7 @@ def _subscriptions(rds: RedisServer) -> list[str]:
         return [
             f"{c.get('addr')} {c.get('name') or ''} sub={c.get('sub')} psub={c.get('psub')}"
             for c in client.client_list()
-            if any(int(c.get(k) or 0) for k in ("sub", "psub", "ssub"))
+            if any(int(c.get(k) or 0) for k in ("sub", "psub", "ssub")) and not rds.own_client(c)
         ]
     finally:
         client.close()

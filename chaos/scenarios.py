@@ -15,6 +15,7 @@ import sqlalchemy as sa
 
 from chaos.checks import Faults, Report, check_audit, check_commands, check_leaks, wait_settled
 from chaos.load import Stream
+from chaos.sentinel import fail_over, sentinel_set
 from chaos.servers import PgCluster, RedisServer
 from chaos.stack import Stack
 from producer.store.db import make_engine
@@ -148,6 +149,7 @@ SCENARIOS = {
         Scenario("redis-volatile", restart_redis),
         Scenario("redis-aof", restart_redis, aof=True),
         Scenario("pg-stop", stop_postgres),
+        Scenario("sentinel-failover", fail_over, redis=sentinel_set),
     )
 }
 
@@ -180,6 +182,7 @@ def run_scenario(scenario: Scenario, opts: Options, deadline: float) -> Report:
                 engine.dispose()
             stack.close()
     report.faults = faults.events
+    report.problems.extend(faults.problems)
     report.duration_s = round(time.monotonic() - t0, 1)
     return report
 

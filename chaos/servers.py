@@ -13,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import redis
 import sqlalchemy as sa
@@ -87,6 +88,11 @@ class RedisServer:
         """A client of the server that holds the data now (a subclass that fails over
         answers with the current primary)."""
         return redis.Redis.from_url(self.url, socket_timeout=2)
+
+    def own_client(self, info: dict[str, Any]) -> bool:
+        """Whether a CLIENT LIST entry is a connection the servers make among themselves
+        (a sentinel's subscription to its primary), not one of execq's."""
+        return False
 
     def crash(self) -> None:
         """SIGKILL: whatever was not on disk (all of it without AOF) is gone."""
