@@ -630,6 +630,7 @@ class Producer(Reverting):
     def close(self) -> None:
         """Stop background publishing and release connections (and flush execq's own spans)."""
         self.outbox.close()
+        self.trail.flush(final=True)  # audit events held while the audit file's disk was full
         self.publisher.close()
         telemetry.shutdown()
         if self._redis is not None:

@@ -104,6 +104,7 @@ class Reaper:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        self.trail.flush(final=True)
 
     def _loop(self) -> None:
         delay = self._interval()
@@ -148,7 +149,9 @@ class Reaper:
             lost, requeued, more = self._expired_leases()
         more = self._left_behind() or more
         published = self._outbox() if self._take_turn() else 0
-        # The tenant's last events need not wait for more appends to be checkpointed.
+        # The tenant's last events need not wait for more appends to be checkpointed, nor
+        # (after a full disk) for more appends to reach the audit file.
+        self.trail.flush()
         self.trail.checkpoint_moved([self.tenant.name])
         more = more or published == OUTBOX_PAGE
         return ReapReport(lost=lost, requeued=requeued, published=published, more=more)

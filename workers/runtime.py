@@ -194,6 +194,9 @@ class Runtime:
 
     def close(self) -> None:
         """Release this process's resources (at pool-process or worker shutdown)."""
+        if self._pipeline is not None:
+            # audit events held while the audit file's disk was full
+            self._pipeline.trail.flush(final=True)
         if self._lease is not None:
             self._lease.stop()
         if self._sandbox is not None:

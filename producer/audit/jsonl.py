@@ -8,6 +8,7 @@ lines cut from either end of a file, as well as any line edited, removed or inse
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -15,6 +16,7 @@ import os
 import socket
 import threading
 import uuid
+from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +25,7 @@ from typing import Any
 from producer.audit.events import GENESIS, AuditEvent
 from producer.audit.keys import AuditKeys
 from producer.audit.verify import Anchor, Problem, Report, Verifier, link_kind
-from producer.audit.witness import Checkpoint, Witness, now_iso, read_latest, writer
+from producer.audit.witness import Checkpoint, Outage, Witness, now_iso, read_latest, writer
 from producer.files import private_dir
 
 log = logging.getLogger("execq.audit")
@@ -32,6 +34,8 @@ FILE_CHAIN = "file"
 HEAD_RECORD = "file_head"
 # The last line of a file is found by reading this much of its end (events are far smaller).
 _TAIL_BYTES = 256 * 1024
+# Events a sink keeps in memory while its file cannot be written (a full disk), at most.
+MAX_HELD = 20_000
 
 
 def _line(record: dict[str, Any]) -> str:
@@ -116,6 +120,7 @@ class JsonlSink:
         keep: int = 10,
         keys: AuditKeys | None = None,
         witness: Witness | None = None,
+        max_held: int = MAX_HELD,
     ) -> None:
         self.path = path
         self.max_bytes = max_bytes
@@ -127,78 +132,148 @@ class JsonlSink:
         # (inode, size, last link, series) after this process's own last append: when the
         # file is still exactly so, nobody appended since and its tail need not be read again.
         self._known: tuple[int, int, tuple[int, str], str | None] | None = None
+        # Committed events this process could not write yet (the disk was full), in order:
+        # the next append, or `flush`, writes them first. Beyond `max_held` the oldest are
+        # dropped, counted in `dropped` and logged (the store keeps them all).
+        self.max_held = max_held
+        self._held: deque[AuditEvent] = deque()
+        self.dropped = 0
+        self._outage = Outage(f"audit file {path}")
+        self._witness_outage = Outage(f"checkpoints of {path} in the witness")
         os.register_at_fork(after_in_child=self._reset_after_fork)
 
     def _reset_after_fork(self) -> None:
         self._thread_lock = threading.Lock()
         self._known = None
+        # the parent's held events are the parent's to write
+        self._held = deque()
+        self.dropped = 0
+        self._outage = Outage(f"audit file {self.path}")
+        self._witness_outage = Outage(f"checkpoints of {self.path} in the witness")
+
+    @property
+    def held(self) -> int:
+        """Events waiting in this process for the file to take them."""
+        return len(self._held)
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
+        with self._thread_lock, self._flocked():
+            yield
+
+    @contextmanager
+    def _flocked(self) -> Iterator[None]:
         private_dir(self.path.parent)
-        with self._thread_lock:
-            fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                yield
-            finally:
-                os.close(fd)  # closing releases the flock
+        fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the flock
 
     def append(self, events: Sequence[AuditEvent]) -> None:
-        """Link `events` after the file's last event and append them."""
-        if not events:
-            return
-        with self._locked():
+        """Link `events` after the file's last event and append them, after any events held
+        from an append that failed.
+
+        An append that fails (ENOSPC, EIO, …) leaves the file as it was, without a partial
+        line, and holds its events in memory: the next append, or `flush`, writes them first,
+        in order. The first failure is logged as an error, later ones are not until the file
+        takes events again.
+        """
+        with self._thread_lock:
+            batch = [*self._held, *events]
+            if not batch:
+                return
             try:
-                st: os.stat_result | None = self.path.stat()
-            except FileNotFoundError:
-                st = None
-            known = self._known
-            unchanged = st is not None and known is not None and known[:2] == _identity(st)
-            if unchanged and known is not None:
-                head, series = known[2], known[3]
+                with self._flocked():
+                    self._write(batch)
+            except OSError as exc:
+                self._hold(events, exc)
+                return
+            recovered = len(self._held)
+            self._held.clear()
+            if self._outage.ok():
+                log.warning(
+                    "audit file %s takes events again: %d held event(s) appended%s",
+                    self.path,
+                    recovered,
+                    f"; {self.dropped} were dropped (the store has them)" if self.dropped else "",
+                )
+                self.dropped = 0
+
+    def flush(self) -> int:
+        """Append the events held since a failed append now; how many are still held."""
+        if self._held:
+            self.append([])
+        return len(self._held)
+
+    def _hold(self, events: Sequence[AuditEvent], exc: OSError) -> None:
+        self._held.extend(events)
+        over = len(self._held) - self.max_held
+        for _ in range(max(0, over)):
+            self._held.popleft()
+        self.dropped += max(0, over)
+        self._outage.failed(
+            exc,
+            f"holding its events in memory ({len(self._held)} now, at most {self.max_held}) "
+            "until it can be written; the store has them all",
+        )
+        if over > 0 and self.dropped == over:
+            log.error(
+                "audit file %s: more than %d events held, dropping the oldest (the store "
+                "has them; `execq audit export` writes them out)",
+                self.path,
+                self.max_held,
+            )
+
+    def _write(self, events: Sequence[AuditEvent]) -> None:
+        """Under the lock: link and write `events`; on failure, the file is as it was."""
+        try:
+            st: os.stat_result | None = self.path.stat()
+        except FileNotFoundError:
+            st = None
+        known = self._known
+        unchanged = st is not None and known is not None and known[:2] == _identity(st)
+        if unchanged and known is not None:
+            head, series = known[2], known[3]
+        else:
+            head = _last_link(self.path) or _last_link(self._rotated(1)) or (0, GENESIS)
+            series = self._series(st)
+        seq, prev = head
+        first = (seq + 1, prev)
+        lines = []
+        for event in events:
+            seq += 1
+            linked = event.linked(FILE_CHAIN, seq, prev, self.keys)
+            prev = linked.hash or ""
+            lines.append(_line(linked.to_json()))
+        data = "".join(lines).encode()
+        size = st.st_size if st is not None else 0
+        # A keyed chain continues a file written without heads in a new file of its own.
+        unheaded = self.keys is not None and series is None
+        if size and (size + len(data) > self.max_bytes or unheaded):
+            self._rotate()
+            size, unchanged = 0, False
+        if size == 0 and self.keys is not None:
+            series = series or uuid.uuid4().hex
+            data = _line(self._head(series, *first)).encode() + data
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            _append_whole(fd, data, repair=bool(size) and not unchanged)
+            self._known = (*_identity(os.fstat(fd)), (seq, prev), series)
+        except BaseException:
+            self._known = None
+            raise
+        finally:
+            os.close(fd)
+        if self.witness is not None:
+            # Still under the lock: the witness sees the file chain's checkpoints in order.
+            try:
+                self.witness.write([self._checkpoint(seq, prev, series)])
+            except OSError as exc:
+                self._witness_outage.failed(exc, "the file's end is pinned again later")
             else:
-                head = _last_link(self.path) or _last_link(self._rotated(1)) or (0, GENESIS)
-                series = self._series(st)
-            seq, prev = head
-            first = (seq + 1, prev)
-            lines = []
-            for event in events:
-                seq += 1
-                linked = event.linked(FILE_CHAIN, seq, prev, self.keys)
-                prev = linked.hash or ""
-                lines.append(_line(linked.to_json()))
-            data = "".join(lines).encode()
-            size = st.st_size if st is not None else 0
-            # A keyed chain continues a file written without heads in a new file of its own.
-            unheaded = self.keys is not None and series is None
-            if size and (size + len(data) > self.max_bytes or unheaded):
-                self._rotate()
-                size, unchanged = 0, False
-            if size == 0 and self.keys is not None:
-                series = series or uuid.uuid4().hex
-                data = _line(self._head(series, *first)).encode() + data
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                if size and not unchanged and not _ends_with_newline(fd):
-                    data = b"\n" + data  # after a torn write, start on a line of our own
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                self._known = (*_identity(os.fstat(fd)), (seq, prev), series)
-            except BaseException:
-                self._known = None
-                raise
-            finally:
-                os.close(fd)
-            if self.witness is not None:
-                # Still under the lock: the witness sees the file chain's checkpoints in order.
-                try:
-                    self.witness.write([self._checkpoint(seq, prev, series)])
-                except OSError as exc:
-                    log.error(
-                        "could not checkpoint %s in %s: %s", self.path, self.witness.path, exc
-                    )
+                self._witness_outage.ok()
 
     def _series(self, st: os.stat_result | None) -> str | None:
         """The series of the current file (of the last rotated one when there is none yet)."""
@@ -267,6 +342,27 @@ class JsonlSink:
 def _ends_with_newline(fd: int) -> bool:
     size = os.fstat(fd).st_size
     return size == 0 or os.pread(fd, 1, size - 1) == b"\n"
+
+
+def _append_whole(fd: int, data: bytes, *, repair: bool = True) -> None:
+    """Append `data` to `fd` (opened O_APPEND, under the writers' lock) all or nothing.
+
+    With `repair`, a file whose last line was torn (a writer killed mid-write) gets a newline
+    first, so `data` starts on a line of its own. When a write fails (ENOSPC: a full disk)
+    the file is cut back to where it ended: readers never see a partial line, and the next
+    attempt appends whole lines after the last complete one.
+    """
+    start = os.fstat(fd).st_size
+    if repair and not _ends_with_newline(fd):
+        data = b"\n" + data  # after a torn write, start on a line of our own
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view) :]
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, start)
+        raise
 
 
 def series(path: Path) -> list[Path]:

@@ -22,7 +22,8 @@ class AuditSink(Protocol):
     """Something that appends audit events to a chain of its own."""
 
     def append(self, events: Sequence[AuditEvent]) -> None:
-        """Link and append `events` in order; raises OSError when they could not be kept."""
+        """Link and append `events` in order; raises OSError when they could not be kept
+        (the JSON-lines sink keeps events its file cannot take yet, and appends them later)."""
         ...
 
 

@@ -84,6 +84,26 @@ class Trail:
                     written.append(cp)
         return written
 
+    def flush(self, *, final: bool = False) -> int:
+        """Append the events a JSON-lines sink held while its file could not be written (a
+        full disk); how many are still held. An append writes them first anyway; reaper
+        passes call this, and a process that shuts down (`final`: what is still held then is
+        lost to the file, and logged).
+        """
+        held = 0
+        for sink in self.sinks:
+            if isinstance(sink, JsonlSink):
+                left = sink.flush()
+                if left and final:
+                    log.error(
+                        "audit file %s: %d event(s) were never written to it, the disk "
+                        "still full (the store has them; `execq audit export` writes them out)",
+                        sink.path,
+                        left,
+                    )
+                held += left
+        return held
+
     def copy(self, events: Sequence[AuditEvent]) -> None:
         """Append committed events to every sink; a sink that fails is logged and skipped."""
         if not events:

@@ -13,6 +13,8 @@ checkpoints it when its head moved; `execq audit checkpoint` writes them on dema
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -93,11 +95,45 @@ class Checkpoint:
 _FIELDS = tuple(f.name for f in fields(Checkpoint))
 
 
+class Outage:
+    """Logs a resource that fails (a file on a full disk) once when it starts failing and once
+    when it works again, rather than on every attempt. Thread-safe."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.failures = 0  # since it last worked
+        self._lock = threading.Lock()
+
+    def failed(self, exc: BaseException, consequence: str) -> None:
+        """One more failure: logged as an error when it is the first since it last worked."""
+        with self._lock:
+            self.failures += 1
+            first = self.failures == 1
+        if first:
+            log.error(
+                "%s could not be written (%s): %s; logged once until it works again",
+                self.what,
+                exc,
+                consequence,
+            )
+        else:
+            log.debug("%s still failing: %s", self.what, exc)
+
+    def ok(self) -> bool:
+        """It worked: True (and logged) when it had been failing."""
+        with self._lock:
+            failures, self.failures = self.failures, 0
+        if failures:
+            log.warning("%s works again after %d failed attempt(s)", self.what, failures)
+        return bool(failures)
+
+
 class Witness:
     """The append-only witness file: one signed checkpoint per line, 0600 in a 0700 directory.
 
-    Each write opens the file with O_APPEND and writes whole lines in one `write`, so processes
-    on the host append without a lock and a log shipper may follow (or rotate) the file.
+    Each write opens the file with O_APPEND and writes whole lines under an exclusive `flock`
+    of the file, so that a log shipper may follow (or rotate) it. A write that fails (a full
+    disk) cuts the file back to where it ended: readers never see a partial line.
     """
 
     def __init__(self, path: Path, keys: AuditKeys) -> None:
@@ -113,13 +149,22 @@ class Witness:
             for cp in checkpoints
         ).encode()
         private_dir(self.path.parent)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            start = os.fstat(fd).st_size
+            if start and os.pread(fd, 1, start - 1) != b"\n":
+                data = b"\n" + data  # after a torn write, start on a line of our own
             view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            try:
+                while view:
+                    view = view[os.write(fd, view) :]
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, start)
+                raise
         finally:
-            os.close(fd)
+            os.close(fd)  # closing releases the flock
 
 
 @dataclass
@@ -201,6 +246,7 @@ class Checkpointer:
         self._due: dict[str, float] = {}  # chain -> monotonic time its next checkpoint is due
         self._written: dict[str, tuple[int, str]] = {}
         self._lock = threading.Lock()
+        self._outage = Outage(f"checkpoints of the store's audit chains in {witness.path}")
 
     def appended(self, chains: Iterable[str]) -> None:
         """After an append to `chains`: checkpoint those whose last checkpoint is too old."""
@@ -224,8 +270,9 @@ class Checkpointer:
                     found = [cp for cp in found if self._written.get(cp.chain) != cp.position()]
             self.witness.write(found)
         except Exception as exc:  # the witness or the store is unavailable: try again later
-            log.error("could not checkpoint audit chains %s: %s", ", ".join(sorted(chains)), exc)
+            self._outage.failed(exc, f"chains {', '.join(sorted(chains))} are checkpointed later")
             return
+        self._outage.ok()
         with self._lock:
             for cp in found:
                 self._written[cp.chain] = cp.position()
