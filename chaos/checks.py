@@ -4,6 +4,7 @@ not be, `worker_lost` only where a worker really died, audit chains intact, noth
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import time
@@ -205,9 +206,55 @@ def check_leaks(report: Report, stack: Stack, rds: RedisServer) -> None:
 
 
 def check_audit(report: Report, stack: Stack) -> None:
-    """`execq audit verify` on the store's chains."""
+    """`execq audit verify` on the store's chains, and on the audit file."""
     done = stack.cli("audit", "verify", "--json")
     if done.returncode != 0:
         report.problems.append(
             f"audit verify exited {done.returncode}: {(done.stdout + done.stderr)[-800:]}"
+        )
+    check_audit_file(report, stack)
+
+
+# Scenarios that kill no execq process: the audit file must end up with every event of the
+# store (a process killed between the store's commit and its copy to the file loses that copy).
+COMPLETE_AUDIT_FILE = {"audit-disk-full"}
+
+
+def _event_ids(lines: list[str]) -> set[str]:
+    ids = set()
+    for line in lines:
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            ids.add(str(json.loads(line)["event_id"]))
+    return ids
+
+
+def check_audit_file(report: Report, stack: Stack) -> None:
+    """`execq audit verify --file` on the audit file (whole lines, an unbroken chain up to its
+    last checkpoint); where `COMPLETE_AUDIT_FILE` says so, no event of the store missing."""
+    path = Path(stack.vars["EXECQ_AUDIT_LOG"])
+    if not path.exists():
+        return
+    done = stack.cli("audit", "verify", "--file", str(path), "--json")
+    if done.returncode != 0:
+        report.problems.append(
+            f"audit verify --file exited {done.returncode}: {(done.stdout + done.stderr)[-800:]}"
+        )
+    if report.scenario not in COMPLETE_AUDIT_FILE:
+        return
+    export = stack.cli("audit", "export")
+    if export.returncode != 0:
+        report.problems.append(f"audit export exited {export.returncode}: {export.stderr[-400:]}")
+        return
+    stored = _event_ids(export.stdout.splitlines())
+    in_file = _event_ids(
+        [
+            line
+            for f in sorted(path.parent.glob(f"{path.name}*"))
+            for line in f.read_text().splitlines()
+        ]
+    )
+    missing = stored - in_file
+    if missing:
+        report.problems.append(
+            f"the audit file misses {len(missing)} of the store's {len(stored)} events"
         )

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import sqlalchemy as sa
 
 from chaos.checks import Faults, Report, check_audit, check_commands, check_leaks, wait_settled
+from chaos.diskfull import audit_on_tmpfs, fill_audit_disk
 from chaos.load import Stream
 from chaos.sentinel import fail_over, sentinel_set
 from chaos.servers import PgCluster, RedisServer
@@ -149,6 +150,7 @@ SCENARIOS = {
         Scenario("redis-volatile", restart_redis),
         Scenario("redis-aof", restart_redis, aof=True),
         Scenario("pg-stop", stop_postgres),
+        Scenario("audit-disk-full", fill_audit_disk, setup=audit_on_tmpfs),
         Scenario("sentinel-failover", fail_over, redis=sentinel_set),
     )
 }
