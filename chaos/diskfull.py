@@ -50,17 +50,22 @@ def audit_on_tmpfs(stack: Stack) -> Iterator[Path]:
     done = _run("mount", "-t", "tmpfs", "-o", f"size={MOUNT_SIZE},mode=0700", "tmpfs", str(mount))
     if done.returncode != 0:
         raise OSError(f"could not mount a tmpfs on {mount}: {done.stderr.strip()}")
+    before = os.environ.get("EXECQ_AUDIT_WITNESS")
     try:
         audit_log = mount / "audit.jsonl"
         witness = mount / "audit-witness.jsonl"
         stack.vars["EXECQ_AUDIT_LOG"] = str(audit_log)
         stack.vars["EXECQ_AUDIT_WITNESS"] = str(witness)
-        # the producer reads the witness path from the environment (load_audit_keys)
+        # Settings has no witness field: the producer reads it from the environment
+        # (load_audit_keys), so without this its checkpoints would go elsewhere
         os.environ["EXECQ_AUDIT_WITNESS"] = str(witness)
         stack.settings = stack.settings.model_copy(update={"audit_log": audit_log})
         yield mount
     finally:
-        os.environ.pop("EXECQ_AUDIT_WITNESS", None)
+        if before is None:
+            os.environ.pop("EXECQ_AUDIT_WITNESS", None)
+        else:
+            os.environ["EXECQ_AUDIT_WITNESS"] = before
         unmount(mount)
 
 
