@@ -15,6 +15,7 @@ import sqlalchemy as sa
 
 from chaos.checks import Faults, Report, check_audit, check_commands, check_leaks, wait_settled
 from chaos.diskfull import audit_on_tmpfs, fill_audit_disk
+from chaos.gateway_fault import gateway_setup, kill_gateway
 from chaos.load import Stream
 from chaos.sentinel import fail_over, sentinel_set
 from chaos.servers import PgCluster, RedisServer
@@ -152,6 +153,7 @@ SCENARIOS = {
         Scenario("pg-stop", stop_postgres),
         Scenario("audit-disk-full", fill_audit_disk, setup=audit_on_tmpfs),
         Scenario("sentinel-failover", fail_over, redis=sentinel_set),
+        Scenario("gateway-kill", kill_gateway, setup=gateway_setup),
     )
 }
 
