@@ -6,7 +6,7 @@ UV := $(shell command -v uv 2>/dev/null || echo .uv-bootstrap/bin/uv)
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: install run test lint typecheck bench clean chaos
+.PHONY: install run test lint typecheck bench clean chaos soak
 
 .uv-bootstrap/bin/uv:
 	@# uv is the installer; bootstrap it with pip when the machine has none.
@@ -58,3 +58,6 @@ clean:
 
 chaos: install  ## faults (killed workers, Redis and PostgreSQL restarts) under load; bounded
 	$(VENV)/bin/python -m chaos --timeout $(or $(CHAOS_TIMEOUT),1500) $(CHAOS_ARGS)
+
+soak: install  ## 30 min of mixed commands at 100/s; slopes must be flat, charts in docs/img
+	$(VENV)/bin/python -m chaos.soak --timeout $(or $(SOAK_TIMEOUT),5400) $(SOAK_ARGS)
