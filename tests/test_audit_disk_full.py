@@ -222,3 +222,90 @@ def test_a_real_full_tmpfs(tmp_path: Path) -> None:
         assert len(rows) == 1 + 5 + 60
         report = verify_file(path, keys=KEYS, witness=witness)
         assert report.ok, report.problem
+
+
+def test_the_backlog_is_measured_for_the_metrics(tmp_path: Path, disk: Disk) -> None:
+    from prometheus_client import REGISTRY
+
+    from workers.metrics import metrics
+
+    trail = Trail([JsonlSink(tmp_path / "audit.jsonl", keys=KEYS, max_held=3)])
+    disk.full = True
+    trail.copy(events(5))
+    assert trail.backlog() == (3, 2)
+    assert trail.backlog() == (3, 0)  # dropped: counted once
+    metrics().audit_file("diskfull", (3, 2))
+    held = REGISTRY.get_sample_value("execq_audit_file_held_events", {"tenant": "diskfull"})
+    dropped = REGISTRY.get_sample_value(
+        "execq_audit_file_dropped_events_total", {"tenant": "diskfull"}
+    )
+    assert (held, dropped) == (3, 2)
+    disk.full = False
+    trail.flush()
+    assert trail.backlog() == (0, 0)
+
+
+def test_missing_from_file_names_the_store_s_events_the_file_lacks(
+    tmp_path: Path, disk: Disk
+) -> None:
+    from producer.audit.jsonl import missing_from_file
+
+    path = tmp_path / "audit.jsonl"
+    old, kept, lost = events(2, "old"), events(3, "kept"), events(2, "lost")
+    sink = JsonlSink(path, keys=KEYS, max_held=0)  # holds nothing: a failed append is lost
+    sink.append(kept)
+    disk.full = True
+    sink.append(lost)
+    disk.full = False
+    store = [*old, *kept, *lost]
+    asked: list[int | None] = []
+
+    def stored(since_ns: int | None) -> list:
+        asked.append(since_ns)
+        return [e for e in store if since_ns is None or e.exec_time_ns >= since_ns]
+
+    missing = missing_from_file(path, stored)
+    assert asked == [min(e.exec_time_ns for e in kept)]  # older events may be rotated away
+    assert [e.event_id for e in missing] == [e.event_id for e in lost]
+    sink.append(lost)
+    assert missing_from_file(path, stored) == []
+
+
+def test_cli_verify_file_complete_names_what_the_file_misses(tmp_path: Path) -> None:
+    import sys
+
+    from producer.store.db import make_engine
+    from producer.store.migrate import upgrade
+    from producer.store.repository import Store
+    from tests.test_audit_store import spec, submit_events
+
+    db = f"sqlite:///{tmp_path}/execq.db"
+    path = tmp_path / "audit.jsonl"
+    env = {**os.environ, "EXECQ_DATABASE_URL": db, "EXECQ_AUDIT_LOG": str(path)}
+    env["EXECQ_AUDIT_WITNESS"] = str(tmp_path / "witness.jsonl")
+    store = Store(make_engine(db))
+    upgrade(store.engine)
+    try:
+        for i in range(3):
+            store.create(spec(f"k{i}", "alpha"), actor="alice", events=submit_events("alpha"))
+        stored = list(store.audit.events())
+        sink = JsonlSink(path, keys=store.audit.keys())
+        sink.append(stored[:4])  # the last command's two events never reached the file
+
+        def verify(*extra: str) -> subprocess.CompletedProcess[str]:
+            argv = [sys.executable, "-m", "workers.cli", "audit", "verify", "--file", str(path)]
+            return subprocess.run(
+                [*argv, "--complete", *extra], capture_output=True, text=True, env=env, check=False
+            )
+
+        short = verify("--json")
+        assert short.returncode == 1, short.stdout + short.stderr
+        problem = json.loads(short.stdout)["problem"]
+        assert "misses 2 event(s)" in problem["message"]
+        assert "execq audit export --since" in problem["message"]
+        assert (problem["chain"], problem["seq"]) == ("alpha", 5)
+        assert "INCOMPLETE" in verify().stdout  # not tampered with: short of the store
+        sink.append(stored[4:])
+        assert verify().returncode == 0
+    finally:
+        store.engine.dispose()

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from producer.audit.verify import Report
+from producer.audit.verify import Problem, Report
 from producer.errors import AmbiguousId, NotFound
 from producer.keys import load_audit_keys
 from producer.settings import load_settings
@@ -106,11 +106,36 @@ def _print_report(report: Report, elapsed_s: float, as_json: bool) -> None:
             f"verified in {elapsed_s:.2f} s ({rate:,.0f} events/s)"
         )
     else:
+        label = "INCOMPLETE" if report.problem.message.startswith(MISSES) else "TAMPERED"
         out.print(
-            f"[bold red]TAMPERED:[/] {report.problem}\n"
+            f"[bold red]{label}:[/] {report.problem}\n"
             f"({report.events} events before it were intact)",
             highlight=False,
         )
+
+
+MISSES = "the file misses"
+
+
+def _short_of_store(file: Path) -> Problem | None:
+    """What `--complete` reports: the store's events the file misses, or None."""
+    from producer.audit.jsonl import missing_from_file  # noqa: PLC0415
+
+    store = _store()
+    missing = missing_from_file(file, lambda since_ns: store.audit.events(since_ns=since_ns))
+    if not missing:
+        return None
+    first = missing[0]
+    began = datetime.fromtimestamp(first.exec_time_ns / 1e9, UTC).isoformat(timespec="seconds")
+    return Problem(
+        str(file),
+        f"{MISSES} {len(missing)} event(s) the store has, the first of tenant "
+        f"{first.tenant!r} from {began} (the store's chain {first.chain!r} seq {first.seq}): "
+        f"`execq audit export --since {began}` writes them out",
+        first.chain,
+        first.seq,
+        first.event_id,
+    )
 
 
 @audit_app.command("verify")
@@ -134,6 +159,15 @@ def verify_cmd(
         ),
     ] = False,
     witness: WitnessOpt = None,
+    complete: Annotated[
+        bool,
+        typer.Option(
+            "--complete",
+            help="With --file: also require every event the store has since the file's "
+            "oldest to be in the file (a full disk, a killed process can leave it short), "
+            "naming the first one missing.",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Check every link of the audit chains, their starts and their last checkpoints; exit 1
@@ -147,6 +181,8 @@ def verify_cmd(
             fail(f"no audit file at {file}", 2, as_json=as_json)
         keys = audit_keys.load(load_settings().database_url)
         report = verify_file(file, allow_anchor=anchored, keys=keys, witness=_witness(witness))
+        if complete and report.ok:
+            report.problem = _short_of_store(file)
     else:
         audit = _store().audit
         latest = audit.witnessed(_witness(witness))

@@ -42,6 +42,15 @@ class Metrics:
     running: Any
     limit_kills: Any
     rollbacks: Any
+    audit_held: Any
+    audit_dropped: Any
+
+    def audit_file(self, tenant: str, backlog: tuple[int, int]) -> None:
+        """Record a trail's backlog (`Trail.backlog`): held events, newly dropped ones."""
+        held, dropped = backlog
+        self.audit_held.labels(tenant).set(held)
+        if dropped:
+            self.audit_dropped.labels(tenant).inc(dropped)
 
 
 @cache
@@ -73,6 +82,19 @@ def metrics() -> Metrics:
         ),
         rollbacks=Counter(
             "execq_rollbacks_total", "Compensating rollbacks, by outcome.", ["tenant", "outcome"]
+        ),
+        audit_held=Gauge(
+            "execq_audit_file_held_events",
+            "Audit events the store has that the audit file could not take yet (its disk is "
+            "full): held in memory, appended once it can. 0 normally.",
+            ["tenant"],
+            multiprocess_mode="livesum",
+        ),
+        audit_dropped=Counter(
+            "execq_audit_file_dropped_events_total",
+            "Audit events never written to the audit file: more than a process may hold while "
+            "its disk was full (the store has them).",
+            ["tenant"],
         ),
     )
 

@@ -257,6 +257,7 @@ class Pipeline:
                 handled = self._run_claimed(claimed, delivery, redactor)
         finally:
             m.running.labels(tenant).dec()
+            m.audit_file(tenant, self.trail.backlog())
         self.follow_ups.after_attempt(claimed, delivery, handled)
         if handled.state is not None:
             m.commands.labels(tenant, handled.state.value).inc()

@@ -152,6 +152,7 @@ class Reaper:
         # The tenant's last events need not wait for more appends to be checkpointed, nor
         # (after a full disk) for more appends to reach the audit file.
         self.trail.flush()
+        metrics().audit_file(self.tenant.name, self.trail.backlog())
         self.trail.checkpoint_moved([self.tenant.name])
         more = more or published == OUTBOX_PAGE
         return ReapReport(lost=lost, requeued=requeued, published=published, more=more)

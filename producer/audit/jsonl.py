@@ -17,7 +17,7 @@ import socket
 import threading
 import uuid
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -137,7 +137,8 @@ class JsonlSink:
         # dropped, counted in `dropped` and logged (the store keeps them all).
         self.max_held = max_held
         self._held: deque[AuditEvent] = deque()
-        self.dropped = 0
+        self.dropped = 0  # since the file last took events
+        self.dropped_total = 0
         self._outage = Outage(f"audit file {path}")
         self._witness_outage = Outage(f"checkpoints of {path} in the witness")
         os.register_at_fork(after_in_child=self._reset_after_fork)
@@ -147,7 +148,7 @@ class JsonlSink:
         self._known = None
         # the parent's held events are the parent's to write
         self._held = deque()
-        self.dropped = 0
+        self.dropped = self.dropped_total = 0
         self._outage = Outage(f"audit file {self.path}")
         self._witness_outage = Outage(f"checkpoints of {self.path} in the witness")
 
@@ -213,6 +214,7 @@ class JsonlSink:
         for _ in range(max(0, over)):
             self._held.popleft()
         self.dropped += max(0, over)
+        self.dropped_total += max(0, over)
         self._outage.failed(
             exc,
             f"holding its events in memory ({len(self._held)} now, at most {self.max_held}) "
@@ -376,6 +378,32 @@ def series(path: Path) -> list[Path]:
     if path.exists():
         files.append(path)
     return files
+
+
+def missing_from_file(
+    path: Path, stored: Callable[[int | None], Iterable[AuditEvent]]
+) -> list[AuditEvent]:
+    """The events of the store that the series of `path` does not hold.
+
+    `stored(since_ns)` yields the store's events that began at or after `since_ns` (None:
+    all), as `Store.audit.events` does; only those since the series' earliest event count,
+    since older files may have been rotated away. A file's events are copies that a process
+    killed between the store's commit and its copy, or one holding them while the disk was
+    full, may never have written.
+    """
+    ids: set[str] = set()
+    since: int | None = None
+    for file in series(path):
+        with file.open("rb") as f:
+            for raw in f:
+                try:
+                    data = json.loads(raw)
+                    event_id, began = str(data["event_id"]), int(data["exec_time_ns"])
+                except (ValueError, TypeError, KeyError):
+                    continue  # a head record (verify judges anything else)
+                ids.add(event_id)
+                since = began if since is None else min(since, began)
+    return [event for event in stored(since) if event.event_id not in ids]
 
 
 def verify_file(

@@ -38,6 +38,7 @@ class Trail:
         self.witness = witness
         self.checkpoint_s = checkpoint_s
         self._checkpointer: Checkpointer | None = None
+        self._dropped_seen = 0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Trail:
@@ -103,6 +104,14 @@ class Trail:
                     )
                 held += left
         return held
+
+    def backlog(self) -> tuple[int, int]:
+        """(events held now, events dropped since the last call) by this process's JSON-lines
+        sinks while their files could not be written: for the metrics."""
+        files = [sink for sink in self.sinks if isinstance(sink, JsonlSink)]
+        dropped = sum(sink.dropped_total for sink in files)
+        new, self._dropped_seen = dropped - self._dropped_seen, dropped
+        return sum(sink.held for sink in files), new
 
     def copy(self, events: Sequence[AuditEvent]) -> None:
         """Append committed events to every sink; a sink that fails is logged and skipped."""
