@@ -98,6 +98,8 @@ def fill_audit_disk(run: Run) -> None:
     n = fill(filler)
     run.faults.note(f"audit disk full ({n} bytes of filler)")
     time.sleep(full_s)
+    said = sum(w.output().count("could not be written ([Errno 28]") for w in run.stack.workers)
+    run.faults.note(f"workers logged the full disk {said} time(s)")
     filler.unlink()
     run.faults.end = time.time()
     run.faults.note(f"audit disk has space again after {full_s} s")
