@@ -185,7 +185,14 @@ class Followed:
     id: str
     events: list[tuple[str, str, str]] = field(default_factory=list)  # id, event, data
     opens: int = 0
-    broken: int = 0  # connections that broke before `end`
+    breaks: list[int] = field(default_factory=list)  # events seen when a connection broke
+
+    def mid_output(self) -> bool:
+        """Whether a connection broke between two chunks of output (the resume that matters
+        most: the rest of the output came over the next connection)."""
+        kinds = [e[1] for e in self.events]
+        return any("stdout" in kinds[:at] and "stdout" in kinds[at:] for at in self.breaks if at)
+
     error: str | None = None
 
     def problems(self) -> list[str]:
@@ -283,6 +290,16 @@ class HttpLoad:
 
     def open_streams(self) -> int:
         return sum(not f.done() for f in self._futures)
+
+    def mid_output(self) -> int:
+        """Streams that have had output and not yet their end."""
+        with self._lock:
+            followed = list(self.followed)
+        return sum(
+            1
+            for f in followed
+            if any(e[1] == "stdout" for e in f.events) and f.events[-1][1] != "end"
+        )
 
     def replay(self, sent: list[tuple[str, dict[str, object], str]]) -> list[str]:
         """Submit these again, as a client that never got their answers does: each must be
@@ -390,7 +407,7 @@ class HttpLoad:
                     if self._read(client, url, headers, seen):
                         return
                 except httpx.TransportError:
-                    seen.broken += 1
+                    seen.breaks.append(len(seen.events))
                 self._stop.wait(RETRY_PAUSE_S)
                 if seen.error is not None:
                     return
@@ -414,7 +431,7 @@ class HttpLoad:
                 if frame.get("event") == "end":
                     return True
         # the gateway closed the stream without `end`: reopen from the last id
-        seen.broken += 1
+        seen.breaks.append(len(seen.events))
         return False
 
 
@@ -440,13 +457,17 @@ def _kill_and_follow(run: Run, gateway: Gateway, load: HttpLoad) -> None:
     for fraction in (0.4,) if run.opts.short else (0.4, 0.75):
         while load.progress < fraction * n and load.submitting():
             time.sleep(0.02)
-        open_streams = load.open_streams()
+        # a kill between two lines of a command's output is the resume that matters most
+        wait_until = time.monotonic() + 10.0
+        while not load.mid_output() and time.monotonic() < wait_until:
+            time.sleep(0.02)
+        open_streams, mid = load.open_streams(), load.mid_output()
         before = list(load.sent[-REPLAYS:])
         pid = gateway.proc.pid
         gateway.proc.kill()
         run.faults.note(
             f"SIGKILL gateway {pid} after {load.progress}/{n} HTTP submits, "
-            f"{open_streams} stream(s) open"
+            f"{open_streams} stream(s) open, {mid} mid-output"
         )
         time.sleep(down_s)
         t0 = time.monotonic()
@@ -465,11 +486,13 @@ def _kill_and_follow(run: Run, gateway: Gateway, load: HttpLoad) -> None:
 
 
 def _judge(run: Run, load: HttpLoad) -> None:
-    resumed = [f for f in load.followed if f.broken and f.events]
+    resumed = [f for f in load.followed if any(f.breaks)]
+    mid = sum(f.mid_output() for f in load.followed)
     events = sum(len(f.events) for f in load.followed)
     run.faults.note(
         f"HTTP submits: {dict(load.submits)}; {len(load.followed)} stream(s), "
-        f"{len(resumed)} resumed from their last event id, {events} events"
+        f"{len(resumed)} resumed from their last event id ({mid} between two lines of "
+        f"output), {events} events"
     )
     for f in load.followed:
         run.faults.problems.extend(f.problems())
