@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import (
@@ -24,8 +24,8 @@ from sqlalchemy import (
 from producer.states import State, check_transition
 from producer.store.batches import RUNNING as BATCH_RUNNING
 from producer.store.batches import batches as batches_table
+from producer.store.clock import LeaseDeadline, lease_params, utcnow
 from producer.store.clock import as_utc as _utc
-from producer.store.clock import utcnow
 from producer.store.models import Command, by_id_only
 
 commands = cast(Table, Command.__table__)
@@ -65,7 +65,7 @@ _CLAIM = (
         started_at=bindparam("v_now"),
         worker=bindparam("v_worker"),
         lease_owner=bindparam("v_worker"),
-        lease_expires_at=bindparam("v_expires"),
+        lease_expires_at=LeaseDeadline(),
         cancel_requested=False,
         published_at=func.coalesce(commands.c.published_at, bindparam("v_now")),
         last_actor=bindparam("v_worker"),
@@ -105,7 +105,7 @@ _CLAIM_REVERT = (
     )
     .values(
         lease_owner=bindparam("v_worker"),
-        lease_expires_at=bindparam("v_expires"),
+        lease_expires_at=LeaseDeadline(),
         lease_pid=None,
         cancel_requested=False,
         revert_count=commands.c.revert_count + 1,
@@ -127,7 +127,7 @@ _RENEW = (
         commands.c.lease_owner == bindparam("w_owner"),
     )
     .values(
-        lease_expires_at=bindparam("v_expires"),
+        lease_expires_at=LeaseDeadline(),
         lease_pid=func.coalesce(bindparam("v_pid", type_=Integer), commands.c.lease_pid),
     )
     .returning(commands.c.cancel_requested)
@@ -189,7 +189,7 @@ def _claim_params(
         "w_id": command_id,
         "w_tenant": tenant,
         "v_worker": worker,
-        "v_expires": now + timedelta(seconds=lease_s),
+        **lease_params(lease_s, now),
     }
     if with_now:
         params["v_now"] = now
@@ -318,7 +318,7 @@ class Claims:
                 {
                     "w_id": command_id,
                     "w_owner": owner,
-                    "v_expires": utcnow() + timedelta(seconds=lease_s),
+                    **lease_params(lease_s),
                     "v_pid": pid,
                 },
             ).one_or_none()

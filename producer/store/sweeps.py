@@ -12,7 +12,7 @@ from typing import cast
 from sqlalchemy import ColumnElement, Connection, Table, and_, literal_column, or_, select, update
 
 from producer.states import State
-from producer.store.clock import utcnow
+from producer.store.clock import lease_now, utcnow
 from producer.store.models import Command, Transition
 
 commands = cast(Table, Command.__table__)
@@ -121,13 +121,14 @@ class Sweeps:
 
     def expired_leases(self, *, tenant: str | None, limit: int) -> list[Expired]:
         """Running commands whose lease ran out: what the reaper needs to decide and audit."""
-        cond = and_(
-            _state_in(State.RUNNING, State.REVERTING),
-            commands.c.lease_expires_at < utcnow(),
-        )
-        if tenant is not None:
-            cond = and_(cond, commands.c.tenant == tenant)
         with self._one() as conn:
+            cond = and_(
+                _state_in(State.RUNNING, State.REVERTING),
+                # the database's clock on PostgreSQL: see producer/store/clock.py
+                commands.c.lease_expires_at < lease_now(conn),
+            )
+            if tenant is not None:
+                cond = and_(cond, commands.c.tenant == tenant)
             rows = conn.execute(
                 select(
                     commands.c.id,
