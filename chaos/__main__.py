@@ -15,7 +15,16 @@ from chaos.scenarios import SCENARIOS, Options, run_scenario
 
 DEFAULT = ["pool-kill", "worker-kill", "redis-volatile", "redis-aof", "pg-stop"]
 SHORT_COMMANDS = 150
-COLUMNS = ("accepted", "completed", "worker_lost", "lost", "duplicated", "leaked", "recover_s")
+COLUMNS = (
+    "accepted",
+    "completed",
+    "worker_lost",
+    "killed",
+    "lost",
+    "duplicated",
+    "leaked",
+    "recover_s",
+)
 
 
 def table(reports: list[Report]) -> str:

@@ -147,7 +147,9 @@ class Stack:
     def producer(self) -> Producer:
         return Producer.from_settings(self.settings, self.tenants)
 
-    def start_worker(self, ready_timeout_s: float = 60) -> WorkerProc:
+    def start_worker(
+        self, ready_timeout_s: float = 60, extra_env: dict[str, str] | None = None
+    ) -> WorkerProc:
         log = self.root / f"worker-{len(self.workers)}.log"
         with log.open("wb") as out:
             proc = subprocess.Popen(
@@ -155,7 +157,7 @@ class Stack:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env=self.env(),
+                env={**self.env(), **(extra_env or {})},
                 cwd=ROOT,
                 start_new_session=True,
             )
