@@ -103,7 +103,7 @@ def run(args: argparse.Namespace, deadline: float) -> dict[str, Any]:
                     end.problems.append(f"timeout: {left} command(s) or batch(es) unsettled")
                 sampler.samples.append(sampler.sample())  # the settled state, last point
                 sampler.stop()
-            outcomes = check_outcomes(engine, load.sent)
+            outcomes = check_outcomes(engine, load.sent())
             stack.stop_live()
             check_leaks(end, stack, rds)
             left_tmp = sorted(p.name for p in (stack.root / "tmp").iterdir())
@@ -147,8 +147,8 @@ def _result(
         "concurrency": args.concurrency,
         "mix": MIX,
         "warmup_s": warmup_s,
-        "submitted": len(load.sent),
-        "achieved_rate": round(len(load.sent) / elapsed, 1),
+        "submitted": load.accepted,
+        "achieved_rate": round(load.accepted / elapsed, 1),
         "finished_rate": finished_rate(sampler.samples),
         "host_load1": round(sum(loads) / len(loads), 1) if loads else None,
         "submit_errors": dict(load.errors),

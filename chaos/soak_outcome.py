@@ -4,12 +4,12 @@ read from the store in two queries (not one get() per command: a 30-minute run h
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
 
-from chaos.soak_load import Sent
 from chaos.stack import TENANT
 
 # kind -> the one outcome that is right for it, as `_outcome` spells it
@@ -52,7 +52,7 @@ def _outcome(row: Any) -> str:
     return text
 
 
-def check_outcomes(engine: sa.Engine, sent: list[Sent]) -> Outcomes:
+def check_outcomes(engine: sa.Engine, sent: Iterable[tuple[str, str]]) -> Outcomes:
     """Each accepted submission against EXPECTED."""
     commands = sa.text(
         "SELECT id, state, failure_reason, compensation, batch_id, batch_step "
@@ -70,18 +70,18 @@ def check_outcomes(engine: sa.Engine, sent: list[Sent]) -> Outcomes:
     out = Outcomes(commands=len(rows))
     out.unsettled = sum(r.state in ("pending", "running", "reverting") for r in rows)
     seen: dict[str, Counter[str]] = defaultdict(Counter)
-    for s in sent:
-        if s.kind.startswith("saga"):
-            parts = sorted(steps.get(s.id, []), key=lambda r: r.batch_step)
-            got = f"batch {batch_state.get(s.id, 'missing')}: " + ",".join(map(_outcome, parts))
+    for kind, id_ in sent:
+        if kind.startswith("saga"):
+            parts = sorted(steps.get(id_, []), key=lambda r: r.batch_step)
+            got = f"batch {batch_state.get(id_, 'missing')}: " + ",".join(map(_outcome, parts))
         else:
-            row = single.get(s.id)
+            row = single.get(id_)
             got = "missing" if row is None else _outcome(row)
-        seen[s.kind][got] += 1
-        if got != EXPECTED[s.kind]:
+        seen[kind][got] += 1
+        if got != EXPECTED[kind]:
             out.unexpected += 1
             if len(out.problems) < 20:
-                out.problems.append(f"{s.kind} {s.id}: {got}, expected {EXPECTED[s.kind]}")
+                out.problems.append(f"{kind} {id_}: {got}, expected {EXPECTED[kind]}")
     out.by_kind = {k: dict(v) for k, v in sorted(seen.items())}
     if out.unexpected > len(out.problems):
         out.problems.append(f"... {out.unexpected} unexpected outcome(s) in all")

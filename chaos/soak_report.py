@@ -180,7 +180,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"drained in {result.get('drain_s', '-')} s after it; host load average "
         f"{result.get('host_load1', '-')} (mean of the 1-minute figure).",
         f"Store rows per command: {per}; {rows.get('store_kb_per_command')} kB each.",
-        f"Redis: {v.get('redis_kb_per_stream')} kB per live-output stream.",
+        f"Redis: {v.get('redis_kb_per_stream')} kB of used_memory per live-output stream"
+        + ("." if v.get("kept_up") else " (the growing backlog's messages included)."),
         "",
     ]
     lines += ["| kind | outcomes |", "|---|---|"]
