@@ -5,14 +5,44 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from workers.clikit import err, handled
 
+if TYPE_CHECKING:
+    import uvicorn
+
+    from producer.settings import GatewaySettings
+
 DEFAULT_PORT = 8080
 APP = "workers.gateway.serve:app_from_env"
+# On SIGTERM or Ctrl-C, requests in progress get this long to finish; then what is still open
+# (event streams, which end only with their command) is cut, and clients resume elsewhere
+# with Last-Event-ID. Without a bound, one open stream kept a stopping gateway up for as long
+# as its command ran, and a service manager had to SIGKILL it.
+SHUTDOWN_GRACE_S = 5
+
+
+def uvicorn_config(options: GatewaySettings, app: Any = APP) -> uvicorn.Config:
+    """How uvicorn serves the gateway (`app`: the import string of the factory, or an app)."""
+    import uvicorn  # noqa: PLC0415
+
+    return uvicorn.Config(
+        app,
+        factory=isinstance(app, str),
+        host=options.host,
+        port=options.port,
+        workers=options.workers,
+        # uvicorn's access lines are INFO; its own start-up chatter stays quiet below.
+        log_level="info" if options.access_log else "warning",
+        access_log=options.access_log,
+        server_header=False,
+        # Keep-alive connections of clients behind a pool outlive uvicorn's 5 s default.
+        timeout_keep_alive=30,
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+    )
 
 
 @handled
@@ -103,19 +133,7 @@ def gateway(
             if self.started and options.workers == 1:
                 err.print(ready, highlight=False, soft_wrap=True)
 
-    config = uvicorn.Config(
-        APP,
-        factory=True,
-        host=options.host,
-        port=options.port,
-        workers=options.workers,
-        # uvicorn's access lines are INFO; its own start-up chatter stays quiet below.
-        log_level="info" if options.access_log else "warning",
-        access_log=options.access_log,
-        server_header=False,
-        # Keep-alive connections of clients behind a pool outlive uvicorn's 5 s default.
-        timeout_keep_alive=30,
-    )
+    config = uvicorn_config(options)
     logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
     try:
         if options.workers == 1:
