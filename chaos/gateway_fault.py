@@ -38,6 +38,7 @@ from chaos.servers import free_port
 from chaos.stack import ROOT, TENANT, Stack, WorkerError
 from producer.errors import InvalidEventId
 from producer.live import Cursor
+from workers.cli_gateway import SHUTDOWN_GRACE_S
 
 if TYPE_CHECKING:
     from chaos.scenarios import Run
@@ -447,8 +448,55 @@ def kill_gateway(run: Run) -> None:
         _kill_and_follow(run, gateway, load)
     finally:
         load.close()
-    if not gateway.proc.stop():
-        run.faults.problems.append("the gateway did not stop within 10 s of SIGTERM")
+    _stop_while_streaming(run, gateway, load)
+
+
+def _stop_while_streaming(run: Run, gateway: Gateway, load: HttpLoad) -> None:
+    """SIGTERM the gateway while a client follows a command that does not end by itself (it
+    waits for a file): the gateway must still stop within its grace. The command is not one
+    of the checked stream's (it leaves no marker) and ends once the file is there."""
+    release = run.stack.root / "linger-release"
+    argv = [
+        "/bin/sh",
+        "-c",
+        f"i=0; while [ ! -e {release} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done",
+    ]
+    opened = threading.Event()
+    headers = {**gateway.headers, "Idempotency-Key": f"linger-{load._tag}"}
+    try:
+        made = httpx.post(
+            f"{gateway.proc.base}/v1/commands", json={"argv": argv}, headers=headers, timeout=10
+        )
+        command_id = str(made.json()["id"])
+    except (httpx.HTTPError, KeyError, ValueError) as exc:
+        run.faults.problems.append(f"could not submit the lingering command: {exc!r}")
+        command_id = ""
+
+    def linger() -> None:
+        url = f"{gateway.proc.base}/v1/commands/{command_id}/events"
+        with (
+            contextlib.suppress(httpx.HTTPError),
+            httpx.stream("GET", url, headers=gateway.headers, timeout=READ_TIMEOUT_S) as answer,
+        ):
+            for line in answer.iter_lines():
+                if line.startswith("event: state"):
+                    opened.set()
+
+    reader = threading.Thread(target=linger, name="chaos-sse-linger", daemon=True)
+    if command_id:
+        reader.start()
+        opened.wait(10)
+    t0 = time.monotonic()
+    grace_s = SHUTDOWN_GRACE_S + 5
+    stopped = gateway.proc.stop(grace_s=grace_s)
+    took = time.monotonic() - t0
+    release.touch()
+    run.faults.note(f"gateway stopped (SIGTERM) in {took:.1f} s, a stream open: {opened.is_set()}")
+    if not stopped:
+        run.faults.problems.append(
+            f"the gateway did not stop within {grace_s} s of SIGTERM (an event stream was open)"
+        )
+    reader.join(5)
 
 
 def _kill_and_follow(run: Run, gateway: Gateway, load: HttpLoad) -> None:
