@@ -33,6 +33,8 @@ class Faults:
     """What a scenario did: the pids it killed (pool and main) and when its faults ended."""
 
     killed_pids: set[int] = field(default_factory=set)
+    # marker labels of commands whose shell was SIGKILLed: they may fail with `signal`
+    killed_labels: set[str] = field(default_factory=set)
     events: list[str] = field(default_factory=list)
     # what the injector itself found wrong (a client's view, say): the report's problems too
     problems: list[str] = field(default_factory=list)
@@ -50,6 +52,8 @@ class Report:
     accepted: int = 0
     completed: int = 0
     worker_lost: int = 0
+    killed: int = 0  # commands whose shell the scenario killed (failed with `signal`)
+    no_secrets: int = 0  # commands with the canary whose message was lost (see load.Accepted)
     failed_other: int = 0
     lost: int = 0
     duplicated: int = 0
@@ -136,6 +140,11 @@ def check_commands(
                     f"worker_lost on a live worker: {a.id} (lease owner {row.lease_owner}, "
                     f"killed pids {sorted(faults.killed_pids)}, ran {n} time(s))"
                 )
+        elif row.failure_reason == "signal" and a.label in faults.killed_labels:
+            report.killed += 1
+        elif row.failure_reason == "secrets_unavailable" and a.secret:
+            # its message was lost and re-published from the store, which never holds secrets
+            report.no_secrets += 1
         else:
             report.failed_other += 1
             reasons[f"{row.state}/{row.failure_reason}"] += 1

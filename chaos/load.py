@@ -17,6 +17,7 @@ from producer.spec import CommandSpec
 # Most commands are instant; some sleep so that a kill often finds commands mid-run.
 SLEEPS_S = (0.0, 0.0, 0.0, 0.02, 0.1, 0.4)
 RETRY_SAFE_EVERY = 4  # one command in four may be re-run after a lost worker
+CANARY_EVERY = 5  # one in five is given the canary secret (the others run as the gateway's)
 RESUBMIT_PAUSE_S = 0.2
 
 
@@ -28,11 +29,19 @@ class Accepted:
     id: str
     retry_safe: bool
     accepted_at: float  # time.time()
+    secret: bool = False  # given the canary: it fails with secrets_unavailable if its
+    # message is lost, as the values are never stored (docs/security.md)
 
 
-def marker_argv(markers: Path, label: str, sleep_s: float) -> list[str]:
-    """The marker line is written first: a run killed mid-way still counts as an execution."""
+def marker_argv(markers: Path, label: str, sleep_s: float, canary: bool = False) -> list[str]:
+    """The marker line is written first: a run killed mid-way still counts as an execution.
+
+    With `canary`, the command is given the secret CANARY: the marker line holds its length
+    (what the child saw, without the value) and the value goes to stdout, where execq must
+    redact it before storing or streaming the output."""
     script = f"echo $$ >> {markers}/{label} || exit 3"
+    if canary:
+        script = f'echo $$ ${{#CANARY}} >> {markers}/{label} || exit 3; echo "$CANARY"'
     if sleep_s:
         script += f"; sleep {sleep_s}"
     return ["/bin/sh", "-c", script]
@@ -52,6 +61,7 @@ class Stream:
     rate_per_s: float
     deadline: float  # time.monotonic()
     seed: int = 0
+    canary: str | None = None  # a secret every command is given (chaos.canary checks it)
     accepted: list[Accepted] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
     given_up: list[str] = field(default_factory=list)
@@ -78,17 +88,19 @@ class Stream:
                 time.sleep(delay)
             label = f"c{i:05d}-{run}"
             retry_safe = i % RETRY_SAFE_EVERY == 0
+            secret = self.canary is not None and i % CANARY_EVERY == 1
             spec = CommandSpec(
                 tenant=TENANT,
-                argv=marker_argv(self.markers, label, self._rng.choice(SLEEPS_S)),
+                argv=marker_argv(self.markers, label, self._rng.choice(SLEEPS_S), secret),
+                secrets={"CANARY": self.canary} if self.canary and secret else {},
                 idempotency_key=label,
                 retry_safe=retry_safe,
                 timeout_s=20,
             )
-            self._submit(spec, label, retry_safe)
+            self._submit(spec, label, retry_safe, secret)
             self.progress = i + 1
 
-    def _submit(self, spec: CommandSpec, label: str, retry_safe: bool) -> None:
+    def _submit(self, spec: CommandSpec, label: str, retry_safe: bool, secret: bool) -> None:
         while True:
             try:
                 result = self.producer.submit(spec)
@@ -103,5 +115,5 @@ class Stream:
             if result.duplicate:
                 # a retried submit whose first attempt did commit: same key, same command
                 self.duplicate_ids.append(result.id)
-            self.accepted.append(Accepted(label, result.id, retry_safe, time.time()))
+            self.accepted.append(Accepted(label, result.id, retry_safe, time.time(), secret))
             return

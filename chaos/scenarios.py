@@ -13,8 +13,16 @@ from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
+from chaos.canary import check_canary
 from chaos.checks import Faults, Report, check_audit, check_commands, check_leaks, wait_settled
 from chaos.diskfull import audit_on_tmpfs, fill_audit_disk
+from chaos.faults import (
+    clock_ahead,
+    kill_children,
+    restart_postgres,
+    stop_worker,
+    tamper_broker,
+)
 from chaos.gateway_fault import gateway_setup, kill_gateway
 from chaos.load import Stream
 from chaos.sentinel import fail_over, sentinel_set
@@ -154,6 +162,11 @@ SCENARIOS = {
         Scenario("audit-disk-full", fill_audit_disk, setup=audit_on_tmpfs),
         Scenario("sentinel-failover", fail_over, redis=sentinel_set),
         Scenario("gateway-kill", kill_gateway, setup=gateway_setup),
+        Scenario("pg-restart", restart_postgres),
+        Scenario("child-kill", kill_children),
+        Scenario("worker-stop", stop_worker),
+        Scenario("broker-tamper", tamper_broker),
+        Scenario("clock-ahead", clock_ahead),
     )
 }
 
@@ -174,13 +187,20 @@ def run_scenario(scenario: Scenario, opts: Options, deadline: float) -> Report:
                 engine = make_engine(pg.url)
                 with stack.producer() as producer:
                     stream = Stream(
-                        producer, stack.markers, opts.commands, opts.rate_per_s, deadline, opts.seed
+                        producer,
+                        stack.markers,
+                        opts.commands,
+                        opts.rate_per_s,
+                        deadline,
+                        opts.seed,
+                        canary=stack.canary,
                     )
                     run = Run(opts, stack, rds, pg, stream, faults, random.Random(opts.seed))  # noqa: S311 - reproducible faults
                     _stream_with_fault(scenario, run, report, engine, deadline)
                 stack.stop_live()
                 check_leaks(report, stack, rds)
                 check_audit(report, stack)
+                check_canary(report, stack, rds, pg)
         finally:
             if engine is not None:
                 engine.dispose()

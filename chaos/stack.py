@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -92,6 +93,8 @@ class Stack:
     workers: list[WorkerProc] = field(default_factory=list)
     # every pool pid seen, for the leak checks (a cgroup is named after its pool process)
     seen_pool_pids: set[int] = field(default_factory=set)
+    # a secret every command of the stream is given; see chaos/canary.py
+    canary: str = field(default_factory=lambda: f"canary{secrets.token_hex(16)}")
     # another tenants file (for tenant TENANT still): the soak needs actions and more programs
     tenants_text: str | None = None
 
@@ -145,6 +148,9 @@ class Stack:
             raise WorkerError(f"execq db upgrade failed: {done.stderr[-2000:]}")
 
     def producer(self) -> Producer:
+        # The witness path is read from the environment (AuditKeySettings), not Settings:
+        # the producer's checkpoints go where the workers' go, not to the project's file.
+        os.environ["EXECQ_AUDIT_WITNESS"] = self.vars["EXECQ_AUDIT_WITNESS"]
         return Producer.from_settings(self.settings, self.tenants)
 
     def start_worker(
