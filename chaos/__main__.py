@@ -13,13 +13,14 @@ from pathlib import Path
 from chaos.checks import Report
 from chaos.scenarios import SCENARIOS, Options, run_scenario
 
-DEFAULT = ["pool-kill", "worker-kill", "redis-volatile", "redis-aof", "pg-stop"]
+DEFAULT = list(SCENARIOS)
 SHORT_COMMANDS = 150
 COLUMNS = (
     "accepted",
     "completed",
     "worker_lost",
     "killed",
+    "no_secrets",
     "lost",
     "duplicated",
     "leaked",

@@ -10,7 +10,7 @@ import pytest
 from producer.client import Producer
 from producer.spec import CommandSpec
 from producer.states import State
-from tests.conftest import Env, alpha_reaper
+from tests.conftest import Env, alpha_reaper, wait_for
 from workers import reaper as reaper_module
 from workers.reaper import EXPIRED_PAGE, Reaper, ReapReport
 
@@ -114,3 +114,28 @@ def test_every_pass_sweeps_what_dead_pool_processes_left_even_without_a_store(
     monkeypatch.setattr(reaper, "_stop", _Waits(passes=3))
     reaper._loop()
     assert len(swept) == 3
+
+
+def test_a_new_broker_server_gets_the_pending_messages_at_once(
+    producer_and_reaper: tuple[Producer, Reaper], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by `make chaos` (redis-volatile, redis-aof): after a restart the lost messages
+    waited for the outbox's 30 s republish age, so every restart stalled 30-60 s."""
+    producer, reaper = producer_and_reaper
+    command_id = producer.submit(CommandSpec(tenant="alpha", argv=("/bin/true",))).id
+    queue = reaper_module.queue_key(reaper.settings, reaper.tenant)
+    # the producer records the publish after the fact
+    wait_for(lambda: producer.store.get(command_id).published_at, 10, "published_at")
+    reaper.outbox_grace_s = 0.0  # the command was published a moment ago
+    assert reaper.run_once().published == 0  # the broker as it is: nothing to republish
+    assert reaper._redis is not None
+    reaper._redis.delete(queue)  # what a restart without persistence does to the message
+
+    server = {"run_id": "a-new-server", "uptime_in_seconds": 0}
+    monkeypatch.setattr(reaper._redis, "info", lambda *_: server)
+    assert reaper.run_once().published == 1
+    assert reaper._redis.llen(queue) == 1
+    assert producer.get(command_id).state is State.PENDING
+    # caught up: the same server again republishes nothing more
+    assert reaper.run_once().published == 0
+    assert reaper._redis.llen(queue) == 1

@@ -93,6 +93,10 @@ class Reaper:
         # nothing about dead workers until every live one has had a lease to renew again.
         self._judge_leases_after = 0.0
         self._host_sweep = host_sweep
+        # The broker server last seen (INFO run_id), and while catching up after it changed,
+        # the republish age that covers every message the old server held.
+        self._broker_run_id: str | None = None
+        self._catch_up_s: float | None = None
 
     def start(self) -> None:
         """Run passes in a daemon thread until stop()."""
@@ -307,12 +311,40 @@ class Reaper:
         except (redis.RedisError, OSError, AssertionError):
             return False
 
+    def _broker_changed(self) -> float | None:
+        """The new server's uptime (s) when the broker is another server process than at the
+        last pass (restarted, or a replica promoted by Sentinel); None otherwise."""
+        try:
+            assert self._redis is not None
+            info = self._redis.info("server")
+            run_id, uptime = str(info["run_id"]), float(info["uptime_in_seconds"])
+        except (redis.RedisError, OSError, AssertionError, KeyError, ValueError):
+            return None
+        before, self._broker_run_id = self._broker_run_id, run_id
+        return uptime if before is not None and before != run_id else None
+
     def _outbox(self) -> int:
         # Commands published long ago but still pending while their queue is empty were lost
         # by Redis (e.g. a restart without persistence): publish them again.
         republish_after = (
             self.republish_after_s if self._queue_empty() else 10 * self.republish_after_s
         )
+        uptime = self._broker_changed()
+        if uptime is not None:
+            # A new server holds only what was published since it started (and, with AOF or
+            # a replica, perhaps some of what came before). Waiting republish_after_s for
+            # the lost messages made every restart a 30-60 s stall: every command still
+            # pending that was published before the server started goes again now. One
+            # that did survive arrives twice, and its claim lets only one delivery run it.
+            self._catch_up_s = max(self.outbox_grace_s, uptime)
+            log.warning(
+                "the broker of tenant %s is a new server (up %.0f s): re-publishing the "
+                "pending commands published before it started",
+                self.tenant.name,
+                uptime,
+            )
+        if self._catch_up_s is not None:
+            republish_after = min(republish_after, self._catch_up_s)
         rows = self.store.unpublished(
             tenant=self.tenant.name,
             older_than_s=self.outbox_grace_s,
@@ -325,6 +357,8 @@ class Reaper:
             if not self._publish(command_id):
                 break
             sent += 1
+        if len(rows) < OUTBOX_PAGE:
+            self._catch_up_s = None  # caught up: back to the ordinary age
         return sent
 
     def _publish(self, command_id: str) -> bool:
