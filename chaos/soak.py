@@ -175,7 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args, started + timeout)
     result["duration_s"] = round(time.monotonic() - started, 1)
     if not args.no_charts and len(result["samples"]) > 1:
-        title = f"execq soak: {args.minutes:g} min at {result['achieved_rate']:g}/s"
+        title = (
+            f"execq soak: {args.minutes:g} min, {args.rate:g} submissions/s asked, "
+            f"{result['achieved_rate']:g}/s achieved"
+        )
         result["charts"] = [
             str(p) for p in draw(result["samples"], result["warmup_s"], args.charts, title)
         ]

@@ -27,7 +27,7 @@ CHARTS: dict[str, list[tuple[str, list[tuple[str, str]]]]] = {
         ("worker open fds", [("worker_fds", "summed"), ("worker_fds_max", "largest")]),
         ("worker threads", [("worker_threads", "summed"), ("worker_threads_max", "largest")]),
         ("submitting process", [("producer_fds", "fds"), ("producer_threads", "threads")]),
-        ("Redis", [("redis_clients", "clients"), ("redis_keys", "keys")]),
+        ("Redis", [("redis_clients", "clients"), ("redis_other_keys", "keys but live output")]),
     ],
     "soak-dirs": [
         ("private directories (workdir root)", [("workdir_entries", "entries")]),

@@ -172,7 +172,7 @@ def markdown(result: dict[str, Any]) -> str:
     )
     backlog = v.get("metrics", {}).get("unsettled", {})
     kept = (
-        "kept up" if v.get("kept_up") else f"fell behind ({backlog.get('change', 0):+g} commands)"
+        "kept up" if v.get("kept_up") else f"fell behind ({backlog.get('change', 0):+.0f} commands)"
     )
     lines += [
         "",
