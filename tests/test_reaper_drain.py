@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from producer.broker import queue_key
 from producer.client import Producer
 from producer.spec import CommandSpec
 from producer.states import State
@@ -123,7 +124,7 @@ def test_a_new_broker_server_gets_the_pending_messages_at_once(
     waited for the outbox's 30 s republish age, so every restart stalled 30-60 s."""
     producer, reaper = producer_and_reaper
     command_id = producer.submit(CommandSpec(tenant="alpha", argv=("/bin/true",))).id
-    queue = reaper_module.queue_key(reaper.settings, reaper.tenant)
+    queue = queue_key(reaper.settings, reaper.tenant)
     # the producer records the publish after the fact
     wait_for(lambda: producer.store.get(command_id).published_at, 10, "published_at")
     reaper.outbox_grace_s = 0.0  # the command was published a moment ago
@@ -139,3 +140,28 @@ def test_a_new_broker_server_gets_the_pending_messages_at_once(
     # caught up: the same server again republishes nothing more
     assert reaper.run_once().published == 0
     assert reaper._redis.llen(queue) == 1
+
+
+def test_a_replica_promoted_by_sentinel_gets_the_pending_messages_at_once(
+    producer_and_reaper: tuple[Producer, Reaper], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the sentinel-failover chaos scenario: the promoted replica had been up as
+    long as the old primary, so judging by its uptime nothing was re-published, and the
+    messages lost in the failover waited 30 s for the outbox."""
+    producer, reaper = producer_and_reaper
+    command_id = producer.submit(CommandSpec(tenant="alpha", argv=("/bin/true",))).id
+    queue = queue_key(reaper.settings, reaper.tenant)
+    wait_for(lambda: producer.store.get(command_id).published_at, 10, "published_at")
+    reaper.outbox_grace_s = 0.0
+    assert reaper.run_once().published == 0
+    assert reaper._redis is not None
+    reaper._redis.delete(queue)  # the message the old primary had not replicated
+
+    sections = {
+        "server": {"run_id": "the-promoted-replica", "uptime_in_seconds": 3600},
+        "replication": {"role": "master", "second_repl_offset": 417},
+    }
+    monkeypatch.setattr(reaper._redis, "info", lambda section="server", *_: sections[section])
+    assert reaper.run_once().published == 1
+    assert reaper._redis.llen(queue) == 1
+    assert reaper.run_once().published == 0

@@ -312,8 +312,9 @@ class Reaper:
             return False
 
     def _broker_changed(self) -> float | None:
-        """The new server's uptime (s) when the broker is another server process than at the
-        last pass (restarted, or a replica promoted by Sentinel); None otherwise."""
+        """How long the new server has held the queues (s) when the broker is another
+        server process than at the last pass (restarted, or a replica promoted by Sentinel);
+        None otherwise."""
         try:
             assert self._redis is not None
             info = self._redis.info("server")
@@ -321,7 +322,19 @@ class Reaper:
         except (redis.RedisError, OSError, AssertionError, KeyError, ValueError):
             return None
         before, self._broker_run_id = self._broker_run_id, run_id
-        return uptime if before is not None and before != run_id else None
+        if before is None or before == run_id:
+            return None
+        # A promoted replica has been up all along, but it holds the queues only since its
+        # promotion: what the old primary had not replicated, and the messages workers had
+        # taken but not started when their connection broke, are lost. Its replication
+        # history says it was promoted (PSYNC2 keeps the old primary's offset), not when:
+        # every pending command goes again, as after a restart.
+        try:
+            replication = self._redis.info("replication")
+            promoted = int(replication.get("second_repl_offset", -1)) != -1
+        except (redis.RedisError, OSError, ValueError, TypeError):
+            promoted = False
+        return 0.0 if promoted else uptime
 
     def _outbox(self) -> int:
         # Commands published long ago but still pending while their queue is empty were lost
