@@ -77,7 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         if time.monotonic() > deadline:
             timed_out = True
             break
-        report = run_scenario(SCENARIOS[name], opts, deadline)
+        try:
+            report = run_scenario(SCENARIOS[name], opts, deadline)
+        except Exception as exc:  # a scenario that cannot run is a failed one; go on
+            report = Report(name, problems=[f"could not run: {type(exc).__name__}: {exc}"])
         reports.append(report)
         if not args.json:
             print(f"{name}: {'ok' if report.passed else 'FAIL'} in {report.duration_s} s")
