@@ -56,8 +56,8 @@ bench: install  ## throughput and latency against bare Celery, same run; audit c
 clean:
 	rm -rf $(VENV) .uv-bootstrap .execq .pytest_cache .mypy_cache .ruff_cache
 
-chaos: install  ## faults (killed workers, Redis and PostgreSQL restarts) under load; bounded
-	$(VENV)/bin/python -m chaos --timeout $(or $(CHAOS_TIMEOUT),1500) $(CHAOS_ARGS)
+chaos: install  ## faults (kills, stops, restarts, failover, full disk, tampering, skew) under load; bounded
+	$(VENV)/bin/python -m chaos --timeout $(or $(CHAOS_TIMEOUT),3000) $(CHAOS_ARGS)
 
 soak: install  ## 30 min of mixed commands at 100/s; slopes must be flat, charts in docs/img
 	$(VENV)/bin/python -m chaos.soak --timeout $(or $(SOAK_TIMEOUT),5400) $(SOAK_ARGS)

@@ -51,7 +51,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--commands", type=int, default=None, help="per scenario (default 2000)")
     ap.add_argument("--rate", type=float, default=60.0, help="submissions per second")
     ap.add_argument("--short", action="store_true", help="fewer commands, shorter faults")
-    ap.add_argument("--timeout", type=float, default=1800.0, help="whole run, seconds")
+    ap.add_argument("--timeout", type=float, default=3000.0, help="whole run, seconds")
     ap.add_argument("--json", action="store_true", help="print the reports as JSON")
     ap.add_argument("--out", type=Path, help="also write the JSON reports here")
     ap.add_argument("--seed", type=int, default=0)
