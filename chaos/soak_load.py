@@ -58,6 +58,22 @@ def tenants_yaml(concurrency: int) -> str:
 """
 
 
+def prime(producer: Producer, slots: int, timeout_s: float = 120.0) -> int:
+    """Occupy every pool slot twice with a command that prints and sleeps, and wait for
+    them: each pool process makes its cgroups, connections and pipes on its first commands,
+    which a slope judged from the start would take for a leak. The commands primed."""
+    ids = [
+        producer.submit(
+            CommandSpec(tenant=TENANT, argv=["/bin/sh", "-c", "echo primed; sleep 0.3"])
+        ).id
+        for _ in range(2 * slots)
+    ]
+    deadline = time.monotonic() + timeout_s
+    for command_id in ids:
+        producer.wait(command_id, timeout=max(1.0, deadline - time.monotonic()))
+    return len(ids)
+
+
 def _step(argv: list[str], undo: bool = True) -> dict[str, object]:
     return {"argv": argv, "compensate": ["/bin/echo", "undo"] if undo else None}
 

@@ -3,6 +3,7 @@ read from the store in two queries (not one get() per command: a 30-minute run h
 
 from __future__ import annotations
 
+import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -86,3 +87,16 @@ def check_outcomes(engine: sa.Engine, sent: Iterable[tuple[str, str]]) -> Outcom
     if out.unexpected > len(out.problems):
         out.problems.append(f"... {out.unexpected} unexpected outcome(s) in all")
     return out
+
+
+def wait_batches(engine: sa.Engine, deadline: float) -> int:
+    """A saga moves on after its last step settles: wait for the batches too."""
+    query = sa.text("SELECT count(*) FROM batches WHERE state IN ('running', 'reverting')")
+    left = -1
+    while time.monotonic() < deadline:
+        with engine.connect() as conn:
+            left = int(conn.execute(query).scalar_one())
+        if left == 0:
+            return 0
+        time.sleep(0.5)
+    return left

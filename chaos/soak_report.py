@@ -135,6 +135,15 @@ def rows_per_command(window: list[Sample], settled: Sample) -> dict[str, Any]:
     return out
 
 
+def finished_rate(samples: list[Sample]) -> float:
+    """Commands that reached a terminal state per second while the load ran."""
+    load = [s for s in samples if s.get("phase") == "load"]
+    if len(load) < 2 or load[-1]["t"] <= load[0]["t"]:
+        return 0.0
+    done = [int(s["commands"]) - int(s["unsettled"]) for s in (load[0], load[-1])]
+    return round((done[1] - done[0]) / float(load[-1]["t"] - load[0]["t"]), 1)
+
+
 def problems(verdicts: dict[str, Any]) -> list[str]:
     """Leak-type metrics that grew, and Redis memory that grew while the queue kept up."""
     found = [verdicts["error"]] if "error" in verdicts else []

@@ -93,7 +93,7 @@ def test_three_minutes_of_mixed_commands_end_as_expected_and_leak_nothing(
         [
             sys.executable, "-m", "chaos.soak", "--json",
             "--minutes", str(MINUTES), "--rate", str(RATE), "--interval", "5",
-            "--warmup", "25%", "--timeout", "400", "--charts", str(tmp_path / "img"),
+            "--warmup", "60s", "--timeout", "400", "--charts", str(tmp_path / "img"),
             "--out", str(out),
         ],
         cwd=ROOT,
