@@ -17,7 +17,7 @@ from chaos.stack import Stack
 if TYPE_CHECKING:
     from chaos.scenarios import Run
 
-MOUNT_SIZE = "4m"  # a few MB: room for the whole stream's audit lines, and quick to fill
+MOUNT_SIZE = "64m"  # room for 2,000 commands of audit lines (about 8 MB), quick to fill
 MOUNT_DIR = "audit-disk"
 FILLER = ".filler"
 CHUNK = 64 * 1024
