@@ -125,7 +125,13 @@ def check_commands(
             state = "missing from the store" if row is None else row.state
             report.problems.append(f"lost: {a.id} ({a.label}) is {state}")
             continue
-        if row.finished_at is not None and (last_finish is None or row.finished_at > last_finish):
+        # the commands the fault could touch: accepted before it was over
+        affected = faults.end is None or a.accepted_at <= faults.end
+        if (
+            affected
+            and row.finished_at is not None
+            and (last_finish is None or row.finished_at > last_finish)
+        ):
             last_finish = row.finished_at
         if row.state == "succeeded":
             report.completed += 1
