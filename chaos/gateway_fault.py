@@ -3,10 +3,11 @@
 The scenario's set-up starts `execq gateway` as a real process on a loopback port of its own,
 with the stack's settings and a token of the chaos tenant. While the usual stream runs
 through the Python API, the injector submits more commands over HTTP from a few client
-threads (each with an `Idempotency-Key`, each leaving a marker like the stream's) and follows
-half of them (at most 100) through `GET /v1/commands/{id}/events`. Mid-way the gateway gets SIGKILL and a
-new one starts on the same port; the clients do what a real client does: a submit that got no
-answer is sent again with the same key, a stream that broke is reopened with `Last-Event-ID`.
+threads (each with an `Idempotency-Key`, each leaving a marker like the stream's) and
+follows half of them (at most 100) through `GET /v1/commands/{id}/events`. Mid-way the
+gateway gets SIGKILL and a new one starts on the same port; the clients do what a real
+client does: a submit that got no answer is sent again with the same key, a stream that
+broke is reopened with `Last-Event-ID`.
 
 Every accepted command joins the stream's list, so the end checks (lost, duplicated, audit,
 leaks) cover them. The streams are checked here: per command, no event id twice, ids in
