@@ -104,3 +104,68 @@ def test_a_finished_commands_outcome_waits_for_the_store(
     assert record.state is State.SUCCEEDED
     assert record.stdout == "ran\n"
     assert next(failures, None) is None  # both failures were met, then it was recorded
+
+
+def _runtime(env: Env) -> Runtime:
+    tenant = env.tenants.get("alpha")
+    assert tenant is not None
+    return Runtime(
+        WorkerConfig(
+            settings=env.settings,
+            tenants=env.tenants,
+            tenant=tenant,
+            broker_url=env.settings.broker_url,
+            concurrency=1,
+        )
+    )
+
+
+def _claims_fail(monkeypatch: pytest.MonkeyPatch, times: int) -> Iterator[bool]:
+    real = Store.claim
+    failures = iter([True] * times)
+
+    def flaky(self: Store, *args: Any, **kwargs: Any) -> Any:
+        if next(failures, False):
+            _down()
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "claim", flaky)
+    return failures
+
+
+def test_a_delivery_with_secrets_waits_for_the_store_to_claim(
+    sqlite_env: Env, producer: Producer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by `make chaos` (pg-stop): a delivery dropped while the store was down came back
+    from the outbox without its secrets (never stored) and failed with secrets_unavailable."""
+    spec = CommandSpec(
+        tenant="alpha",
+        argv=("/bin/sh", "-c", 'echo "${#TOKEN}"'),
+        secrets={"TOKEN": "s3cr3t-v4lue"},
+    )
+    command_id = producer.submit(spec).id
+    failures = _claims_fail(monkeypatch, 2)
+    runtime = _runtime(sqlite_env)
+    try:
+        done = handle(lambda: runtime, Delivery(command_id, "alpha", spec.secrets, None, None))
+    finally:
+        runtime.close()
+    assert done == "ran"
+    assert next(failures, None) is None  # both failures were met, then it claimed
+    record = producer.get(command_id)
+    assert record.state is State.SUCCEEDED
+    assert record.stdout == "12\n"  # the child had the secret
+
+
+def test_a_delivery_without_secrets_is_left_to_the_outbox(
+    sqlite_env: Env, producer: Producer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    command_id = producer.submit(CommandSpec(tenant="alpha", argv=("/bin/true",))).id
+    _claims_fail(monkeypatch, 1)
+    runtime = _runtime(sqlite_env)
+    try:
+        done = handle(lambda: runtime, Delivery(command_id, "alpha", {}, None, None))
+    finally:
+        runtime.close()
+    assert done == "store_unavailable"
+    assert producer.get(command_id).state is State.PENDING  # the outbox publishes it again

@@ -55,6 +55,7 @@ from workers.followups import FollowUps, backoff_s, kept_while_waiting
 from workers.lease import LeaseKeeper
 from workers.live import LiveOutput
 from workers.metrics import metrics
+from workers.outage import while_store_down
 from workers.sandbox import ExecRequest, ExecResult, Sandbox
 from workers.sandbox.capture import scrubbing
 
@@ -62,6 +63,9 @@ log = logging.getLogger("execq.pipeline")
 
 # How long a finished command's outcome waits for an unreachable store (at least two leases).
 RECORD_RETRY_S = 300.0
+# How long a delivery with secrets waits for an unreachable store to claim its command (a
+# PostgreSQL restart or failover); past it, the outbox's copy fails with secrets_unavailable.
+CLAIM_WAIT_S = 120.0
 
 COMMAND_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
@@ -202,13 +206,25 @@ class Pipeline:
             return self.refuse(
                 delivery.command_id, "message addressed to another tenant", tenant=delivery.tenant
             )
-        claimed = self.store.claim(
-            delivery.command_id,
-            tenant=self.tenant.name,
-            worker=self.worker_id,
-            lease_s=self.settings.lease_s,
-            max_running=self.tenant.max_concurrent,
-        )
+        def claim() -> Claimed | None:
+            return self.store.claim(
+                delivery.command_id,
+                tenant=self.tenant.name,
+                worker=self.worker_id,
+                lease_s=self.settings.lease_s,
+                max_running=self.tenant.max_concurrent,
+            )
+
+        if delivery.secrets:
+            # Dropped, this message is re-published from the store, which never holds secret
+            # values: the command would fail with secrets_unavailable (make chaos, pg-stop:
+            # 57 of 400). It waits for the store instead, holding this pool slot, which a
+            # store outage leaves idle anyway.
+            claimed = while_store_down(
+                claim, wait_s=CLAIM_WAIT_S, what=f"claiming command {delivery.command_id}"
+            )
+        else:
+            claimed = claim()
         if claimed is None:
             reverting = self.store.claim_revert(
                 delivery.command_id,
