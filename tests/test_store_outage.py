@@ -169,3 +169,26 @@ def test_a_delivery_without_secrets_is_left_to_the_outbox(
         runtime.close()
     assert done == "store_unavailable"
     assert producer.get(command_id).state is State.PENDING  # the outbox publishes it again
+
+
+def test_a_finishing_write_whose_answer_was_lost_is_recognised(
+    sqlite_env: Env, producer: Producer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    command_id = producer.submit(CommandSpec(tenant="alpha", argv=("/bin/echo", "ran"))).id
+    real = Store.transition
+    lost_answers = iter([True])
+
+    def committed_then_cut(self: Store, *args: Any, **kwargs: Any) -> Any:
+        done = real(self, *args, **kwargs)
+        if kwargs.get("expect_state") is State.RUNNING and next(lost_answers, False):
+            _down()  # the write committed; its answer never came back
+        return done
+
+    monkeypatch.setattr(Store, "transition", committed_then_cut)
+    runtime = _runtime(sqlite_env)
+    try:
+        done = handle(lambda: runtime, Delivery(command_id, "alpha", {}, None, None))
+    finally:
+        runtime.close()
+    assert done == "ran"  # the retry found its own outcome stored, not another decision
+    assert producer.get(command_id).state is State.SUCCEEDED

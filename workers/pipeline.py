@@ -206,6 +206,7 @@ class Pipeline:
             return self.refuse(
                 delivery.command_id, "message addressed to another tenant", tenant=delivery.tenant
             )
+
         def claim() -> Claimed | None:
             return self.store.claim(
                 delivery.command_id,
@@ -314,38 +315,31 @@ class Pipeline:
         RECORD_RETRY_S, the store's error (the command then stays running until its lease
         expires, as before).
         """
-        deadline = time.monotonic() + max(RECORD_RETRY_S, 2 * self.settings.lease_s)
-        delay = 0.2
-        tried = False
-        with self.lease.hold(claimed.id):
-            while True:
-                try:
-                    self.store.transition(
-                        claimed.id,
-                        expect_state=State.RUNNING,
-                        expect_version=claimed.version,
-                        to=to,
-                        actor=self.worker_id,
-                        **kwargs,
-                    )
-                    return
-                except StaleVersion:
-                    # A write that committed but whose answer was lost looks stale on retry.
-                    if tried and self._recorded(claimed, to):
-                        return
+        writes = 0
+
+        def write() -> None:
+            nonlocal writes
+            writes += 1
+            try:
+                self.store.transition(
+                    claimed.id,
+                    expect_state=State.RUNNING,
+                    expect_version=claimed.version,
+                    to=to,
+                    actor=self.worker_id,
+                    **kwargs,
+                )
+            except StaleVersion:
+                # A write that committed but whose answer was lost looks stale on retry.
+                if writes == 1 or not self._recorded(claimed, to):
                     raise
-                except OperationalError as exc:
-                    if time.monotonic() + delay > deadline:
-                        raise
-                    tried = True
-                    log.warning(
-                        "store unreachable, recording command %s again in %.1f s: %s",
-                        claimed.id,
-                        delay,
-                        type(exc).__name__,
-                    )
-                    time.sleep(delay)
-                    delay = min(delay * 2, 5.0)
+
+        with self.lease.hold(claimed.id):
+            while_store_down(
+                write,
+                wait_s=max(RECORD_RETRY_S, 2 * self.settings.lease_s),
+                what=f"recording command {claimed.id}",
+            )
 
     def _recorded(self, claimed: Claimed, to: State) -> bool:
         """Whether the store holds this attempt's outcome (written by our own lost answer)."""
