@@ -8,7 +8,6 @@ lines cut from either end of a file, as well as any line edited, removed or inse
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import logging
@@ -22,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from producer.audit.appending import append_whole
 from producer.audit.events import GENESIS, AuditEvent
 from producer.audit.keys import AuditKeys
 from producer.audit.verify import Anchor, Problem, Report, Verifier, link_kind
@@ -261,7 +261,7 @@ class JsonlSink:
             data = _line(self._head(series, *first)).encode() + data
         fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            _append_whole(fd, data, repair=bool(size) and not unchanged)
+            append_whole(fd, data, repair=bool(size) and not unchanged)
             self._known = (*_identity(os.fstat(fd)), (seq, prev), series)
         except BaseException:
             self._known = None
@@ -339,32 +339,6 @@ class JsonlSink:
             if self._rotated(k).exists():
                 os.replace(self._rotated(k), self._rotated(k + 1))
         os.replace(self.path, self._rotated(1))
-
-
-def _ends_with_newline(fd: int) -> bool:
-    size = os.fstat(fd).st_size
-    return size == 0 or os.pread(fd, 1, size - 1) == b"\n"
-
-
-def _append_whole(fd: int, data: bytes, *, repair: bool = True) -> None:
-    """Append `data` to `fd` (opened O_APPEND, under the writers' lock) all or nothing.
-
-    With `repair`, a file whose last line was torn (a writer killed mid-write) gets a newline
-    first, so `data` starts on a line of its own. When a write fails (ENOSPC: a full disk)
-    the file is cut back to where it ended: readers never see a partial line, and the next
-    attempt appends whole lines after the last complete one.
-    """
-    start = os.fstat(fd).st_size
-    if repair and not _ends_with_newline(fd):
-        data = b"\n" + data  # after a torn write, start on a line of our own
-    view = memoryview(data)
-    try:
-        while view:
-            view = view[os.write(fd, view) :]
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, start)
-        raise
 
 
 def series(path: Path) -> list[Path]:

@@ -13,7 +13,6 @@ checkpoints it when its head moved; `execq audit checkpoint` writes them on dema
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import logging
@@ -27,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from producer.audit.appending import append_whole
 from producer.audit.keys import AuditKeys
 from producer.audit.verify import Problem
 from producer.files import private_dir
@@ -152,17 +152,7 @@ class Witness:
         fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            start = os.fstat(fd).st_size
-            if start and os.pread(fd, 1, start - 1) != b"\n":
-                data = b"\n" + data  # after a torn write, start on a line of our own
-            view = memoryview(data)
-            try:
-                while view:
-                    view = view[os.write(fd, view) :]
-            except OSError:
-                with contextlib.suppress(OSError):
-                    os.ftruncate(fd, start)
-                raise
+            append_whole(fd, data)
         finally:
             os.close(fd)  # closing releases the flock
 
