@@ -74,18 +74,8 @@ def test_a_finished_commands_outcome_waits_for_the_store(
 ) -> None:
     # The worker's logic in-process (no Celery): the command runs, then the store refuses
     # the finishing write twice before it comes back.
-    tenant = sqlite_env.tenants.get("alpha")
-    assert tenant is not None
     command_id = producer.submit(CommandSpec(tenant="alpha", argv=("/bin/echo", "ran"))).id
-    runtime = Runtime(
-        WorkerConfig(
-            settings=sqlite_env.settings,
-            tenants=sqlite_env.tenants,
-            tenant=tenant,
-            broker_url=sqlite_env.settings.broker_url,
-            concurrency=1,
-        )
-    )
+    runtime = _runtime(sqlite_env)
     real = Store.transition
     failures = iter([True, True])
 
