@@ -52,11 +52,11 @@ def _claimed(producer: Producer, lease_s: float) -> str:
     return command_id
 
 
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_a_worker_clock_ahead_neither_lengthens_its_lease_nor_ends_others(
     producer: Producer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if producer.store.engine.dialect.name != "postgresql":
-        pytest.skip("SQLite is one host: its clock is the database's (see the next test)")
+    assert producer.store.engine.dialect.name == "postgresql"
     live = _claimed(producer, lease_s=60)
     _skew(monkeypatch, AHEAD)
 
@@ -75,11 +75,11 @@ def test_a_worker_clock_ahead_neither_lengthens_its_lease_nor_ends_others(
     assert live not in [e.id for e in producer.store.expired_leases(tenant="alpha", limit=10)]
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_on_sqlite_leases_follow_the_one_host_clock(
     producer: Producer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if producer.store.engine.dialect.name != "sqlite":
-        pytest.skip("PostgreSQL times leases by the server's clock (see the test above)")
+    assert producer.store.engine.dialect.name == "sqlite"
     command_id = _claimed(producer, lease_s=5)
     end, now = _lease_end(producer, command_id)
     assert abs((end - now).total_seconds() - 5) < 1
