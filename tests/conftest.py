@@ -79,6 +79,22 @@ def _need(what: str, detail: str) -> None:
     pytest.skip(f"{what} unreachable: {detail}")
 
 
+def need_private_servers(what: str) -> None:
+    """The chaos harness starts a redis-server and a PostgreSQL cluster of its own (initdb
+    run as the postgres user through runuser): fail in CI, skip elsewhere, without them."""
+    missing = None
+    if not Path("/usr/bin/redis-server").is_file():
+        missing = "/usr/bin/redis-server"
+    elif not Path("/usr/lib/postgresql/15/bin/initdb").is_file() and not shutil.which(
+        "initdb", path="/usr/local/bin"
+    ):
+        missing = "initdb"
+    elif os.geteuid() != 0:
+        missing = "root (initdb runs as the postgres user through runuser)"
+    if missing:
+        _need(what, f"it needs {missing}")
+
+
 # --- Redis -------------------------------------------------------------------------------
 
 

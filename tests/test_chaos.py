@@ -12,41 +12,26 @@ docs/chaos.md). `make chaos` runs every scenario with 2,000 commands each.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import _need
+from tests.conftest import need_private_servers
 
 ROOT = Path(__file__).resolve().parent.parent
-PG_BIN = Path("/usr/lib/postgresql/15/bin/initdb")
 SCENARIOS = ("pool-kill", "redis-volatile", "pg-stop", "worker-stop")
 COMMANDS = 100
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis, pytest.mark.postgres]
 
 
-def _servers_missing() -> str | None:
-    if not Path("/usr/bin/redis-server").is_file():
-        return "/usr/bin/redis-server"
-    if not PG_BIN.is_file() and not shutil.which("initdb", path="/usr/local/bin"):
-        return "initdb"
-    if os.geteuid() != 0:
-        return "root (initdb runs as the postgres user through runuser)"
-    return None
-
-
 @pytest.mark.timeout(400)
 def test_killed_and_stopped_workers_a_redis_restart_and_a_store_outage_lose_nothing(
     tmp_path: Path,
 ) -> None:
-    missing = _servers_missing()
-    if missing:
-        _need("the chaos harness's private servers", f"it needs {missing}")
+    need_private_servers("the chaos harness's private servers")
     out = tmp_path / "chaos.json"
     done = subprocess.run(
         [

@@ -14,8 +14,6 @@ threads, private directories and cgroups flat after the warm-up. `make soak` is 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,23 +22,12 @@ from typing import Any
 import pytest
 
 from chaos.soak_report import judge, problems
-from tests.conftest import _need
+from tests.conftest import need_private_servers
 
 ROOT = Path(__file__).resolve().parent.parent
-PG_BIN = Path("/usr/lib/postgresql/15/bin/initdb")
 MINUTES = 3
 RATE = 20
 FLAT = ("worker_fds", "worker_threads", "workdir_entries", "tmp_entries", "cgroups")
-
-
-def _servers_missing() -> str | None:
-    if not Path("/usr/bin/redis-server").is_file():
-        return "/usr/bin/redis-server"
-    if not PG_BIN.is_file() and not shutil.which("initdb", path="/usr/local/bin"):
-        return "initdb"
-    if os.geteuid() != 0:
-        return "root (initdb runs as the postgres user through runuser)"
-    return None
 
 
 def _samples(fds_per_sample: float, backlog_per_sample: int = 0) -> list[dict[str, Any]]:
@@ -85,9 +72,7 @@ def test_a_descriptor_leaked_every_few_commands_is_caught_and_noise_is_not() -> 
 def test_three_minutes_of_mixed_commands_end_as_expected_and_leak_nothing(
     tmp_path: Path,
 ) -> None:
-    missing = _servers_missing()
-    if missing:
-        _need("the soak's private servers", f"it needs {missing}")
+    need_private_servers("the soak's private servers")
     out = tmp_path / "soak.json"
     done = subprocess.run(
         [
